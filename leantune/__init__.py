@@ -1,0 +1,14 @@
+"""leantune: parameter-efficient fine-tuning that saves time and memory, not only parameters."""
+from .api import attach, attached, detach, disabled, merge, summary, unmerge
+from .errors import LeantuneError
+from .io import load_adapter, save_adapter
+from .methods import LoRA, MethodConfig
+from .models import load_model, load_tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attach", "attached", "detach", "disabled", "merge", "summary", "unmerge",
+    "LeantuneError", "load_adapter", "save_adapter", "LoRA", "MethodConfig",
+    "load_model", "load_tokenizer",
+]

@@ -1,0 +1,165 @@
+"""attach / detach / merge / unmerge / disabled / summary: the adapter API on any nn.Module."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+from torch import nn
+
+from .errors import LeantuneError
+from .methods.base import AdapterLayer, MethodConfig, adapter_layers, named_adapter_layers
+from .targets import replace_module
+
+_REGISTRY_ATTR = "leantune_adapters"
+
+
+def attached(model: nn.Module) -> dict[str, MethodConfig]:
+    """The adapters on `model`, by adapter name, in the order they were attached."""
+    return model.__dict__.setdefault(_REGISTRY_ATTR, {})
+
+
+def attach(model: nn.Module, config: MethodConfig, adapter_name: str = "default") -> nn.Module:
+    """Adapt `model` in place with `config`, freeze everything else, and return the model."""
+    if not isinstance(config, MethodConfig):
+        raise LeantuneError(f"attach expects a method config such as lt.LoRA(...), got {type(config).__name__}")
+    registry = attached(model)
+    if adapter_name in registry:
+        raise LeantuneError(f"an adapter named '{adapter_name}' is already attached; detach it or choose another adapter_name")
+    config.attach_to_model(model, adapter_name)
+    registry[adapter_name] = config
+    refreeze(model)
+    return model
+
+
+def refreeze(model: nn.Module) -> None:
+    """Only adapter tensors train: freeze every parameter, then unfreeze each adapter's own."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, config in attached(model).items():
+        for param in config.trainable_parameters(model, name):
+            param.requires_grad_(True)
+
+
+def _names(model: nn.Module, adapter_name: str | None) -> list[str]:
+    registry = attached(model)
+    if adapter_name is None:
+        return list(registry)
+    if adapter_name not in registry:
+        raise LeantuneError(f"no adapter named '{adapter_name}' is attached (attached: {', '.join(registry) or 'none'})")
+    return [adapter_name]
+
+
+def _layers_of(model: nn.Module, names: list[str]) -> list[AdapterLayer]:
+    return [layer for layer in adapter_layers(model) if layer.adapter_name in names]
+
+
+def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Fold adapters into the base weights; inner (earlier) adapters first."""
+    for layer in reversed(_layers_of(model, _names(model, adapter_name))):
+        layer.merge()
+    return model
+
+
+def unmerge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Restore the exact base weights saved at merge time; outer (later) adapters first."""
+    for layer in _layers_of(model, _names(model, adapter_name)):
+        layer.unmerge()
+    return model
+
+
+def detach(model: nn.Module, adapter_name: str | None = None, keep_merged: bool = False) -> nn.Module:
+    """Remove adapters and return the base model: exact base weights, or merged ones with keep_merged=True."""
+    names = _names(model, adapter_name)
+    registry = attached(model)
+    if keep_merged:
+        merge(model, adapter_name)
+    else:
+        unmerge(model, adapter_name)
+    for name in reversed(names):
+        for module_name, layer in reversed(list(named_adapter_layers(model, name))):
+            layer.release()
+            replace_module(model, module_name, layer.base_layer)
+        registry[name].detach_from_model(model, name)
+        del registry[name]
+    if registry:
+        refreeze(model)
+    else:
+        _unfreeze_all(model)
+    return model
+
+
+def _unfreeze_all(model: nn.Module) -> None:
+    for param in model.parameters():
+        param.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module, adapter_name: str | None = None) -> Iterator[nn.Module]:
+    """Run the exact base model inside the block; merged adapters are unmerged for it and re-merged after."""
+    names = _names(model, adapter_name)
+    registry = attached(model)
+    layers = _layers_of(model, names)
+    was_merged = [layer for layer in layers if layer.merged]
+    for layer in was_merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    for name in names:
+        registry[name].set_disabled(model, name, True)
+    try:
+        yield model
+    finally:
+        for name in names:
+            registry[name].set_disabled(model, name, False)
+        for layer in layers:
+            layer.disabled = False
+        for layer in reversed(was_merged):
+            layer.merge()
+
+
+def summary(model: nn.Module, print_table: bool = False) -> dict[str, Any]:
+    """Trainable and total parameter counts, per adapter and overall."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_adapter = {}
+    for name, config in attached(model).items():
+        params = {id(p): p for p in config.trainable_parameters(model, name)}
+        per_adapter[name] = {
+            "method": config.method_name,
+            "trainable": sum(p.numel() for p in params.values()),
+            "modules": sum(1 for _ in named_adapter_layers(model, name)),
+        }
+    result = {
+        "adapters": per_adapter,
+        "trainable": trainable,
+        "total": total,
+        "fraction": trainable / total if total else 0.0,
+        "base_weight_bytes": base_weight_bytes(model),
+    }
+    if print_table:
+        print(format_summary(result))
+    return result
+
+
+def base_weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the base weights of adapted modules, as stored and as fp32/fp16 would store them."""
+    stored = fp32 = 0
+    for layer in adapter_layers(model):
+        if isinstance(layer.base_layer, AdapterLayer):
+            continue  # counted once, at the innermost layer
+        for tensor in layer.base_layer.parameters():
+            stored += tensor.numel() * tensor.element_size()
+        fp32 += 4 * layer.base_weight_numel() if hasattr(layer, "base_weight_numel") else 4 * sum(
+            p.numel() for p in layer.base_layer.parameters())
+    return {"stored": stored, "fp32": fp32, "fp16": fp32 // 2}
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    rows = [("adapter", "method", "modules", "trainable")]
+    for name, info in result["adapters"].items():
+        rows.append((name, info["method"], str(info["modules"]), f"{info['trainable']:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.append(f"trainable {result['trainable']:,} of {result['total']:,} parameters "
+                 f"({100 * result['fraction']:.3f}%)")
+    return "\n".join(lines)

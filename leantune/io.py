@@ -1,0 +1,152 @@
+"""Adapter save/load (safetensors + JSON, never pickle) and atomic writes.
+
+An adapter directory holds `adapter_config.json` (method, its fields, adapter name, base model)
+and `adapter.safetensors`. Directories and files are written to a temporary sibling first and
+renamed into place, so an interrupted save never damages what was there before.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import api
+from .errors import LeantuneError
+from .methods.base import MethodConfig, config_from_dict
+
+CONFIG_FILE = "adapter_config.json"
+TENSOR_FILE = "adapter.safetensors"
+FORMAT = "leantune-adapter"
+FORMAT_VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `path` only if the block finishes without error."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LeantuneError(f"cannot write directory '{path}': a file with that name exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for file in root.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """safetensors needs contiguous, unshared CPU tensors; copy what is not."""
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    save_file(plain, str(path), metadata=metadata)
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise LeantuneError(f"cannot read tensors from '{path}': {err}") from None
+
+
+def _single_adapter_name(model: nn.Module, adapter_name: str | None) -> str:
+    names = list(api.attached(model))
+    if adapter_name is not None:
+        if adapter_name not in names:
+            raise LeantuneError(f"no adapter named '{adapter_name}' is attached (attached: {', '.join(names) or 'none'})")
+        return adapter_name
+    if len(names) != 1:
+        raise LeantuneError(f"the model has {len(names)} adapters ({', '.join(names) or 'none'}); pass adapter_name=")
+    return names[0]
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write one adapter (config JSON + safetensors) atomically to directory `path`."""
+    name = _single_adapter_name(model, adapter_name)
+    config = api.attached(model)[name]
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "adapter_name": name,
+        "method": config.to_dict(),
+        "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
+        **(extra or {}),
+    }
+    with atomic_directory(path) as tmp:
+        save_tensors(config.state_dict(model, name), tmp / TENSOR_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
+    return Path(path)
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not path.is_dir():
+        raise LeantuneError(f"adapter directory '{path}' does not exist")
+    if not config_path.is_file():
+        raise LeantuneError(f"'{path}' is not a leantune adapter: {CONFIG_FILE} is missing")
+    try:
+        document = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LeantuneError(f"'{config_path}' is not valid JSON: {err}") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise LeantuneError(f"'{config_path}' is not a leantune adapter config (format != '{FORMAT}')")
+    if document.get("format_version", 0) > FORMAT_VERSION:
+        raise LeantuneError(f"'{config_path}' was written by a newer leantune (format {document['format_version']})")
+    return document
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+    """Attach the adapter saved in `path` to `model` (a fresh base model) and load its tensors."""
+    document = read_adapter_config(path)
+    config: MethodConfig = config_from_dict(document["method"])
+    name = adapter_name or document.get("adapter_name", "default")
+    tensors = load_tensors(Path(path) / TENSOR_FILE)
+    api.attach(model, config, name)
+    try:
+        config.load_state_dict(model, name, tensors)
+    except LeantuneError:
+        api.detach(model, name)
+        raise
+    return model

@@ -1,0 +1,149 @@
+"""LoRA: y = W0 x + s · B A x with s = alpha / r (alpha / sqrt(r) with rsLoRA).
+
+The common case (no dropout, plain frozen nn.Linear base) runs as one fused autograd function:
+the adapter product is added into the base output in place, the backward reuses G·B for both
+dX and dA, and only x and x·Aᵀ (tokens × r) are saved.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterLayer, MethodConfig, register
+
+INITS = ("kaiming", "gaussian", "pissa")
+
+
+@register
+@dataclass
+class LoRA(MethodConfig):
+    method_name: ClassVar[str] = "lora"
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming"
+    quantize: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        self._require_int("r")
+        self._require_number("alpha", low=0, low_open=True)
+        self._require_number("dropout", low=0, high=0.999)
+        self._require_choice("init", INITS)
+        self._require_choice("quantize", (None, "nf4"))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def wrap(self, name: str, module: nn.Module, adapter_name: str) -> "LoRALayer":
+        return LoRALayer(module, adapter_name, self)
+
+
+class _FusedLoRA(torch.autograd.Function):
+    """y = x Wᵀ + b + s (x Aᵀ) Bᵀ for a frozen W and b."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ lora_a.t()
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        out.addmm_(xa, lora_b.t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xa, weight, lora_a, lora_b = ctx.saved_tensors
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        gb = g2 @ lora_b  # tokens x r, shared by dX and dA
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ weight).addmm_(gb, lora_a, alpha=ctx.scale).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = (gb.t() @ x2).mul_(ctx.scale)
+        if ctx.needs_input_grad[4]:
+            grad_b = (g2.t() @ xa).mul_(ctx.scale)
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+class LoRALayer(AdapterLayer):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoRA):
+        super().__init__(base_layer, adapter_name)
+        weight = self.base_module().weight
+        self.scale = config.scale
+        self.dropout = config.dropout
+        self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, dtype=torch.float32, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, dtype=torch.float32, device=weight.device))
+        self._original_weight: torch.Tensor | None = None
+        if config.init == "pissa":
+            self._init_pissa(config.r)
+        elif config.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / config.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    # -- PiSSA: principal singular directions move from W0 into A and B -----------------
+    def _init_pissa(self, r: int) -> None:
+        base = self.base_module()
+        u, s, vh = torch.linalg.svd(base.weight.detach().double(), full_matrices=False)
+        root = s[:r].sqrt() / math.sqrt(self.scale)
+        with torch.no_grad():
+            self.lora_A.copy_(root[:, None] * vh[:r])
+            self.lora_B.copy_(u[:, :r] * root[None, :])
+        # The initial factors define the residual base weight; saved so a load can rebuild it.
+        self.register_buffer("pissa_A0", self.lora_A.detach().clone())
+        self.register_buffer("pissa_B0", self.lora_B.detach().clone())
+        self._original_weight = base.weight.detach().clone()
+        self._apply_pissa_residual()
+
+    def _apply_pissa_residual(self) -> None:
+        base = self.base_module()
+        with torch.no_grad():
+            residual = self._original_weight - self.scale * (self.pissa_B0 @ self.pissa_A0)
+            base.weight.copy_(residual.to(base.weight.dtype))
+
+    def adapter_state_loaded(self) -> None:
+        if self._original_weight is not None:
+            self._apply_pissa_residual()
+
+    def release(self) -> None:
+        if self._original_weight is not None:
+            with torch.no_grad():
+                self.base_module().weight.copy_(self._original_weight)
+
+    def disabled_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._original_weight is not None:
+            return F.linear(x, self._original_weight, self.base_module().bias)
+        return self.base_layer(x, *args, **kwargs)
+
+    # -- forward / merge --------------------------------------------------------------------
+    def _can_fuse(self) -> bool:
+        base = self.base_layer
+        return (type(base) is nn.Linear and not base.weight.requires_grad
+                and (base.bias is None or not base.bias.requires_grad)
+                and not (self.training and self.dropout > 0))
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._can_fuse() and x.dtype == self.lora_A.dtype == self.base_layer.weight.dtype:
+            return _FusedLoRA.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B, self.scale)
+        result = self.base_layer(x)
+        h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+        update = F.linear(F.linear(h.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return result + (self.scale * update).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    def merge_into_base(self) -> None:
+        weight = self.base_module().weight
+        weight += self.delta_weight().to(weight.dtype)

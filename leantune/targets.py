@@ -1,0 +1,122 @@
+"""Which modules a method config touches: "all-linear", name suffixes, or a regex.
+
+Every named target must match something; a miss is an error that names the target and the
+closest module names, even when other targets did match.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from .errors import LeantuneError
+from .methods.base import AdapterLayer
+
+if TYPE_CHECKING:
+    from .methods.base import MethodConfig
+
+ALL_LINEAR = "all-linear"
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output projection(s), which "all-linear" leaves alone."""
+    names = set()
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    for name, module in model.named_modules():
+        if (head is not None and module is head) or name.split(".")[-1] in ("lm_head", "score", "classifier"):
+            names.add(name)
+    return names
+
+
+def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Named modules a method may wrap: adapter layers stand for what they wrap; their insides are hidden."""
+    found: list[tuple[str, nn.Module]] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            found.append((name, child))
+            if not isinstance(child, AdapterLayer):
+                visit(name, child)
+
+    visit("", model)
+    return found
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.base_module() if isinstance(module, AdapterLayer) else module
+
+
+def layer_index(name: str) -> int | None:
+    """The block index in names like 'model.layers.3.mlp.up_proj' (first integer component)."""
+    match = _LAYER_INDEX.search(f".{name}")
+    return int(match.group(1)) if match else None
+
+
+def _matches_suffix(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def resolve_targets(model: nn.Module, config: "MethodConfig") -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs `config` touches, in model order; errors if a target matches nothing."""
+    modules = candidate_modules(model)
+    targets, kinds = config.targets, config.target_types
+    if isinstance(targets, str) and targets == ALL_LINEAR:
+        heads = output_head_names(model)
+        chosen = [(n, m) for n, m in modules if isinstance(unwrap(m), nn.Linear) and n not in heads]
+        if not chosen:
+            raise LeantuneError("targets 'all-linear' matched no nn.Linear module in this model")
+    elif isinstance(targets, str):
+        chosen = _by_regex(modules, targets)
+    else:
+        chosen = _by_suffixes(modules, targets)
+    chosen = [(n, m) for n, m in chosen if not any(_matches_suffix(n, e) or re.fullmatch(e, n) for e in config.exclude)]
+    if config.layers is not None:
+        wanted = set(config.layers)
+        chosen = [(n, m) for n, m in chosen if layer_index(n) in wanted]
+    if not chosen:
+        raise LeantuneError(f"{config.method_name}: targets {targets!r} with exclude/layers filters leave no module to adapt")
+    for name, module in chosen:
+        if not isinstance(unwrap(module), kinds):
+            allowed = ", ".join(k.__name__ for k in kinds)
+            raise LeantuneError(
+                f"{config.method_name}: target '{name}' is a {type(unwrap(module)).__name__}, this method adapts only {allowed}")
+    return chosen
+
+
+def _by_regex(modules: list[tuple[str, nn.Module]], pattern: str) -> list[tuple[str, nn.Module]]:
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise LeantuneError(f"targets regex {pattern!r} is invalid: {err}") from None
+    chosen = [(n, m) for n, m in modules if regex.fullmatch(n)]
+    if not chosen:
+        raise LeantuneError(f"targets regex {pattern!r} matches no module name; {_closest(modules, pattern)}")
+    return chosen
+
+
+def _by_suffixes(modules: list[tuple[str, nn.Module]], suffixes: list[str]) -> list[tuple[str, nn.Module]]:
+    for suffix in suffixes:
+        if not isinstance(suffix, str) or not suffix:
+            raise LeantuneError(f"targets must be module names, got {suffix!r}")
+        if not any(_matches_suffix(n, suffix) for n, _ in modules):
+            raise LeantuneError(f"target '{suffix}' matches no module; {_closest(modules, suffix)}")
+    return [(n, m) for n, m in modules if any(_matches_suffix(n, s) for s in suffixes)]
+
+
+def _closest(modules: list[tuple[str, nn.Module]], wanted: str) -> str:
+    short_names = sorted({n.split(".")[-1] for n, _ in modules})
+    close = difflib.get_close_matches(wanted.split(".")[-1], short_names, n=3, cutoff=0.4)
+    if close:
+        return "closest module names: " + ", ".join(close)
+    return "module names include: " + ", ".join(short_names[:8])
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
