@@ -270,6 +270,11 @@ class AdapterLayer(nn.Module):
         self.merged = False
 
 
+def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in float32 (float64 for float64 bases); half and quantized bases get float32."""
+    return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def adapter_layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[AdapterLayer]:
     for _, layer in named_adapter_layers(model, adapter_name):
         yield layer

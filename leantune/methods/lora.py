@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, MethodConfig, register
+from .base import AdapterLayer, MethodConfig, adapter_dtype, register
 
 INITS = ("kaiming", "gaussian", "pissa")
 
@@ -82,8 +82,9 @@ class LoRALayer(AdapterLayer):
         weight = self.base_module().weight
         self.scale = config.scale
         self.dropout = config.dropout
-        self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, dtype=torch.float32, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, dtype=torch.float32, device=weight.device))
+        kind = {"dtype": adapter_dtype(weight), "device": weight.device}
+        self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, **kind))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, **kind))
         self._original_weight: torch.Tensor | None = None
         if config.init == "pissa":
             self._init_pissa(config.r)
