@@ -275,6 +275,12 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
     return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a base linear as a dense tensor (quantized modules dequantize on demand)."""
+    dequantize = getattr(module, "dequantize_weight", None)
+    return dequantize() if callable(dequantize) else module.weight
+
+
 def adapter_layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[AdapterLayer]:
     for _, layer in named_adapter_layers(model, adapter_name):
         yield layer
