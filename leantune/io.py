@@ -37,6 +37,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         raise LeantuneError(f"cannot write directory '{path}': a file with that name exists")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes it private; the result should not be
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -51,6 +52,12 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_tree(root: Path) -> None:

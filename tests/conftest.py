@@ -1,13 +1,7 @@
-import os
-
 import pytest
 import torch
 
-# Keep tests off the user's cache and deterministic.
-os.environ.setdefault("LEANTUNE_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "leantune"))
-torch.set_num_threads(min(2, torch.get_num_threads()))
-
-import leantune as lt  # noqa: E402
+import leantune as lt
 
 
 @pytest.fixture
