@@ -1,0 +1,173 @@
+"""Causal-LM loss that never materialises the full (tokens x vocabulary) logits.
+
+The decoder body runs as usual; the output projection and cross-entropy then run over chunks of
+`chunk_tokens` tokens inside one autograd function. Its forward keeps only the per-token log-sum-exp;
+its backward recomputes each chunk's logits, turns them into the softmax gradient in place and
+folds it straight into the gradients of the hidden states (and of the head weight when it trains).
+Peak extra memory is one chunk of logits instead of all of them plus their gradient.
+
+Only positions whose (shifted) label is not -100 reach the head at all, so masked prompt tokens
+cost nothing there. The result equals Hugging Face's loss: labels shifted by one, -100 ignored,
+mean over the remaining tokens (or sum / `num_items` for gradient accumulation).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LeantuneError
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_TOKENS = 256
+# Below this vocabulary size the full logits are small enough that chunking buys nothing.
+CHUNKED_MIN_VOCAB = 8192
+
+
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                   chunked: bool | None = None, num_items: int | float | torch.Tensor | None = None,
+                   position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled tokens of a Hugging Face causal LM.
+
+    `labels` has the shape of `input_ids` (not yet shifted); -100 marks tokens without loss.
+    `chunked=None` picks the chunked path for vocabularies of at least CHUNKED_MIN_VOCAB entries
+    when the model's head is a plain linear layer; `chunked=False` is the plain full-logits loss.
+    `num_items` replaces the count of labelled tokens as the denominator (gradient accumulation
+    over micro-batches divides by the tokens of the whole accumulated batch).
+    """
+    if labels.shape != input_ids.shape:
+        raise LeantuneError(f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}")
+    head = _plain_linear_head(model)
+    if chunked is None:
+        chunked = head is not None and head.out_features >= CHUNKED_MIN_VOCAB
+    elif chunked and head is None:
+        raise LeantuneError("the chunked loss needs a model whose output head is a plain linear layer "
+                            "without logit scaling or soft-capping; use the full-logits loss")
+    if not chunked:
+        return full_logits_loss(model, input_ids, labels, attention_mask, num_items, position_ids)
+    if chunk_tokens < 1:
+        raise LeantuneError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    hidden = hidden[:, :-1][keep]  # only labelled positions reach the head
+    targets = targets[keep]
+    denominator = _denominator(num_items, targets.numel(), hidden)
+    return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_tokens,
+                                            _compute_dtype(hidden)) / denominator
+
+
+def full_logits_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None,
+                     num_items: int | float | torch.Tensor | None = None,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference: the model's full logits, shifted, cross-entropy summed and divided once."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
+    logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    targets = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / _denominator(num_items, int((targets != IGNORE_INDEX).sum()), total)
+
+
+def count_loss_tokens(labels: torch.Tensor) -> int:
+    """Tokens that contribute to the loss of `labels` (after the one-token shift)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _denominator(num_items, count: int, like: torch.Tensor) -> torch.Tensor | float:
+    value = count if num_items is None else num_items
+    if isinstance(value, torch.Tensor):
+        return value.to(like.device)
+    # An all-masked batch contributes a zero loss (and zero gradients), not NaN.
+    return float(max(value, 1))
+
+
+def _plain_linear_head(model: nn.Module) -> nn.Linear | None:
+    """The output head if logits are exactly `head(hidden)`; None when the chunked path cannot apply."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    get_decoder = getattr(model, "get_decoder", None)
+    if not callable(get_head) or not callable(get_decoder):
+        return None
+    head = get_head()
+    if type(head) is not nn.Linear:
+        return None
+    config = getattr(model, "config", None)
+    # Architectures that post-process the logits (soft-capping, scaling) go through the model itself.
+    for attribute in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(config, attribute, None) not in (None, 1, 1.0):
+            return None
+    return head
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The head's matmul dtype: autocast's when active, else the hidden states' own."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i Wᵀ + b, target_i), chunk by chunk; returns the (unnormalised) sum."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, compute_dtype):
+        # Softmax statistics stay in at least float32 whatever the matmul dtype.
+        stats_dtype = torch.promote_types(compute_dtype, torch.float32)
+        total = torch.zeros((), dtype=stats_dtype, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=stats_dtype, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            b = bias.to(compute_dtype) if bias is not None else None
+            for start in range(0, hidden.shape[0], chunk_tokens):
+                stop = start + chunk_tokens
+                logits = F.linear(hidden[start:stop].to(compute_dtype), w, b).to(stats_dtype)
+                chunk_lse = torch.logsumexp(logits, dim=-1)
+                lse[start:stop] = chunk_lse
+                total += (chunk_lse - logits.gather(1, targets[start:stop, None]).squeeze(1)).sum()
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_tokens = chunk_tokens
+        ctx.compute_dtype = compute_dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        compute_dtype = ctx.compute_dtype
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if need_bias else None
+        scale = grad_total.to(lse.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            b = bias.to(compute_dtype) if bias is not None else None
+            for start in range(0, hidden.shape[0], ctx.chunk_tokens):
+                stop = start + ctx.chunk_tokens
+                h = hidden[start:stop].to(compute_dtype)
+                # d(lse - logit_target)/d logits = softmax - onehot, built in place over the chunk's logits.
+                grad_logits = F.linear(h, w, b).to(lse.dtype)
+                grad_logits.sub_(lse[start:stop, None]).exp_()
+                grad_logits.scatter_add_(1, targets[start:stop, None],
+                                         torch.full_like(grad_logits[:, :1], -1.0))
+                grad_logits.mul_(scale)
+                if need_bias:
+                    grad_bias += grad_logits.sum(0)
+                grad_logits = grad_logits.to(compute_dtype)
+                if need_hidden:
+                    grad_hidden[start:stop] = (grad_logits @ w).to(hidden.dtype)
+                if need_weight:
+                    grad_weight.addmm_(grad_logits.t().to(accumulate), h.to(accumulate))
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_bias:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+

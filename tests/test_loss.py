@@ -1,0 +1,140 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import leantune as lt
+from conftest import randomize_adapter
+from leantune.errors import LeantuneError
+from leantune.loss import causal_lm_loss, count_loss_tokens, full_logits_loss
+
+
+def random_batch(vocab=512, batch=3, length=20, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    labels = input_ids.clone()
+    labels[:, :7] = -100  # a masked prompt
+    labels[1, 15:] = -100  # padding
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 15:] = 0
+    return input_ids, labels, attention_mask
+
+
+def hf_reference_loss(model, input_ids, labels, attention_mask):
+    """Hugging Face's loss written out (its own upcasts float64 logits to float32): shift, ignore -100, mean."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def trainable_grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 64, 1000])
+def test_chunked_loss_matches_hf_loss_and_gradients_float64(tiny_llama, chunk_tokens):
+    model = tiny_llama.double()
+    lt.attach(model, lt.LoRA(r=4))
+    randomize_adapter(model)
+    input_ids, labels, mask = random_batch()
+
+    expected = hf_reference_loss(model, input_ids, labels, mask)
+    expected.backward()
+    expected_grads = trainable_grads(model)
+    model.zero_grad()
+
+    loss = causal_lm_loss(model, input_ids, labels, mask, chunk_tokens=chunk_tokens, chunked=True)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for name, grad in trainable_grads(model).items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_chunked_loss_trains_a_tied_output_head(tiny_llama):
+    """With every weight trainable, the head's gradient (tied to the embedding) must match too."""
+    model = tiny_llama.double()
+    input_ids, labels, mask = random_batch(seed=3)
+    hf_reference_loss(model, input_ids, labels, mask).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    causal_lm_loss(model, input_ids, labels, mask, chunk_tokens=7, chunked=True).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_head_with_bias_matches_plain_cross_entropy():
+    from leantune.loss import _ChunkedLinearCrossEntropy
+
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(11, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(30, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    bias = torch.randn(30, dtype=torch.float64, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 30, (11,), generator=generator)
+    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, 4, torch.float64)
+    refs = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    expected = F.cross_entropy(F.linear(refs[0], refs[1], refs[2]), targets, reduction="sum")
+    torch.testing.assert_close(total, expected)
+    grad = torch.tensor(0.7, dtype=torch.float64)
+    total.backward(grad)
+    expected.backward(grad)
+    for mine, ref in zip((hidden, weight, bias), refs):
+        torch.testing.assert_close(mine.grad, ref.grad)
+
+
+def test_float32_chunked_matches_full_logits_and_num_items(tiny_llama):
+    lt.attach(tiny_llama, lt.LoRA(r=4))
+    randomize_adapter(tiny_llama)
+    input_ids, labels, mask = random_batch(seed=1)
+    full = full_logits_loss(tiny_llama, input_ids, labels, mask)
+    hf_own = tiny_llama(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(full, hf_own)
+    chunked = causal_lm_loss(tiny_llama, input_ids, labels, mask, chunk_tokens=16, chunked=True)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+    count = count_loss_tokens(labels)
+    assert count == int((labels[:, 1:] != -100).sum()) > 0
+    summed = causal_lm_loss(tiny_llama, input_ids, labels, mask, chunked=True, num_items=1)
+    torch.testing.assert_close(summed, full * count, rtol=1e-5, atol=1e-4)
+
+
+def test_auto_choice_uses_full_logits_for_small_vocabularies(tiny_llama, monkeypatch):
+    import leantune.loss as loss_module
+
+    calls = []
+    original = loss_module._ChunkedLinearCrossEntropy.apply
+    monkeypatch.setattr(loss_module._ChunkedLinearCrossEntropy, "apply",
+                        lambda *a: calls.append(1) or original(*a))
+    input_ids, labels, mask = random_batch(seed=2)
+    causal_lm_loss(tiny_llama, input_ids, labels, mask)  # vocabulary 512: below the threshold
+    assert not calls
+    monkeypatch.setattr(loss_module, "CHUNKED_MIN_VOCAB", 100)
+    causal_lm_loss(tiny_llama, input_ids, labels, mask)
+    assert calls
+
+
+def test_all_masked_batch_gives_zero_loss_not_nan(tiny_llama):
+    lt.attach(tiny_llama, lt.LoRA(r=4))
+    input_ids, _, mask = random_batch()
+    labels = torch.full_like(input_ids, -100)
+    for chunked in (True, False):
+        loss = causal_lm_loss(tiny_llama, input_ids, labels, mask, chunked=chunked)
+        loss.backward()
+        assert loss.item() == 0.0
+
+
+def test_bf16_autocast_is_close_to_float32(tiny_llama):
+    input_ids, labels, mask = random_batch(seed=4)
+    reference = causal_lm_loss(tiny_llama, input_ids, labels, mask, chunked=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = causal_lm_loss(tiny_llama, input_ids, labels, mask, chunked=True)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, reference, rtol=2e-2, atol=2e-2)
+    low.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in tiny_llama.parameters() if p.requires_grad)
+
+
+def test_errors_are_clear(tiny_llama):
+    input_ids, labels, mask = random_batch()
+    with pytest.raises(LeantuneError, match="labels have shape"):
+        causal_lm_loss(tiny_llama, input_ids, labels[:, 1:], mask)
+    with pytest.raises(LeantuneError, match="chunk_tokens"):
+        causal_lm_loss(tiny_llama, input_ids, labels, mask, chunked=True, chunk_tokens=0)
+    with pytest.raises(LeantuneError, match="plain linear"):
+        causal_lm_loss(torch.nn.Linear(3, 3), input_ids, labels, mask, chunked=True)
