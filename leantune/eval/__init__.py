@@ -1,0 +1,1 @@
+"""Evaluation: loss and perplexity, generation, sandboxed execution of generated unit tests."""
