@@ -3,6 +3,7 @@ from .api import attach, attached, detach, disabled, merge, summary, unmerge
 from .errors import LeantuneError
 from .io import load_adapter, save_adapter
 from .methods import LoRA, MethodConfig
+from .methods.sketch import SketchTune
 from .models import load_model, load_tokenizer
 
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """Method configs, one file each; importing this package registers them all."""
 from .base import METHODS, AdapterLayer, MethodConfig, config_from_dict, method_class
 from .lora import LoRA
+from .sketch import SketchTune
 
 __all__ = ["METHODS", "AdapterLayer", "MethodConfig", "config_from_dict", "method_class", "LoRA"]

@@ -1,0 +1,137 @@
+"""The SketchTune method config: where the sketch comes from, and attaching it to a model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from ...errors import LeantuneError
+from ..base import MethodConfig, adapter_dtype, register
+from .pack import MAX_BITS, TABLE_DTYPES, Sketch, load_sketch, model_identity
+
+
+@register
+@dataclass
+class SketchTune(MethodConfig):
+    """Fine-tune the per-row tables of a sketched model.
+
+    `sketch="DIR"` uses a sketch written by `leantune sketch`; without it, attaching fits one on the
+    fly with the fit settings below (bits ... seed). `sketch_id` is filled in at attach time and
+    saved with the adapter, so its tables can only be loaded onto the very same sketch.
+    """
+
+    method_name: ClassVar[str] = "sketchtune"
+
+    sketch: str | None = None
+    bits: int = 4
+    groups_per_row: int = 1
+    calib: str = "humaneval-tests"
+    samples: int = 64
+    seq_len: int = 512
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    kmeans_iters: int = 25
+    table_dtype: str = "float16"
+    seed: int = 0
+    sketch_id: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.sketch is not None and (not isinstance(self.sketch, str) or not self.sketch):
+            raise LeantuneError(f"sketchtune: 'sketch' must be a sketch directory, got {self.sketch!r}")
+        self._require_int("bits")
+        if self.bits > MAX_BITS:
+            raise LeantuneError(f"sketchtune: 'bits' must be <= {MAX_BITS}, got {self.bits!r}")
+        self._require_choice("groups_per_row", (1, 2, 4, 8))
+        self._require_int("samples")
+        self._require_int("seq_len", minimum=2)
+        self._require_number("damp", low=0, low_open=True)
+        self._require_int("block_size")
+        self._require_choice("act_order", (False, True))
+        self._require_int("kmeans_iters", minimum=0)
+        self._require_choice("table_dtype", tuple(TABLE_DTYPES))
+        self._require_int("seed", minimum=0)
+
+    # -- where the sketch comes from ------------------------------------------------------------
+    def obtain_sketch(self, model: nn.Module) -> Sketch:
+        """Load `sketch` (checking it was fitted on this model), or fit one now."""
+        if self.sketch is not None:
+            sketch = load_sketch(self.sketch)
+            if model_identity(model) != sketch.model_id:
+                raise LeantuneError(
+                    f"sketch '{self.sketch}' was fitted on another model ({sketch.model_name or 'unnamed'}, "
+                    f"id {sketch.model_id}); attach it to that model, unadapted and in its original dtype")
+            return sketch
+        return self.fit(model)[0]
+
+    def fit_settings(self):
+        from .fit import FitSettings
+
+        return FitSettings(bits=self.bits, groups_per_row=self.groups_per_row, damp=self.damp,
+                           block_size=self.block_size, act_order=self.act_order, kmeans_iters=self.kmeans_iters,
+                           table_dtype=TABLE_DTYPES[self.table_dtype])
+
+    def fit(self, model: nn.Module, tokenizer=None, progress=None):
+        """Fit a sketch of the targeted linears on the calibration text: (sketch, report)."""
+        from ...models import load_tokenizer
+        from ...targets import resolve_targets
+        from .calib import calibration_ids
+        from .fit import fit_sketch
+
+        if tokenizer is None:
+            name = getattr(getattr(model, "config", None), "_name_or_path", None)
+            if not name:
+                raise LeantuneError("sketchtune: fitting needs the model's tokenizer; this model has no name to load it by")
+            tokenizer = load_tokenizer(name)
+        ids = calibration_ids(tokenizer, self.calib, self.samples, self.seq_len, self.seed)
+        names = [name for name, _ in resolve_targets(model, self)]
+        sketch, report = fit_sketch(model, ids, names, self.fit_settings(), progress)
+        sketch.settings = {key: getattr(self, key) for key in (
+            "calib", "samples", "seq_len", "damp", "block_size", "act_order", "kmeans_iters", "table_dtype", "seed")}
+        return sketch, report
+
+    # -- attaching ------------------------------------------------------------------------------
+    def attach_to_model(self, model: nn.Module, adapter_name: str) -> list[str]:
+        from ...targets import replace_module
+        from .layer import SketchedLinear, SketchLayer
+
+        sketch = self.obtain_sketch(model)
+        names = self._sketched_names(model, sketch)
+        if self.sketch_id is None:
+            self.sketch_id = sketch.content_id()
+        elif self.sketch_id != sketch.content_id():
+            raise LeantuneError(f"these tables belong to sketch {self.sketch_id}, but "
+                                f"{self.sketch or 'the sketch fitted now'} is sketch {sketch.content_id()}")
+        for name in names:
+            original = model.get_submodule(name)
+            base = SketchedLinear(sketch.layers[name].to(original.bias.device if original.bias is not None
+                                                         else original.weight.device),
+                                  original.bias, dense_dtype=original.weight.dtype)
+            replace_module(model, name, SketchLayer(base, adapter_name, dtype=adapter_dtype(original.weight)))
+        return names
+
+    def _sketched_names(self, model: nn.Module, sketch: Sketch) -> list[str]:
+        """Every linear of the sketch, checked against the model (and against explicit targets)."""
+        from ...targets import resolve_targets
+
+        names = sorted(sketch.layers)
+        for name in names:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise LeantuneError(f"sketch layer '{name}' is not a module of this model") from None
+            layer = sketch.layers[name]
+            if not isinstance(module, nn.Linear) or (module.out_features, module.in_features) != (
+                    layer.out_features, layer.in_features):
+                raise LeantuneError(f"sketch layer '{name}' is {layer.out_features} x {layer.in_features}, "
+                                    f"the model's module there is {module}")
+        default_targets = self.targets == "all-linear" and not self.exclude and self.layers is None
+        if self.sketch is not None and not default_targets:
+            wanted = {name for name, _ in resolve_targets(model, self)}
+            if wanted != set(names):
+                odd = sorted(wanted ^ set(names))[0]
+                raise LeantuneError(f"sketchtune: targets select a different set of modules than the sketch holds "
+                                    f"(e.g. '{odd}'); a sketch is attached whole, leave targets at their default")
+        return names

@@ -1,0 +1,326 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import leantune as lt
+from leantune.methods.sketch import SketchTune
+from leantune.methods.sketch.fit import (
+    FitSettings, error_feedback_sweep, fit_sketch, fit_weight, nearest_entry_codes, weighted_kmeans)
+from leantune.methods.sketch.hessian import inverse_cholesky_factor
+from leantune.methods.sketch.layer import SketchedLinear, SketchLayer, sketch_linear
+from leantune.methods.sketch.pack import (
+    SKETCH_CONFIG_FILE, SKETCH_TENSOR_FILE, load_sketch, pack_codes, rebuild_weight, save_sketch, unpack_codes)
+
+CALIB_TEXT = "\n".join(
+    f"def add_{i}(a, b):\n    return a + b * {i}\n\nassert add_{i}(1, 2) == {1 + 2 * i}\n" for i in range(60))
+
+
+def reference_weight(codes, tables):
+    """Ŵ by plain advanced indexing (a path independent of gather): tables[i, j // group_size, code]."""
+    out_features, groups, _ = tables.shape
+    in_features = codes.shape[1]
+    rows = torch.arange(out_features)[:, None]
+    groups_of_columns = (torch.arange(in_features) // (in_features // groups))[None, :]
+    return tables[rows, groups_of_columns, codes.long()]
+
+
+def random_sketch_tensors(out_features=6, in_features=16, groups=2, bits=4, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (out_features, in_features), generator=generator)
+    tables = torch.randn(out_features, groups, 2 ** bits, generator=generator, dtype=dtype)
+    return codes, tables
+
+
+@pytest.fixture
+def calib_file(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text(CALIB_TEXT)
+    return str(path)
+
+
+def sketch_config(calib_file, **kwargs):
+    return SketchTune(calib=calib_file, samples=4, seq_len=48, **kwargs)
+
+
+# -- codes, tables, the layer's autograd -------------------------------------------------------
+
+def test_pack_unpack_round_trip():
+    codes, _ = random_sketch_tensors(out_features=5, in_features=22)
+    packed = pack_codes(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 11)
+    assert torch.equal(unpack_codes(packed).long(), codes)
+    assert int(packed[0, 0]) == int(codes[0, 0]) + 16 * int(codes[0, 1])
+    with pytest.raises(lt.LeantuneError, match="must be even"):
+        pack_codes(codes[:, :3])
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_weight_from_codes_equals_reference_gather(groups):
+    codes, tables = random_sketch_tensors(out_features=7, in_features=32, groups=groups)
+    torch.testing.assert_close(rebuild_weight(codes, tables), reference_weight(codes, tables), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_table_gradients_match_dense_autograd(with_bias):
+    codes, tables = random_sketch_tensors(out_features=6, in_features=16, groups=2)
+    packed = pack_codes(codes)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True) if with_bias else None
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    tables_mine = tables.clone().requires_grad_(True)
+    out = sketch_linear(x, packed, tables_mine, bias)
+
+    tables_ref = tables.clone().requires_grad_(True)
+    bias_ref = bias.detach().clone().requires_grad_(True) if with_bias else None
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = F.linear(x_ref, reference_weight(codes, tables_ref), bias_ref)
+    torch.testing.assert_close(out, expected)
+
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(tables_mine.grad, tables_ref.grad)
+    if with_bias:
+        torch.testing.assert_close(bias.grad, bias_ref.grad)
+
+
+def test_backward_saves_the_input_not_a_dense_weight():
+    codes, tables = random_sketch_tensors(out_features=24, in_features=40, groups=1, dtype=torch.float32)
+    tables.requires_grad_(True)
+    x = torch.randn(4, 40)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        sketch_linear(x, pack_codes(codes), tables, None).sum().backward()
+    dense = [t for t in saved if t.is_floating_point() and t.numel() >= 24 * 40]
+    assert dense == []
+    assert any(t.data_ptr() == x.data_ptr() for t in saved)
+
+
+# -- fitting ------------------------------------------------------------------------------
+
+def test_weighted_kmeans_recovers_known_clusters():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-3.0, -1.0, 0.5, 2.0], [0.0, 1.0, 4.0, 9.0]])
+    labels = torch.randint(0, 4, (2, 400), generator=generator)
+    values = centres.gather(1, labels) + 0.01 * torch.randn(2, 400, generator=generator)
+    weights = torch.rand(2, 400, generator=generator) + 0.5
+    found = weighted_kmeans(values, weights, 4, iters=50)
+    torch.testing.assert_close(found, centres, atol=0.01, rtol=0)
+
+
+def test_sweep_beats_plain_rounding_on_correlated_inputs():
+    generator = torch.Generator().manual_seed(0)
+    tokens, features, out_features = 2048, 64, 32
+    # inputs that live mostly in an 8-dimensional subspace: errors can be steered into its complement
+    x = torch.randn(tokens, 8, generator=generator) @ torch.randn(8, features, generator=generator)
+    x += 0.05 * torch.randn(tokens, features, generator=generator)
+    weight = torch.randn(out_features, features, generator=generator)
+    hessian = (x.double().t() @ x.double()) / tokens
+    settings = FitSettings(bits=3, groups_per_row=2, block_size=16, table_dtype=torch.float32)
+    codes, tables = fit_weight(weight, hessian, settings)
+    plain = nearest_entry_codes(weight, tables)
+
+    def output_error(codes_):
+        return torch.linalg.norm(x @ (weight - rebuild_weight(codes_, tables)).t()) / torch.linalg.norm(x @ weight.t())
+
+    assert output_error(codes) < 0.6 * output_error(plain)
+
+
+def test_sweep_without_correlation_is_plain_rounding():
+    """With H = I no error can be moved anywhere useful: the sweep must pick the nearest entries."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(8, 16, generator=generator)
+    tables = torch.randn(8, 1, 16, generator=generator).sort(dim=-1).values
+    factor = inverse_cholesky_factor(torch.eye(16, dtype=torch.float64), damp=1e-12)
+    codes = error_feedback_sweep(weight, tables, torch.zeros(16, dtype=torch.long), factor, block_size=4)
+    assert torch.equal(codes, nearest_entry_codes(weight, tables))
+
+
+def test_linears_reading_one_input_share_a_hessian(tiny_llama, tokens):
+    from leantune.methods.sketch.fit import _block_hessians, _capture_block_inputs
+
+    block = tiny_llama.model.layers[0]
+    linears = {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+    inputs = _capture_block_inputs(tiny_llama, block, tokens, batch_size=1)
+    shared = _block_hessians(block, inputs, linears)
+    assert sorted(members for members, _ in shared.values()) == [
+        ["mlp.down_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["self_attn.o_proj"],
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]]
+    x = torch.cat([args[0] if args else kwargs["hidden_states"] for args, kwargs in inputs]).flatten(0, 1)
+    normed = block.input_layernorm(x).double()
+    torch.testing.assert_close(shared["self_attn.q_proj"][1], normed.t() @ normed / normed.shape[0])
+
+
+def test_fit_is_deterministic(tiny_llama, calib_file):
+    config = sketch_config(calib_file, groups_per_row=2)
+    first, report = config.fit(tiny_llama)
+    second, _ = config.fit(lt.load_model("tiny-llama"))
+    assert first.content_id() == second.content_id()
+    assert len(first.layers) == 14
+    errors = [info["relative_error"] for info in report["layers"].values()]
+    assert all(0 < e < 0.2 for e in errors)
+    q = first.layers["model.layers.0.self_attn.q_proj"]
+    assert q.tables.shape == (64, 2, 16) and q.tables.dtype == torch.float16
+    assert q.packed_codes.shape == (64, 32) and q.packed_codes.dtype == torch.uint8
+
+
+def test_fit_leaves_the_model_unchanged(tiny_llama, calib_file):
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    sketch_config(calib_file).fit(tiny_llama)
+    for key, value in tiny_llama.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+# -- attach, save/load, disabled, merge, detach --------------------------------------------------
+
+@pytest.fixture
+def sketch_dir(tmp_path, calib_file):
+    sketch, report = sketch_config(calib_file).fit(lt.load_model("tiny-llama"))
+    return save_sketch(sketch, tmp_path / "sketch", report)
+
+
+def test_sketch_files_round_trip(sketch_dir):
+    assert sorted(p.name for p in sketch_dir.iterdir()) == ["fit_report.json", SKETCH_TENSOR_FILE, SKETCH_CONFIG_FILE]
+    sketch = load_sketch(sketch_dir)
+    document = json.loads((sketch_dir / SKETCH_CONFIG_FILE).read_text())
+    assert sketch.content_id() == document["sketch_id"]
+    assert sketch.model_id == document["model_id"]
+
+
+def test_attach_swaps_linears_and_matches_the_sketch(tiny_llama, sketch_dir, tokens):
+    sketch = load_sketch(sketch_dir)
+    lt.attach(tiny_llama, SketchTune(sketch=str(sketch_dir)))
+    layer = tiny_llama.model.layers[1].mlp.down_proj
+    assert isinstance(layer, SketchLayer) and isinstance(layer.base_layer, SketchedLinear)
+    assert not any(isinstance(m, nn.Linear) for n, m in tiny_llama.named_modules() if "layers" in n)
+    trainable = [(n, p) for n, p in tiny_llama.named_parameters() if p.requires_grad]
+    assert len(trainable) == 14 and all(n.endswith(".tables") and p.dtype == torch.float32 for n, p in trainable)
+    torch.testing.assert_close(layer.dequantize_weight(), sketch.layers["model.layers.1.mlp.down_proj"].weight())
+
+    # the sketched model equals a dense model holding Ŵ
+    dense = lt.load_model("tiny-llama")
+    with torch.no_grad():
+        for name, layer_sketch in sketch.layers.items():
+            dense.get_submodule(name).weight.copy_(layer_sketch.weight())
+    torch.testing.assert_close(tiny_llama(tokens).logits, dense(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_training_step_updates_tables_only(tiny_llama, sketch_dir, tokens):
+    lt.attach(tiny_llama, SketchTune(sketch=str(sketch_dir)))
+    params = [p for p in tiny_llama.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    frozen = {k: v.clone() for k, v in tiny_llama.state_dict().items() if not k.endswith(".tables")
+              or ".base_layer." in k}
+    loss = F.cross_entropy(tiny_llama(tokens).logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    optimizer.step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    for key, value in tiny_llama.state_dict().items():
+        if key in frozen:
+            assert torch.equal(value, frozen[key]), key
+
+
+def test_save_load_disabled_merge_detach(tiny_llama, sketch_dir, tokens, tmp_path):
+    from conftest import randomize_adapter
+
+    lt.attach(tiny_llama, SketchTune(sketch=str(sketch_dir)))
+    initial = tiny_llama(tokens).logits
+    randomize_adapter(tiny_llama, scale=0.02)
+    adapted = tiny_llama(tokens).logits
+    assert not torch.allclose(adapted, initial, atol=1e-3)
+    with lt.disabled(tiny_llama):
+        torch.testing.assert_close(tiny_llama(tokens).logits, initial, rtol=0, atol=0)
+
+    lt.save_adapter(tiny_llama, tmp_path / "adapter")
+    from leantune.io import load_tensors
+
+    saved = load_tensors(tmp_path / "adapter" / "adapter.safetensors")
+    assert len(saved) == 14 and all(key.endswith(".tables") for key in saved)
+    document = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert document["method"]["sketch_id"] == load_sketch(sketch_dir).content_id()
+    fresh = lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "adapter")
+    torch.testing.assert_close(fresh(tokens).logits, adapted, rtol=0, atol=0)
+
+    lt.merge(tiny_llama)
+    torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=1e-5, atol=1e-5)
+    with lt.disabled(tiny_llama):
+        torch.testing.assert_close(tiny_llama(tokens).logits, initial, rtol=0, atol=0)
+    lt.unmerge(tiny_llama)
+    torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=0, atol=0)
+
+    lt.detach(fresh)  # a dense model holding the fitted sketch
+    assert isinstance(fresh.model.layers[0].self_attn.q_proj, nn.Linear)
+    torch.testing.assert_close(fresh(tokens).logits, initial, rtol=1e-5, atol=1e-5)
+    lt.detach(tiny_llama, keep_merged=True)  # a dense model for export, holding the trained tables
+    assert type(tiny_llama.model.layers[1].mlp.up_proj) is nn.Linear
+    torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_fit_on_attach_equals_saved_sketch(tiny_llama, sketch_dir, calib_file, tokens):
+    lt.attach(tiny_llama, sketch_config(calib_file))
+    other = lt.attach(lt.load_model("tiny-llama"), SketchTune(sketch=str(sketch_dir)))
+    assert lt.attached(tiny_llama)["default"].sketch_id == lt.attached(other)["default"].sketch_id
+    torch.testing.assert_close(tiny_llama(tokens).logits, other(tokens).logits, rtol=0, atol=0)
+
+
+def test_registered_for_config_files():
+    from leantune.methods import config_from_dict
+
+    config = config_from_dict({"name": "sketchtune", "sketch": "some/dir", "groups_per_row": 2})
+    assert isinstance(config, SketchTune) and config.groups_per_row == 2
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, culprit", [
+    ({"bits": 5}, "'bits'"), ({"bits": 0}, "'bits'"), ({"groups_per_row": 3}, "'groups_per_row'"),
+    ({"damp": 0}, "'damp'"), ({"table_dtype": "int8"}, "'table_dtype'"), ({"sketch": ""}, "'sketch'"),
+])
+def test_bad_config_values_name_the_key(kwargs, culprit):
+    with pytest.raises(lt.LeantuneError, match=culprit):
+        SketchTune(**kwargs)
+
+
+def test_group_layout_that_does_not_divide_in_features():
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Linear(12, 4)])
+    with pytest.raises(lt.LeantuneError, match="'layers.0' has in_features=12, which is not divisible by 2 x groups_per_row = 8"):
+        fit_sketch(model, torch.zeros(1, 4, dtype=torch.long), ["layers.0"], FitSettings(groups_per_row=4))
+
+
+def test_sketch_of_another_model_is_refused(sketch_dir):
+    model = lt.load_model("tiny-llama")
+    with torch.no_grad():
+        model.model.norm.weight.add_(0.01)
+    with pytest.raises(lt.LeantuneError, match="was fitted on another model"):
+        lt.attach(model, SketchTune(sketch=str(sketch_dir)))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)  # nothing half-attached
+
+
+def test_corrupt_sketch_files(sketch_dir):
+    tensor_file = sketch_dir / SKETCH_TENSOR_FILE
+    data = bytearray(tensor_file.read_bytes())
+    data[-5] ^= 0xFF
+    tensor_file.write_bytes(bytes(data))
+    with pytest.raises(lt.LeantuneError, match="is corrupt"):
+        load_sketch(sketch_dir)
+    tensor_file.write_bytes(bytes(data[:100]))
+    with pytest.raises(lt.LeantuneError, match="cannot read tensors"):
+        load_sketch(sketch_dir)
+    (sketch_dir / SKETCH_CONFIG_FILE).write_text("{not json")
+    with pytest.raises(lt.LeantuneError, match="not valid JSON"):
+        load_sketch(sketch_dir)
+    with pytest.raises(lt.LeantuneError, match="does not exist"):
+        load_sketch(sketch_dir / "missing")
+
+
+def test_tables_of_another_sketch_are_refused(tiny_llama, sketch_dir, calib_file, tmp_path):
+    lt.attach(tiny_llama, SketchTune(sketch=str(sketch_dir)))
+    lt.save_adapter(tiny_llama, tmp_path / "adapter")
+    refit, _ = sketch_config(calib_file, seed=7).fit(lt.load_model("tiny-llama"))
+    save_sketch(refit, sketch_dir)  # the directory now holds a different sketch
+    with pytest.raises(lt.LeantuneError, match="belong to sketch"):
+        lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "adapter")
