@@ -1,1 +1,25 @@
 """Datasets: JSONL prompt/completion and chat formats, plain text, and the built-in HumanEval unit-test pairs."""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import LeantuneError
+from .batching import BatchStream, FitReport, collate, fit_to_length, pack
+from .formats import IGNORE_INDEX, Example, builtin_names, builtin_records, is_builtin, load_examples
+
+__all__ = [
+    "BatchStream", "FitReport", "collate", "fit_to_length", "pack", "IGNORE_INDEX", "Example",
+    "builtin_names", "builtin_records", "is_builtin", "load_examples", "prepare_dataset",
+]
+
+
+def prepare_dataset(source: str, tokenizer: Any, max_length: int, overlong: str = "truncate",
+                    packing: bool = False) -> tuple[list[Example], FitReport]:
+    """Tokenize `source`, fit every example to `max_length`, optionally pack; error if nothing is left."""
+    examples, report = fit_to_length(load_examples(source, tokenizer, max_length), max_length, overlong)
+    if not examples:
+        raise LeantuneError(f"data source '{source}': no example is left after fitting to max_length={max_length} "
+                            f"({report.dropped} dropped); raise max_length or use overlong: truncate")
+    if packing:
+        examples = pack(examples, max_length)
+    return examples, report

@@ -1,0 +1,139 @@
+"""Examples -> fitted to max_length, optionally packed, and served as a deterministic batch stream.
+
+The stream is a pure function of (seed, epoch, position): a resumed run asks for the batches
+from its saved position and gets exactly those the interrupted run would have seen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..errors import LeantuneError
+from .formats import IGNORE_INDEX, Example
+
+OVERLONG_CHOICES = ("truncate", "drop")
+# Length grouping sorts within windows of this many batches: little padding, still shuffled.
+GROUP_WINDOW_BATCHES = 16
+
+
+@dataclass
+class FitReport:
+    kept: int
+    truncated: int
+    dropped: int
+
+    def describe(self) -> str:
+        return f"{self.kept} examples ({self.truncated} truncated, {self.dropped} dropped as too long or without loss tokens)"
+
+
+def fit_to_length(examples: list[Example], max_length: int, overlong: str) -> tuple[list[Example], FitReport]:
+    """Cut (`truncate`) or remove (`drop`) examples longer than `max_length`; drop any left without loss tokens."""
+    if overlong not in OVERLONG_CHOICES:
+        raise LeantuneError(f"overlong must be one of {', '.join(OVERLONG_CHOICES)}, got {overlong!r}")
+    kept, truncated, dropped = [], 0, 0
+    for example in examples:
+        if len(example) > max_length:
+            if overlong == "drop":
+                dropped += 1
+                continue
+            example = Example(example.input_ids[:max_length], example.labels[:max_length])
+            truncated += 1
+        if example.loss_tokens() == 0:
+            dropped += 1
+            continue
+        kept.append(example)
+    return kept, FitReport(len(kept), truncated, dropped)
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Concatenate consecutive examples into rows of at most `max_length` tokens.
+
+    Packed examples attend to the earlier examples in their row (no block-diagonal mask); the first
+    token of each example carries no loss, so no example learns to predict across a boundary.
+    """
+    rows: list[Example] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for example in examples:
+        if ids and len(ids) + len(example) > max_length:
+            rows.append(Example(ids, labels))
+            ids, labels = [], []
+        ids = ids + example.input_ids
+        labels = labels + [IGNORE_INDEX] + example.labels[1:]
+    if ids:
+        rows.append(Example(ids, labels))
+    return rows
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `labels` (-100 on padding) and `attention_mask`."""
+    width = max(len(e) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+class BatchStream:
+    """An endless, deterministic sequence of batches over epochs, addressed by micro-batch position."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int,
+                 shuffle: bool = True, group_by_length: bool = True):
+        if not examples:
+            raise LeantuneError("the dataset is empty")
+        self.examples = examples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.shuffle = shuffle
+        self.group_by_length = group_by_length
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.examples) // self.batch_size)
+
+    def epoch_order(self, epoch: int) -> list[list[int]]:
+        """The example indices of every batch of `epoch`."""
+        if self._epoch_cache is not None and self._epoch_cache[0] == epoch:
+            return self._epoch_cache[1]
+        n = len(self.examples)
+        if not self.shuffle:
+            order = list(range(n))
+            batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+        else:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=generator).tolist()
+            if self.group_by_length:
+                window = self.batch_size * GROUP_WINDOW_BATCHES
+                order = [i for start in range(0, n, window)
+                         for i in sorted(order[start:start + window], key=lambda j: len(self.examples[j]))]
+            batches = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+            if self.group_by_length:
+                batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        self._epoch_cache = (epoch, batches)
+        return batches
+
+    def batch_at(self, position: int) -> dict[str, torch.Tensor]:
+        """The micro-batch at global `position` (epoch = position // batches_per_epoch)."""
+        epoch, index = divmod(position, self.batches_per_epoch)
+        indices = self.epoch_order(epoch)[index]
+        return collate([self.examples[i] for i in indices], self.pad_id)
+
+    def iterate(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        position = start
+        while True:
+            yield self.batch_at(position)
+            position += 1
+
+    def in_order(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Each example once, in dataset order (evaluation)."""
+        for start in range(0, len(self.examples), self.batch_size):
+            yield collate(self.examples[start:start + self.batch_size], self.pad_id)
