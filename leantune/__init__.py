@@ -3,6 +3,7 @@ from .api import attach, attached, detach, disabled, merge, summary, unmerge
 from .errors import LeantuneError
 from .io import load_adapter, save_adapter
 from .methods import LoRA, MethodConfig
+from .methods import PaCA, paca_to_lora
 from .methods.sketch import SketchTune
 from .models import load_model, load_tokenizer
 
@@ -13,3 +14,4 @@ __all__ = [
     "LeantuneError", "load_adapter", "save_adapter", "LoRA", "MethodConfig",
     "load_model", "load_tokenizer",
 ]
+__all__ += ["PaCA", "paca_to_lora"]

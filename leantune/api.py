@@ -147,11 +147,15 @@ def base_weight_bytes(model: nn.Module) -> dict[str, int]:
     for layer in adapter_layers(model):
         if isinstance(layer.base_layer, AdapterLayer):
             continue  # counted once, at the innermost layer
-        for tensor in layer.base_layer.parameters():
+        for tensor in (*layer.base_layer.parameters(), *layer.base_layer.buffers()):  # NF4 packs into a buffer
             stored += tensor.numel() * tensor.element_size()
-        fp32 += 4 * layer.base_weight_numel() if hasattr(layer, "base_weight_numel") else 4 * sum(
-            p.numel() for p in layer.base_layer.parameters())
+        fp32 += 4 * layer.base_weight_numel() if hasattr(layer, "base_weight_numel") else 4 * _dense_numel(layer.base_layer)
     return {"stored": stored, "fp32": fp32, "fp16": fp32 // 2}
+
+
+def _dense_numel(module: nn.Module) -> int:
+    dense_numel = getattr(module, "dense_numel", None)  # quantized modules: the dense shape's count
+    return dense_numel() if callable(dense_numel) else sum(p.numel() for p in module.parameters())
 
 
 def format_summary(result: dict[str, Any]) -> str:

@@ -1,6 +1,7 @@
 """Method configs, one file each; importing this package registers them all."""
 from .base import METHODS, AdapterLayer, MethodConfig, config_from_dict, method_class
 from .lora import LoRA
+from .paca import PaCA, paca_to_lora
 from .sketch import SketchTune
 
-__all__ = ["METHODS", "AdapterLayer", "MethodConfig", "config_from_dict", "method_class", "LoRA"]
+__all__ = ["METHODS", "AdapterLayer", "MethodConfig", "config_from_dict", "method_class", "LoRA", "PaCA", "paca_to_lora"]

@@ -117,10 +117,12 @@ class MethodConfig:
 
     def attach_to_model(self, model: nn.Module, adapter_name: str) -> list[str]:
         """Replace every targeted module with its adapter layer; return the names touched."""
+        from ..quant import quantize_base
         from ..targets import replace_module, resolve_targets  # targets imports this module
 
         names = []
         for name, module in resolve_targets(model, self):
+            module = quantize_base(name, module, getattr(self, "quantize", None))  # QLoRA, QDoRA, QPaCA
             replace_module(model, name, self.wrap(name, module, adapter_name))
             names.append(name)
         return names
@@ -279,6 +281,15 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     """The weight of a base linear as a dense tensor (quantized modules dequantize on demand)."""
     dequantize = getattr(module, "dequantize_weight", None)
     return dequantize() if callable(dequantize) else module.weight
+
+
+def add_to_weight(module: nn.Module, delta: torch.Tensor) -> None:
+    """Merge `delta` into a base linear's weight (quantized modules dequantize, add and requantize)."""
+    add = getattr(module, "add_to_weight_", None)
+    if callable(add):
+        add(delta)
+    else:
+        module.weight += delta.to(module.weight.dtype)
 
 
 def adapter_layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[AdapterLayer]:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, MethodConfig, adapter_dtype, register
+from ..errors import LeantuneError
+from .base import AdapterLayer, MethodConfig, adapter_dtype, add_to_weight, register
 
 INITS = ("kaiming", "gaussian", "pissa")
 
@@ -38,6 +39,8 @@ class LoRA(MethodConfig):
         self._require_number("dropout", low=0, high=0.999)
         self._require_choice("init", INITS)
         self._require_choice("quantize", (None, "nf4"))
+        if self.init == "pissa" and self.quantize is not None:
+            raise LeantuneError(f"{self.method_name}: init 'pissa' rewrites the base weight and cannot be combined with quantize")
 
     @property
     def scale(self) -> float:
@@ -146,5 +149,4 @@ class LoRALayer(AdapterLayer):
         return self.scale * (self.lora_B @ self.lora_A)
 
     def merge_into_base(self) -> None:
-        weight = self.base_module().weight
-        weight += self.delta_weight().to(weight.dtype)
+        add_to_weight(self.base_module(), self.delta_weight())  # NF4 bases requantize

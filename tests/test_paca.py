@@ -1,0 +1,380 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import leantune as lt
+from conftest import TwoLayer, randomize_adapter
+from leantune.methods.paca import PaCALayer, choose_columns
+
+
+def paca_layers(model):
+    return [m for m in model.modules() if isinstance(m, PaCALayer)]
+
+
+def dense_reference(x, weight, bias, contributions):
+    """Autograd on W0 plus masked trainable columns: contributions is [(index, delta, scale)].
+
+    Returns the output and, per contribution, the full-size trainable tensor whose masked
+    columns are the delta (its gradient outside those columns stays zero)."""
+    full = []
+    effective = weight
+    for index, delta, scale in contributions:
+        mask = torch.zeros_like(weight)
+        mask[:, index] = 1
+        d = torch.zeros_like(weight)
+        d[:, index] = delta
+        d.requires_grad_(True)
+        full.append(d)
+        effective = effective + scale * d * mask
+    return F.linear(x, effective, bias), full
+
+
+@pytest.mark.parametrize("shape", [(7, 16), (3, 5, 16)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_and_gradients_match_dense_reference(shape, bias):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 24, bias=bias).double()
+    w0 = base.weight.detach().clone()
+    model = torch.nn.Sequential(base)
+    lt.attach(model, lt.PaCA(r=4, alpha=8, targets=["0"]))
+    layer = model[0]
+    randomize_adapter(model)
+    assert layer.paca_delta.dtype == torch.float64 and layer.scale == 2.0
+
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected, (d,) = dense_reference(x_ref, w0, None if base.bias is None else base.bias.detach(),
+                                     [(layer.paca_index, layer.paca_delta.detach(), 2.0)])
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.paca_delta.grad, d.grad[:, layer.paca_index])
+    assert base.weight.grad is None
+
+
+def test_columns_are_sorted_reproducible_and_independent_of_attach_order(tiny_llama):
+    lt.attach(tiny_llama, lt.PaCA(r=8, seed=3))
+    q_proj = tiny_llama.model.layers[1].self_attn.q_proj
+    other = lt.attach(lt.load_model("tiny-llama"), lt.PaCA(r=8, seed=3, targets=["layers.1.self_attn.q_proj"]))
+    index = q_proj.paca_index
+    assert torch.equal(index, other.model.layers[1].self_attn.q_proj.paca_index)
+    assert torch.equal(index, index.sort().values) and index.unique().numel() == 8
+    assert torch.equal(index, choose_columns(64, 8, 3, "model.layers.1.self_attn.q_proj"))
+    assert not torch.equal(index, choose_columns(64, 8, 4, "model.layers.1.self_attn.q_proj"))
+    assert not torch.equal(index, tiny_llama.model.layers[1].self_attn.k_proj.paca_index)
+
+
+def test_only_x_columns_are_saved_for_backward():
+    base = torch.nn.Linear(32, 48)
+    model = torch.nn.Sequential(base)
+    lt.attach(model, lt.PaCA(r=4, targets=["0"]))
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        out = model(x)
+    assert sum(saved) == 2 * 9 * 4 * 4  # X[..., I]: tokens x r float32, nothing else (not X, not W)
+    out.sum().backward()
+    assert x.grad is not None and model[0].paca_delta.grad is not None
+
+
+def test_optimizer_step_refreshes_only_the_selected_columns():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    w0 = model.up.weight.detach().clone()
+    lt.attach(model, lt.PaCA(r=3, alpha=6))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(6, 16)
+    model(x).pow(2).sum().backward()
+    optimizer.step()
+    layer = model.up
+    out = model(x)
+    index = layer.paca_index
+    others = torch.ones(16, dtype=torch.bool)
+    others[index] = False
+    assert torch.equal(layer.weight[:, others], w0[:, others])  # untouched, bit for bit
+    torch.testing.assert_close(layer.weight[:, index], w0[:, index] + 2.0 * layer.paca_delta.detach())
+    expected, _ = dense_reference(x, w0, model.up.bias.detach(), [(index, layer.paca_delta.detach(), 2.0)])
+    torch.testing.assert_close(model.up(x), expected)
+    assert out.shape == (6, 16)
+
+
+def test_delta_changed_between_forward_and_backward_is_an_error():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    lt.attach(model, lt.PaCA(r=2, targets=["0"]))
+    x = torch.randn(3, 8, requires_grad=True)
+    out = model(x)
+    with torch.no_grad():
+        model[0].paca_delta.add_(1.0)
+    model(x)  # places the new columns
+    with pytest.raises(RuntimeError, match="changed between forward and backward"):
+        out.sum().backward()
+
+
+def test_backward_restores_columns_replaced_by_a_disabled_forward():
+    torch.manual_seed(0)
+    model = TwoLayer().double()
+    lt.attach(model, lt.PaCA(r=4))
+    randomize_adapter(model)
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    with torch.no_grad(), lt.disabled(model):
+        model(x)  # a reference forward in between, as preference training does
+    out.sum().backward()
+    reference = x.grad.clone()
+    x.grad = None
+    model(x).sum().backward()
+    torch.testing.assert_close(x.grad, reference, rtol=0, atol=0)
+
+
+def test_merge_unmerge_disabled_detach_are_exact(tiny_llama, tokens):
+    base_state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    base_logits = tiny_llama(tokens).logits
+    lt.attach(tiny_llama, lt.PaCA(r=8, alpha=16))
+    randomize_adapter(tiny_llama)
+    adapted = tiny_llama(tokens).logits
+    assert not torch.allclose(adapted, base_logits, atol=1e-4)
+    with lt.disabled(tiny_llama):
+        torch.testing.assert_close(tiny_llama(tokens).logits, base_logits, rtol=0, atol=0)
+    lt.merge(tiny_llama)
+    torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=0, atol=0)  # columns were in place
+    with lt.disabled(tiny_llama):
+        torch.testing.assert_close(tiny_llama(tokens).logits, base_logits, rtol=0, atol=0)
+    lt.unmerge(tiny_llama)
+    for name, layer in ((n, m) for n, m in tiny_llama.named_modules() if isinstance(m, PaCALayer)):
+        assert torch.equal(layer.weight, base_state[f"{name}.base_layer.weight".replace(".base_layer", "")])
+    torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=0, atol=0)
+    lt.detach(tiny_llama)
+    for key, value in tiny_llama.state_dict().items():
+        assert torch.equal(value, base_state[key]), key
+
+
+def test_detach_keep_merged_makes_the_delta_permanent(tokens):
+    model = lt.load_model("tiny-llama")
+    lt.attach(model, lt.PaCA(r=4, targets=["v_proj"]))
+    randomize_adapter(model)
+    adapted = model(tokens).logits
+    lt.detach(model, keep_merged=True)
+    assert not any(isinstance(m, PaCALayer) for m in model.modules())
+    torch.testing.assert_close(model(tokens).logits, adapted, rtol=0, atol=0)
+
+
+def test_save_load_round_trip(tiny_llama, tokens, tmp_path):
+    lt.attach(tiny_llama, lt.PaCA(r=4, alpha=8, seed=5, targets=["q_proj", "down_proj"]))
+    randomize_adapter(tiny_llama)
+    expected = tiny_llama(tokens).logits
+    lt.save_adapter(tiny_llama, tmp_path / "adapter")
+    fresh = lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "adapter")
+    torch.testing.assert_close(fresh(tokens).logits, expected, rtol=0, atol=0)
+
+
+def test_loaded_columns_win_over_the_drawn_ones(tmp_path, tokens):
+    from leantune.io import TENSOR_FILE, load_tensors, save_tensors
+
+    model = lt.load_model("tiny-llama")
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    lt.attach(model, lt.PaCA(r=4, targets=["o_proj"]))
+    randomize_adapter(model)
+    lt.save_adapter(model, tmp_path / "a")
+    tensors = load_tensors(tmp_path / "a" / TENSOR_FILE)
+    key = "model.layers.0.self_attn.o_proj.paca_index"
+    tensors[key] = torch.tensor([0, 1, 2, 63])
+    save_tensors(tensors, tmp_path / "a" / TENSOR_FILE)
+    fresh = lt.load_model("tiny-llama")
+    lt.load_adapter(fresh, tmp_path / "a")
+    layer = fresh.model.layers[0].self_attn.o_proj
+    assert layer.paca_index.tolist() == [0, 1, 2, 63]
+    w0 = base_state["model.layers.0.self_attn.o_proj.weight"]
+    x = torch.randn(3, 64)
+    expected, _ = dense_reference(x, w0, None, [(layer.paca_index, layer.paca_delta.detach(), layer.scale)])
+    torch.testing.assert_close(layer(x), expected)
+    lt.detach(fresh)
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, base_state[name]), name
+
+    tensors[key] = torch.tensor([3, 2, 1, 0])
+    save_tensors(tensors, tmp_path / "a" / TENSOR_FILE)
+    with pytest.raises(lt.LeantuneError, match="paca_index"):
+        lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "a")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(tokens, reentrant):
+    def grads(checkpointing):
+        model = lt.load_model("tiny-llama")
+        lt.attach(model, lt.PaCA(r=8))
+        randomize_adapter(model)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            if reentrant:
+                model.enable_input_require_grads()
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        optimizer = torch.optim.SGD(params.values(), lr=0.5)
+        for _ in range(2):  # the second step runs on refreshed columns
+            optimizer.zero_grad()
+            model(tokens, labels=tokens).loss.backward()
+            result = {n: p.grad.clone() for n, p in params.items()}
+            optimizer.step()
+        return result
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_stacked_adapters_compose_and_restore():
+    torch.manual_seed(0)
+    model = TwoLayer(dim=12, hidden=20).double()
+    w0 = {n: m.weight.detach().clone() for n, m in model.named_children()}
+    bias = {n: m.bias.detach().clone() for n, m in model.named_children()}
+    lt.attach(model, lt.PaCA(r=4, alpha=4, seed=0), "a")
+    lt.attach(model, lt.PaCA(r=4, alpha=8, seed=0), "b")  # same columns as "a"
+    lt.attach(model, lt.PaCA(r=5, alpha=5, seed=1), "c")
+    randomize_adapter(model)
+    x = torch.randn(4, 12, dtype=torch.float64)
+
+    def layers(name):
+        return {a.adapter_name: a for a in paca_layers(getattr(model, name))}
+
+    def reference(active):
+        h = x
+        for name in ("up", "down"):
+            contributions = [(lay.paca_index, lay.paca_delta.detach(), lay.scale)
+                             for n, lay in layers(name).items() if n in active]
+            h, _ = dense_reference(h, w0[name], bias[name], contributions)
+            h = torch.relu(h) if name == "up" else h
+        return h
+
+    torch.testing.assert_close(model(x), reference("abc"))
+    with lt.disabled(model, "b"):
+        torch.testing.assert_close(model(x), reference("ac"))
+    with lt.disabled(model, "c"):
+        torch.testing.assert_close(model(x), reference("ab"))
+    lt.merge(model, "b")
+    torch.testing.assert_close(model(x), reference("abc"))
+    with lt.disabled(model, "a"):
+        torch.testing.assert_close(model(x), reference("bc"))
+    lt.merge(model)
+    torch.testing.assert_close(model(x), reference("abc"))
+    lt.unmerge(model, "a")
+    torch.testing.assert_close(model(x), reference("abc"))
+    lt.unmerge(model)
+
+    # gradients reach every stacked delta
+    xg = x.clone().requires_grad_(True)
+    model(xg).sum().backward()
+    for lay in paca_layers(model):
+        assert lay.paca_delta.grad is not None and lay.paca_delta.grad.abs().sum() > 0
+
+    lt.detach(model, "b")
+    torch.testing.assert_close(model(x), reference("ac"))
+    lt.detach(model, "a")
+    torch.testing.assert_close(model(x), reference("c"))
+    lt.detach(model)
+    for name in ("up", "down"):
+        assert torch.equal(getattr(model, name).weight, w0[name])
+
+
+def test_stacked_gradients_match_reference():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(10, 6).double()
+    w0 = base.weight.detach().clone()
+    model = torch.nn.Sequential(base)
+    lt.attach(model, lt.PaCA(r=3, alpha=3, seed=0, targets=["0"]), "a")
+    lt.attach(model, lt.PaCA(r=4, alpha=8, seed=7, targets=["0"]), "b")
+    randomize_adapter(model)
+    outer, inner = model[0], model[0].base_layer
+    x = torch.randn(5, 10, dtype=torch.float64)
+    out = model(x)
+    expected, (d_inner, d_outer) = dense_reference(
+        x, w0, base.bias.detach(), [(inner.paca_index, inner.paca_delta.detach(), 1.0),
+                                    (outer.paca_index, outer.paca_delta.detach(), 2.0)])
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(inner.paca_delta.grad, d_inner.grad[:, inner.paca_index])
+    torch.testing.assert_close(outer.paca_delta.grad, d_outer.grad[:, outer.paca_index])
+
+
+def test_paca_on_top_of_lora_adds_its_columns():
+    torch.manual_seed(0)
+    model = TwoLayer().double()
+    lt.attach(model, lt.LoRA(r=2), "lora")
+    randomize_adapter(model)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    with_lora = model.up(x)
+    lt.attach(model, lt.PaCA(r=4), "paca")
+    randomize_adapter(model, seed=2)
+    layer = model.up
+    expected = model.up.base_layer(x) + layer.scale * x[:, layer.paca_index] @ layer.paca_delta.detach().t()
+    torch.testing.assert_close(model.up(x), expected)
+    lt.merge(model)
+    torch.testing.assert_close(model.up(x), expected)
+    lt.detach(model, "paca")
+    lt.detach(model, "lora")
+    assert with_lora.shape == expected.shape
+
+
+def test_paca_to_lora_gives_the_same_logits(tiny_llama, tokens, tmp_path):
+    lt.attach(tiny_llama, lt.PaCA(r=4, alpha=8, targets=["q_proj", "up_proj"]))
+    randomize_adapter(tiny_llama)
+    expected = tiny_llama(tokens).logits
+    lt.paca_to_lora(tiny_llama)
+    config = lt.attached(tiny_llama)["default"]
+    assert isinstance(config, lt.LoRA) and config.r == 4 and config.alpha == 8
+    assert not paca_layers(tiny_llama)
+    torch.testing.assert_close(tiny_llama(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+    lt.save_adapter(tiny_llama, tmp_path / "lora")
+    fresh = lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "lora")
+    torch.testing.assert_close(fresh(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_paca_to_lora_on_stacked_adapters(tokens):
+    model = lt.load_model("tiny-llama")
+    lt.attach(model, lt.PaCA(r=4, targets=["v_proj"]), "a")
+    lt.attach(model, lt.PaCA(r=4, seed=2, targets=["v_proj"]), "b")
+    randomize_adapter(model)
+    expected = model(tokens).logits
+    lt.paca_to_lora(model)
+    assert [c.method_name for c in lt.attached(model).values()] == ["lora", "lora"]
+    torch.testing.assert_close(model(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, culprit", [
+    ({"r": 0}, "'r'"), ({"r": -2}, "'r'"), ({"alpha": 0}, "'alpha'"), ({"seed": -1}, "'seed'"),
+    ({"quantize": "int8"}, "'quantize'"),
+])
+def test_bad_config_values_name_the_key(kwargs, culprit):
+    with pytest.raises(lt.LeantuneError, match=culprit):
+        lt.PaCA(**kwargs)
+
+
+def test_r_larger_than_in_features_is_an_error_and_touches_nothing(tiny_llama):
+    with pytest.raises(lt.LeantuneError, match=r"'r' = 65 is larger than the 64 input features of 'model.layers.0"):
+        lt.attach(tiny_llama, lt.PaCA(r=65))
+    assert not paca_layers(tiny_llama)
+
+
+def test_non_linear_target_is_an_error(tiny_llama):
+    with pytest.raises(lt.LeantuneError, match="embed_tokens' is a Embedding, this method adapts only Linear"):
+        lt.attach(tiny_llama, lt.PaCA(r=2, targets=["embed_tokens"]))
+
+
+def test_trains_and_loss_goes_down(tiny_llama, tokens):
+    lt.attach(tiny_llama, lt.PaCA(r=8, alpha=16))
+    tiny_llama.train()
+    optimizer = torch.optim.AdamW([p for p in tiny_llama.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = tiny_llama(tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
