@@ -71,8 +71,9 @@ def _quantize(dense: torch.Tensor, double_quant: bool) -> dict[str, torch.Tensor
                                       quant_type="nf4")
     parts = {"codes": packed.reshape(-1), "absmax": state.absmax.reshape(-1)}
     if double_quant:
+        if not torch.equal(state.state2.code.float(), _nested_code(packed.device)):
+            raise RuntimeError("bitsandbytes double-quantized the scales with an unexpected code")
         parts["nested_absmax"] = state.state2.absmax.reshape(-1).float()
-        parts["nested_code"] = state.state2.code.reshape(-1).float()
         parts["offset"] = torch.as_tensor(state.offset, dtype=torch.float32, device=packed.device).reshape(1)
     return parts
 
@@ -85,9 +86,20 @@ def _layout(parts: dict[str, torch.Tensor]) -> tuple[tuple[_Section, ...], int]:
     return tuple(sections), offset
 
 
+_NESTED_CODES: dict[torch.device, torch.Tensor] = {}
+
+
+def _nested_code(device: torch.device) -> torch.Tensor:
+    """The 8-bit code of the double-quantized scales: bitsandbytes' signed dynamic map, the same for
+    every layer, so it is rebuilt here rather than stored with each weight."""
+    if device not in _NESTED_CODES:
+        _NESTED_CODES[device] = _bnb_functional().create_dynamic_map(signed=True).float().to(device)
+    return _NESTED_CODES[device]
+
+
 def _nested_scales(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """Double quantization: block scales = code[8-bit value] × scale of their group of 256, + offset."""
-    scales = parts["nested_code"][parts["absmax"].long()]
+    scales = _nested_code(parts["absmax"].device)[parts["absmax"].long()]
     count = scales.numel()
     padded = F.pad(scales, (0, -count % _NESTED_BLOCKSIZE)).view(-1, _NESTED_BLOCKSIZE)
     return padded.mul_(parts["nested_absmax"].view(-1, 1)).view(-1)[:count].add_(parts["offset"])

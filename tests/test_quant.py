@@ -1,0 +1,228 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import leantune as lt
+from conftest import randomize_adapter
+from leantune.methods.base import dense_weight
+from leantune.methods.paca import PaCALayer
+from leantune.quant import NF4Linear
+
+# NF4 has 16 levels over [-absmax, absmax] per block of 64; the widest gap between levels is
+# about 0.3 of absmax, so a weight moves by at most ~0.15 absmax. Relative RMS error ~0.1.
+NF4_RELATIVE_RMS = 0.12
+
+
+def saved_bytes(fn):
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        out = fn()
+    return out, sum(sizes)
+
+
+def dequantized_copy(model, config):
+    """The reference: a fresh tiny-llama whose adapted linears hold the dequantized weights, carrying
+    the same adapter (same config without quantize, same tensors)."""
+    reference = lt.load_model("tiny-llama")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, NF4Linear):
+                reference.get_submodule(name.replace(".base_layer", "")).weight.copy_(module.dequantize_weight())
+    dense_config = copy.deepcopy(config)
+    dense_config.quantize = None
+    lt.attach(reference, dense_config)
+    dense_config.load_state_dict(reference, "default", config.state_dict(model, "default"))
+    return reference
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_linear_error_and_bytes(double_quant):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 192)
+    quantized = NF4Linear(linear, double_quant=double_quant)
+    weight = quantized.dequantize_weight()
+    assert weight.shape == linear.weight.shape and weight.dtype == torch.float32
+    error = weight - linear.weight.detach()
+    assert error.pow(2).mean().sqrt() < NF4_RELATIVE_RMS * linear.weight.detach().pow(2).mean().sqrt()
+    blocks = linear.weight.detach().reshape(-1, 64)
+    assert (error.reshape(-1, 64).abs() <= 0.17 * blocks.abs().amax(1, keepdim=True)).all()
+    assert quantized.weight.dtype == torch.uint8
+    assert quantized.weight.numel() <= 0.15 * 4 * linear.weight.numel()
+    assert dense_weight(quantized).shape == (192, 256)
+
+
+def test_nf4_forward_backward_match_dequantized_reference_and_save_no_weight():
+    torch.manual_seed(0)
+    quantized = NF4Linear(torch.nn.Linear(32, 24))
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    out, nbytes = saved_bytes(lambda: quantized(x))
+    assert nbytes == 0  # the dense weight is rebuilt in backward, never kept
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = F.linear(x_ref, quantized.dequantize_weight(), quantized.bias)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_nf4_keeps_float64_and_follows_casts():
+    linear = torch.nn.Linear(64, 16).double()
+    quantized = NF4Linear(linear)
+    assert quantized.dequantize_weight().dtype == torch.float64
+    packed = quantized.weight.clone()
+    quantized.half()
+    assert quantized.dequantize_weight().dtype == torch.float16 and quantized.bias.dtype == torch.float16
+    assert torch.equal(quantized.weight, packed)  # the packed state is never cast
+
+
+def test_qpaca_matches_dequantized_reference(tiny_llama, tokens):
+    config = lt.PaCA(r=8, alpha=16, quantize="nf4")
+    lt.attach(tiny_llama, config)
+    assert all(isinstance(layer.base_layer, NF4Linear) for layer in tiny_llama.modules() if isinstance(layer, PaCALayer))
+    randomize_adapter(tiny_llama)
+    reference = dequantized_copy(tiny_llama, config)
+    out = tiny_llama(tokens, labels=tokens)
+    expected = reference(tokens, labels=tokens)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    expected.loss.backward()
+    got = {n: p.grad for n, p in tiny_llama.named_parameters() if p.requires_grad}
+    want = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys() and got
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+def test_qpaca_is_close_to_full_precision_paca(tiny_llama, tokens):
+    dense = copy.deepcopy(tiny_llama)
+    lt.attach(dense, lt.PaCA(r=8, alpha=16))
+    lt.attach(tiny_llama, lt.PaCA(r=8, alpha=16, quantize="nf4"))
+    randomize_adapter(dense)
+    randomize_adapter(tiny_llama)
+    got, want = tiny_llama(tokens).logits, dense(tokens).logits
+    assert (got - want).pow(2).mean().sqrt() < 0.2 * want.std()
+
+
+def test_qpaca_saves_only_x_columns_and_nothing_dense():
+    layer_model = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    lt.attach(layer_model, lt.PaCA(r=4, quantize="nf4", targets=["0"]))
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    out, nbytes = saved_bytes(lambda: layer_model(x))
+    assert nbytes == 2 * 7 * 4 * 4
+    out.sum().backward()
+    assert layer_model[0].paca_delta.grad is not None and x.grad is not None
+
+
+def test_qpaca_merge_unmerge_disabled_detach(tiny_llama, tokens):
+    lt.attach(tiny_llama, lt.PaCA(r=8, alpha=16, quantize="nf4"))
+    layers = [layer for layer in tiny_llama.modules() if isinstance(layer, PaCALayer)]
+    packed = [layer.base_layer.weight.clone() for layer in layers]
+    with lt.disabled(tiny_llama):
+        base_logits = tiny_llama(tokens).logits
+    randomize_adapter(tiny_llama, scale=0.02)
+    adapted = tiny_llama(tokens).logits
+    with lt.disabled(tiny_llama):
+        torch.testing.assert_close(tiny_llama(tokens).logits, base_logits, rtol=0, atol=0)
+    lt.merge(tiny_llama)  # dequantize, place the columns, requantize
+    merged = tiny_llama(tokens).logits
+    assert (merged - adapted).abs().max() < (adapted - base_logits).abs().max()
+    with lt.disabled(tiny_llama):
+        torch.testing.assert_close(tiny_llama(tokens).logits, base_logits, rtol=0, atol=0)
+    lt.unmerge(tiny_llama)
+    assert all(torch.equal(layer.base_layer.weight, saved) for layer, saved in zip(layers, packed))
+    torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=0, atol=0)
+    lt.detach(tiny_llama)
+    bases = [m for m in tiny_llama.modules() if isinstance(m, NF4Linear)]
+    assert len(bases) == len(packed)
+    assert all(torch.equal(base.weight, saved) for base, saved in zip(bases, packed))
+
+
+def test_qpaca_save_load_round_trip(tiny_llama, tokens, tmp_path):
+    lt.attach(tiny_llama, lt.PaCA(r=4, quantize="nf4", targets=["q_proj", "down_proj"]))
+    randomize_adapter(tiny_llama)
+    expected = tiny_llama(tokens).logits
+    lt.save_adapter(tiny_llama, tmp_path / "qpaca")
+    fresh = lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "qpaca")
+    torch.testing.assert_close(fresh(tokens).logits, expected, rtol=0, atol=0)
+
+
+def test_qpaca_to_lora(tiny_llama, tokens):
+    lt.attach(tiny_llama, lt.PaCA(r=4, alpha=8, quantize="nf4", targets=["v_proj", "up_proj"]))
+    randomize_adapter(tiny_llama)
+    expected = tiny_llama(tokens).logits
+    lt.paca_to_lora(tiny_llama)
+    assert lt.attached(tiny_llama)["default"].quantize == "nf4"
+    torch.testing.assert_close(tiny_llama(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_matches_dequantized_reference_and_merges(tiny_llama, tokens):
+    config = lt.LoRA(r=4, alpha=8, quantize="nf4")
+    lt.attach(tiny_llama, config)
+    randomize_adapter(tiny_llama)
+    reference = dequantized_copy(tiny_llama, config)
+    out = tiny_llama(tokens, labels=tokens)
+    expected = reference(tokens, labels=tokens)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    expected.loss.backward()
+    for (name, got), (_, want) in zip(
+            ((n, p) for n, p in tiny_llama.named_parameters() if p.requires_grad),
+            ((n, p) for n, p in reference.named_parameters() if p.requires_grad)):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    packed = [m.weight.clone() for m in tiny_llama.modules() if isinstance(m, NF4Linear)]
+    adapted = out.logits.detach()
+    lt.merge(tiny_llama)
+    with lt.disabled(tiny_llama):
+        base_logits = tiny_llama(tokens).logits
+    merged = tiny_llama(tokens).logits
+    assert (merged - adapted).abs().max() < 0.5 * (adapted - base_logits).abs().max()
+    lt.unmerge(tiny_llama)
+    assert all(torch.equal(m.weight, p) for m, p in zip(
+        (m for m in tiny_llama.modules() if isinstance(m, NF4Linear)), packed))
+    torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=0, atol=0)
+
+
+def test_qdora_matches_dequantized_reference(tiny_llama, tokens):
+    pytest.importorskip("leantune.methods.dora")  # registers DoRA
+    from leantune.methods import METHODS
+
+    dora = METHODS["dora"]
+    config = dora(r=4, alpha=8, quantize="nf4")
+    lt.attach(tiny_llama, config)
+    randomize_adapter(tiny_llama)
+    reference = dequantized_copy(tiny_llama, config)
+    torch.testing.assert_close(tiny_llama(tokens).logits, reference(tokens).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_summary_reports_nf4_base_bytes(tiny_llama):
+    lt.attach(tiny_llama, lt.PaCA(r=4, quantize="nf4"))
+    info = lt.summary(tiny_llama)["base_weight_bytes"]
+    dense = sum(m.in_features * m.out_features * 4 for m in tiny_llama.modules() if isinstance(m, NF4Linear))
+    assert info["fp32"] == dense and info["fp16"] == dense // 2
+    assert info["stored"] <= 0.15 * info["fp32"]
+
+
+def test_quantizing_what_cannot_be_quantized_is_an_error(tiny_llama):
+    lt.attach(tiny_llama, lt.LoRA(r=2, targets=["q_proj"]), "full")
+    with pytest.raises(lt.LeantuneError, match="cannot quantize 'model.layers.0.self_attn.q_proj'"):
+        lt.attach(tiny_llama, lt.PaCA(r=2, quantize="nf4", targets=["q_proj"]), "quantized")
+    with pytest.raises(lt.LeantuneError, match="'init' 'pissa'|init 'pissa'"):
+        lt.LoRA(init="pissa", quantize="nf4")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_qpaca_on_cuda_matches_cpu(tokens):
+    cpu = lt.load_model("tiny-llama")
+    lt.attach(cpu, lt.PaCA(r=4, quantize="nf4"))
+    randomize_adapter(cpu)
+    gpu = copy.deepcopy(cpu).cuda()
+    expected = cpu(tokens).logits
+    got = gpu(tokens.cuda()).logits.cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
+    gpu(tokens.cuda(), labels=tokens.cuda()).loss.backward()
+    assert all(p.grad is not None for p in gpu.parameters() if p.requires_grad)
