@@ -1,0 +1,178 @@
+"""Checkpoints: adapter, optimizer, scheduler, RNG states and data position, as safetensors + JSON.
+
+Layout of `out_dir/checkpoints/`:
+
+    step-N/adapter/            the adapter (leantune.io.save_adapter)
+    step-N/optimizer.safetensors   every tensor of the optimizer state, keyed "<param index>.<name>"
+    step-N/optimizer.json          param groups (hyper-parameters, parameter names) and non-tensor state
+    step-N/rng.safetensors         torch CPU (and CUDA) generator states
+    step-N/trainer_state.json      step, data position, scheduler, Python/NumPy RNG, counters, scaler
+    latest                     the name of the newest complete checkpoint
+
+Each step directory is written to a temporary sibling and renamed into place, then `latest` is
+replaced atomically, so a kill at any moment leaves the previous checkpoint usable. No pickle.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import api
+from ..errors import LeantuneError
+from ..io import atomic_directory, atomic_write_text, load_tensors, save_adapter, save_tensors
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+FORMAT_VERSION = 1
+
+
+def checkpoint_root(out_dir: Path) -> Path:
+    return Path(out_dir) / CHECKPOINTS
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step}"
+
+
+# -- optimizer state <-> tensors + JSON ------------------------------------------------------
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split `optimizer.state_dict()` into safetensors-ready tensors and a JSON-ready rest."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    plain_state: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value
+            else:
+                plain_state.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "plain_state": plain_state}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = tensor
+    for index, values in document.get("plain_state", {}).items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": document["param_groups"]}
+
+
+# -- RNG states --------------------------------------------------------------------------------
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{index}"] = state
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    document = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, document
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda_states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("torch_cuda_"))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    version, internal, gauss = document["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = document["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# -- save / load ------------------------------------------------------------------------------
+
+def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], keep: int) -> Path:
+    """Write `checkpoints/step-N` atomically, point `latest` at it, keep the newest `keep`."""
+    root = checkpoint_root(out_dir)
+    step = int(trainer_state["step"])
+    target = root / step_dir_name(step)
+    opt_tensors, opt_document = flatten_optimizer(optimizer)
+    rng_tensors, rng_document = capture_rng()
+    with atomic_directory(target) as tmp:
+        save_adapter(model, tmp / "adapter")
+        save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+        (tmp / "optimizer.json").write_text(json.dumps(opt_document))
+        save_tensors(rng_tensors, tmp / "rng.safetensors")
+        document = {"format_version": FORMAT_VERSION, **trainer_state, "rng": rng_document}
+        (tmp / "trainer_state.json").write_text(json.dumps(document, indent=1))
+    atomic_write_text(root / LATEST, target.name + "\n")
+    prune_checkpoints(root, keep)
+    return target
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Remove all but the newest `keep` step directories (never the one `latest` names)."""
+    latest = read_latest_name(root)
+    steps = sorted(step_dirs(root), key=lambda p: int(p.name.split("-")[1]))
+    for old in steps[:-keep] if keep > 0 else steps:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def step_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+
+
+def read_latest_name(root: Path) -> str | None:
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    return pointer.read_text().strip() or None
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint `latest` names; a dangling pointer falls back to the newest complete step directory."""
+    root = checkpoint_root(out_dir)
+    name = read_latest_name(root)
+    if name and (root / name / "trainer_state.json").is_file():
+        return root / name
+    complete = [p for p in step_dirs(root) if (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[1])) if complete else None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load adapter tensors and optimizer state into the live objects, restore RNG; return the trainer state."""
+    try:
+        document = json.loads((path / "trainer_state.json").read_text())
+        opt_document = json.loads((path / "optimizer.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise LeantuneError(f"checkpoint '{path}' is damaged: {err}") from None
+    if document.get("format_version", 0) > FORMAT_VERSION:
+        raise LeantuneError(f"checkpoint '{path}' was written by a newer leantune")
+    _load_adapter_tensors(path / "adapter", model)
+    saved_names = [g.get("names") for g in opt_document["param_groups"]]
+    live_names = [g.get("names") for g in optimizer.param_groups]
+    if saved_names != live_names:
+        raise LeantuneError(f"checkpoint '{path}' was written for other trainable parameters than this config creates")
+    optimizer.load_state_dict(unflatten_optimizer(load_tensors(path / "optimizer.safetensors"), opt_document))
+    restore_rng(load_tensors(path / "rng.safetensors"), document.pop("rng"))
+    return document
+
+
+def _load_adapter_tensors(adapter_dir: Path, model: nn.Module) -> None:
+    from ..io import TENSOR_FILE, read_adapter_config
+
+    saved = read_adapter_config(adapter_dir)
+    registry = api.attached(model)
+    name = saved.get("adapter_name", "default")
+    if name not in registry or registry[name].to_dict() != saved["method"]:
+        raise LeantuneError(f"checkpoint adapter in '{adapter_dir}' was saved for another method configuration")
+    registry[name].load_state_dict(model, name, load_tensors(adapter_dir / TENSOR_FILE))

@@ -1,0 +1,476 @@
+"""The training job: config -> model + adapter -> data -> AdamW loop -> checkpoints -> adapter + summary.
+
+Everything a user can get wrong (config, data, out_dir) is checked before anything is written.
+On CPU with a fixed seed the run is deterministic, and a run resumed from any checkpoint ends
+bitwise equal to an uninterrupted one: the data stream is addressed by position, and the
+checkpoint carries the adapter, optimizer, RNG states and that position.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import LeantuneError
+from . import checkpoint as ckpt
+from .config import RUN_IDENTITY_KEYS, TIME_PLACEHOLDER, TrainConfig, build_config, expand_out_dir, \
+    load_config, resolved_dict, to_yaml
+from .optim import build_optimizer, lr_factor, set_lr, warmup_steps
+from .reporting import MetricsLog, Progress, format_summary, peak_memory_bytes
+
+# Files a run writes directly in out_dir; --overwrite removes exactly these.
+RUN_ARTIFACTS = ("checkpoints", "adapter", "config.yaml", "metrics.jsonl", "summary.json", "tensorboard")
+
+
+class TrainingDiverged(LeantuneError):
+    """The loss (or gradient norm) stopped being finite."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    adapter_dir: Path | None
+    steps: int
+    interrupted: bool = False
+    summary: dict[str, Any] = field(default_factory=dict)
+    model: Any = None  # the trained model, adapter attached (None when nothing was trained)
+    tokenizer: Any = None
+
+
+def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = False, overwrite: bool = False,
+          model: Any = None, tokenizer: Any = None, command: list[str] | None = None) -> TrainResult:
+    """Run the training job described by `config` (a TrainConfig, a mapping, or a YAML path).
+
+    `model` / `tokenizer` may be passed to train an already loaded model (then `config.model` only
+    names it in saved files). `command` is the command line that rebuilds this config (without
+    out_dir); the Ctrl-C message extends it into the resume command.
+    """
+    trainer = Trainer(_as_config(config), resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer)
+    trainer.command = command
+    return trainer.run()
+
+
+def _as_config(config: Any) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        return config
+    if isinstance(config, dict):
+        return build_config(config)
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config)
+    raise LeantuneError(f"train expects a TrainConfig, a mapping or a YAML path, got {type(config).__name__}")
+
+
+# -- out_dir --------------------------------------------------------------------------------
+
+def resolve_out_dir(pattern: str, resume: bool) -> Path:
+    """Expand {time}; when resuming, the newest existing directory that matches the pattern."""
+    if TIME_PLACEHOLDER not in pattern:
+        return Path(pattern).expanduser()
+    if not resume:
+        return Path(expand_out_dir(pattern)).expanduser()
+    base = Path(pattern).expanduser()
+    matches = sorted(base.parent.glob(base.name.replace(TIME_PLACEHOLDER, "*")))
+    matches = [m for m in matches if m.is_dir()]
+    if not matches:
+        raise LeantuneError(f"--resume: no run directory matches out_dir '{pattern}'")
+    return matches[-1]
+
+
+def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LeantuneError(f"out_dir '{out_dir}' is a file")
+    if resume and overwrite:
+        raise LeantuneError("--resume and --overwrite contradict each other; pass one of them")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (resume or overwrite):
+        raise LeantuneError(f"out_dir '{out_dir}' is not empty; pass --resume to continue that run "
+                            "or --overwrite to replace it")
+
+
+def check_resume_identity(out_dir: Path, config: TrainConfig) -> None:
+    saved_path = out_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    import yaml
+
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    current = resolved_dict(config)
+    for key in RUN_IDENTITY_KEYS:
+        if key in saved and saved[key] != current[key]:
+            raise LeantuneError(f"--resume: config key '{key}' is {current[key]!r} but the run in '{out_dir}' "
+                                f"used {saved[key]!r}; resume with the same value")
+
+
+# -- devices and precision ----------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LeantuneError("config key 'device' is cuda, but no CUDA device is available")
+    return torch.device(name)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp32":
+        return
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise LeantuneError("config key 'precision' is bf16, but this GPU does not support bfloat16")
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise LeantuneError(f"config key 'precision' is {precision}, which {device.type} autocast does not support: "
+                            f"{str(err).splitlines()[0]}") from None
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Non-reentrant checkpointing: frozen inputs (the usual PEFT case) still get adapter gradients."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise LeantuneError("config key 'gradient_checkpointing': this model does not support it")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -- the job ----------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool, overwrite: bool, model: Any = None, tokenizer: Any = None):
+        self.config = config
+        self.resume = resume
+        self.overwrite = overwrite
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_requested = False
+        self.command: list[str] | None = None
+
+    # Preparation: nothing is written until every input has been checked.
+    def prepare(self) -> None:
+        from .. import api
+        from ..data import BatchStream, prepare_dataset
+        from ..models import load_model, load_tokenizer
+        from .config import build_method
+
+        cfg = self.config
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        check_precision(cfg.precision, self.device)
+        self.out_dir = resolve_out_dir(cfg.out_dir, self.resume)
+        check_out_dir(self.out_dir, self.resume, self.overwrite)
+        if self.resume:
+            check_resume_identity(self.out_dir, cfg)
+        method = build_method(cfg)
+
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(cfg.model)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        train_examples, self.train_fit = prepare_dataset(cfg.data.train, self.tokenizer, cfg.max_length,
+                                                         cfg.overlong, cfg.packing)
+        self.train_stream = BatchStream(train_examples, cfg.batch_size, cfg.seed, pad_id,
+                                        group_by_length=cfg.group_by_length)
+        self.eval_stream = None
+        if cfg.data.eval is not None:
+            eval_examples, self.eval_fit = prepare_dataset(cfg.data.eval, self.tokenizer, cfg.max_length,
+                                                           cfg.overlong, cfg.packing)
+            self.eval_stream = BatchStream(eval_examples, cfg.batch_size, cfg.seed, pad_id, shuffle=False)
+
+        if self.model is None:
+            self.model = load_model(cfg.model)
+        self.model.to(self.device)
+        seed_everything(cfg.seed)  # adapter initialisation depends on it
+        api.attach(self.model, method)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
+        self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.total_steps = self._total_steps()
+        self.warmup = warmup_steps(cfg.warmup, self.total_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
+        self.chunked = None if cfg.chunked_loss == "auto" else bool(cfg.chunked_loss)
+
+    def _total_steps(self) -> int:
+        cfg = self.config
+        if cfg.max_steps is not None:
+            return cfg.max_steps
+        return max(1, math.ceil(cfg.epochs * self.train_stream.batches_per_epoch / cfg.grad_accum))
+
+    def run(self) -> TrainResult:
+        self.prepare()
+        cfg = self.config
+        state = self._start_state()
+        if state.get("finished"):
+            print(f"the run in {self.out_dir} already finished at step {state['step']}; nothing to do", file=sys.stderr)
+            return TrainResult(self.out_dir, self.out_dir / "adapter", state["step"], summary=state)
+        self._write_start_files(state)
+        self.metrics = MetricsLog(self.out_dir, truncate_after=state["step"])
+        self._announce(state)
+        if "eval_loss_before" not in state:
+            state["eval_loss_before"] = self.evaluate()
+            if state["eval_loss_before"] is not None:
+                self.metrics.write({"step": 0, "eval_loss": state["eval_loss_before"]})
+        interrupted = self._loop(state)
+        if interrupted:
+            path = self.save(state)
+            command = resume_command(self.out_dir, self.command)
+            print(f"\ninterrupted at step {state['step']}; checkpoint saved to {path}.\n"
+                  f"resume with: {command}", file=sys.stderr)
+            self.metrics.close()
+            return TrainResult(self.out_dir, None, state["step"], interrupted=True, summary=state,
+                               model=self.model, tokenizer=self.tokenizer)
+        return self._finish(state)
+
+    def _start_state(self) -> dict[str, Any]:
+        fresh = {"step": 0, "position": 0, "tokens": 0, "loss_tokens": 0, "elapsed_s": 0.0}
+        if not self.resume:
+            return fresh
+        summary = self.out_dir / "summary.json"
+        if summary.is_file():
+            done = json.loads(summary.read_text())
+            if done.get("steps", -1) >= self.total_steps:
+                return {**done, "step": done["steps"], "finished": True}
+        path = ckpt.latest_checkpoint(self.out_dir)
+        if path is None:
+            print(f"no checkpoint in {self.out_dir}; starting from step 0", file=sys.stderr)
+            return fresh
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        print(f"resuming from {path} (step {state['step']})", file=sys.stderr)
+        return {k: v for k, v in state.items() if k not in ("format_version", "scaler")}
+
+    def _write_start_files(self, state: dict[str, Any]) -> None:
+        if self.overwrite and self.out_dir.is_dir():
+            for name in RUN_ARTIFACTS:
+                target = self.out_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        from ..io import atomic_write_text
+
+        atomic_write_text(self.out_dir / "config.yaml", to_yaml(resolved_dict(self.config)))
+
+    def _announce(self, state: dict[str, Any]) -> None:
+        from ..api import summary
+
+        info = summary(self.model)
+        cfg = self.config
+        lines = [
+            f"model {cfg.model} + {info_methods(info)}: {info['trainable']:,} trainable of {info['total']:,} parameters",
+            f"train data {cfg.data.train}: {self.train_fit.describe()}"
+            + (f", packed into {len(self.train_stream.examples)} rows" if cfg.packing else ""),
+        ]
+        if self.eval_stream is not None:
+            lines.append(f"eval data {cfg.data.eval}: {self.eval_fit.describe()}")
+        lines.append(f"{self.total_steps} steps of {cfg.batch_size}x{cfg.grad_accum} examples "
+                     f"({self.train_stream.batches_per_epoch} batches per epoch), {cfg.precision} on {self.device}, "
+                     f"output in {self.out_dir}")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _loop(self, state: dict[str, Any]) -> bool:
+        """Train until total_steps; True if stopped by Ctrl-C."""
+        cfg = self.config
+        self.model.train()
+        progress = Progress(self.total_steps, state["step"], enabled=cfg.progress)
+        session_start = time.perf_counter()
+        elapsed_before = state["elapsed_s"]
+        session_tokens = 0
+        previous_handler = self._install_sigint()
+        try:
+            while state["step"] < self.total_steps:
+                step_start = time.perf_counter()
+                loss, tokens, loss_tokens, grad_norm, lr = self._step(state)
+                state["step"] += 1
+                state["tokens"] += tokens
+                state["loss_tokens"] += loss_tokens
+                state["last_loss"] = loss
+                session_tokens += tokens
+                now = time.perf_counter()
+                state["elapsed_s"] = elapsed_before + (now - session_start)
+                tokens_per_s = session_tokens / max(now - session_start, 1e-9)
+                progress.update(loss=loss, lr=lr, tokens_per_s=tokens_per_s)
+                if state["step"] % cfg.log_every == 0 or state["step"] == self.total_steps:
+                    self.metrics.write({
+                        "step": state["step"], "epoch": round(state["position"] / self.train_stream.batches_per_epoch, 4),
+                        "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
+                        "tokens_per_s": round(tokens_per_s, 1), "step_s": round(now - step_start, 4),
+                        "elapsed_s": round(state["elapsed_s"], 3)})
+                if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < self.total_steps:
+                    eval_loss = self.evaluate()
+                    if eval_loss is not None:
+                        self.metrics.write({"step": state["step"], "eval_loss": eval_loss})
+                        progress.write(f"step {state['step']}: eval loss {eval_loss:.4f}")
+                if self.stop_requested:
+                    return True
+                if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < self.total_steps:
+                    self.save(state)
+        finally:
+            progress.close()
+            self._restore_sigint(previous_handler)
+        return False
+
+    def _step(self, state: dict[str, Any]) -> tuple[float, int, int, float, float]:
+        """One optimizer step over grad_accum micro-batches; the loss is the mean over all their loss tokens."""
+        from ..loss import causal_lm_loss, count_loss_tokens
+
+        cfg = self.config
+        lr = cfg.lr * lr_factor(state["step"], self.total_steps, self.warmup, cfg.schedule)
+        set_lr(self.optimizer, lr)
+        batches = [self.train_stream.batch_at(state["position"] + i) for i in range(cfg.grad_accum)]
+        loss_tokens = sum(count_loss_tokens(b["labels"]) for b in batches)
+        total = 0.0
+        for batch in batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with autocast(cfg.precision, self.device):
+                loss = causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                      chunk_tokens=cfg.loss_chunk_tokens, chunked=self.chunked, num_items=loss_tokens)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise self._diverged(state, f"the loss is {value}")
+            total += value
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        limit = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, limit))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step itself when fp16 gradients overflowed
+            self.scaler.update()
+        elif not math.isfinite(grad_norm):
+            raise self._diverged(state, f"the gradient norm is {grad_norm}")
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        state["position"] += cfg.grad_accum
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        return total, tokens, loss_tokens, grad_norm, lr
+
+    def _diverged(self, state: dict[str, Any], what: str) -> TrainingDiverged:
+        latest = ckpt.latest_checkpoint(self.out_dir)
+        keep = (f"the last good checkpoint is {latest} (resume with --resume, e.g. with a lower lr)"
+                if latest is not None else "no checkpoint was saved yet")
+        self.metrics.close()
+        return TrainingDiverged(f"{what} at step {state['step'] + 1}; training stopped without saving, {keep}")
+
+    def evaluate(self) -> float | None:
+        """Mean loss per loss token over the eval set (None without eval data)."""
+        if self.eval_stream is None:
+            return None
+        from ..loss import causal_lm_loss, count_loss_tokens
+
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad(), autocast(self.config.precision, self.device):
+            for batch in self.eval_stream.in_order():
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                total += float(causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                              chunk_tokens=self.config.loss_chunk_tokens, chunked=self.chunked,
+                                              num_items=1))
+                count += count_loss_tokens(batch["labels"])
+        self.model.train(was_training)
+        return total / max(count, 1)
+
+    def save(self, state: dict[str, Any]) -> Path:
+        trainer_state = {k: v for k, v in state.items() if k != "finished"}
+        trainer_state["epoch"] = state["position"] // self.train_stream.batches_per_epoch
+        trainer_state["schedule"] = {"name": self.config.schedule, "total_steps": self.total_steps,
+                                     "warmup_steps": self.warmup, "peak_lr": self.config.lr}
+        if self.scaler is not None:
+            trainer_state["scaler"] = self.scaler.state_dict()
+        return ckpt.save_checkpoint(self.out_dir, self.model, self.optimizer, trainer_state, self.config.keep_checkpoints)
+
+    # -- Ctrl-C ------------------------------------------------------------------------------------
+    def _install_sigint(self) -> Any:
+        if not _in_main_thread():
+            return None
+
+        def request_stop(signum, frame):
+            if self.stop_requested:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            print("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)", file=sys.stderr, flush=True)
+
+        return signal.signal(signal.SIGINT, request_stop)
+
+    @staticmethod
+    def _restore_sigint(previous: Any) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+    # -- the end ------------------------------------------------------------------------------------
+    def _finish(self, state: dict[str, Any]) -> TrainResult:
+        from ..io import atomic_write_text, save_adapter
+
+        adapter_dir = save_adapter(self.model, self.out_dir / "adapter")
+        eval_after = self.evaluate()
+        if eval_after is not None:
+            self.metrics.write({"step": state["step"], "eval_loss": eval_after})
+        summary = {
+            "steps": state["step"],
+            "epochs": round(state["position"] / self.train_stream.batches_per_epoch, 4),
+            "tokens": state["tokens"],
+            "loss_tokens": state["loss_tokens"],
+            "time_s": round(state["elapsed_s"], 3),
+            "tokens_per_s": round(state["tokens"] / max(state["elapsed_s"], 1e-9), 1),
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "final_loss": state.get("last_loss"),
+            "eval_loss_before": state.get("eval_loss_before"),
+            "eval_loss_after": eval_after,
+            "train_examples": self.train_fit.kept,
+            "train_truncated": self.train_fit.truncated,
+            "train_dropped": self.train_fit.dropped,
+            "adapter": str(adapter_dir),
+        }
+        atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        self.metrics.close()
+        print(format_summary(summary), file=sys.stderr, flush=True)
+        return TrainResult(self.out_dir, adapter_dir, state["step"], summary=summary,
+                           model=self.model, tokenizer=self.tokenizer)
+
+
+def info_methods(info: dict[str, Any]) -> str:
+    return ", ".join(f"{a['method']}" for a in info["adapters"].values()) or "no adapter"
+
+
+def resume_command(out_dir: Path, command: list[str] | None) -> str:
+    if command is None:
+        return f"lt.train(config, resume=True) with out_dir set to {str(out_dir)!r}"
+    return shlex.join([*command, "--set", f"out_dir={out_dir}", "--resume"])
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,219 @@
+import json
+import math
+import random
+
+import pytest
+import torch
+import yaml
+
+import leantune as lt
+from leantune.errors import LeantuneError
+from leantune.io import load_tensors
+from leantune.train.loop import TrainingDiverged
+from leantune.train.optim import lr_factor, parameter_groups, warmup_steps
+
+
+def write_pairs(path, count=24, seed=0):
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(count):
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            handle.write(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n")
+    return str(path)
+
+
+def tiny_config(tmp_path, **overrides):
+    config = {
+        "model": "tiny-llama",
+        "method": {"name": "lora", "r": 4, "alpha": 8},
+        "data": {"train": write_pairs(tmp_path / "train.jsonl"), "eval": write_pairs(tmp_path / "eval.jsonl", 8, seed=1)},
+        "max_length": 64, "batch_size": 4, "max_steps": 4, "lr": 1e-2, "warmup": 0,
+        "save_every": 0, "out_dir": str(tmp_path / "out"), "progress": False, "seed": 0,
+        "threads": 1,  # tiny matrices: a second thread only adds synchronisation
+    }
+    for key, value in overrides.items():
+        if key.startswith("data_"):
+            config["data"][key[5:]] = value
+        else:
+            config[key] = value
+    return config
+
+
+def adapter_tensors(out_dir):
+    return load_tensors(out_dir / "adapter" / "adapter.safetensors")
+
+
+def test_training_lowers_the_loss_and_writes_adapter_config_metrics_summary(tmp_path):
+    result = lt.train(tiny_config(tmp_path, max_steps=12))
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["tokens"] > 0 and summary["peak_memory_bytes"] > 0
+    assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 and math.isfinite(r["grad_norm"]) for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert [r["eval_loss"] for r in records if "eval_loss" in r] == [summary["eval_loss_before"], summary["eval_loss_after"]]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method"] == {"name": "lora", "r": 4, "alpha": 8} and saved["max_steps"] == 12
+
+    # the saved adapter reproduces the trained model
+    tokens = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    result.model.eval()
+    expected = result.model(tokens).logits
+    reloaded = lt.load_adapter(lt.load_model("tiny-llama"), out / "adapter")
+    torch.testing.assert_close(reloaded(tokens).logits, expected, rtol=0, atol=0)
+
+
+def test_checkpoints_hold_adapter_optimizer_rng_and_position_and_keep_the_last_k(tmp_path):
+    lt.train(tiny_config(tmp_path, max_steps=7, save_every=2, keep_checkpoints=2, data_eval=None))
+    root = tmp_path / "out" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-4", "step-6"]
+    assert (root / "latest").read_text().strip() == "step-6"
+    step = root / "step-6"
+    assert sorted(p.name for p in step.iterdir()) == ["adapter", "optimizer.json", "optimizer.safetensors",
+                                                      "rng.safetensors", "trainer_state.json"]
+    state = json.loads((step / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["position"] == 6 and state["schedule"]["total_steps"] == 7
+    assert set(state["rng"]) == {"python", "numpy"}
+    optimizer = load_tensors(step / "optimizer.safetensors")
+    adapter = load_tensors(step / "adapter" / "adapter.safetensors")
+    assert len(adapter) == 2 * 7 * 2
+    assert {k.split(".", 1)[1] for k in optimizer} == {"step", "exp_avg", "exp_avg_sq"}
+    assert len(optimizer) == 3 * len(adapter)
+    assert all(float(v) == 6 for k, v in optimizer.items() if k.endswith(".step"))
+    groups = json.loads((step / "optimizer.json").read_text())["param_groups"]
+    assert sum(len(g["names"]) for g in groups) == len(adapter)
+    assert load_tensors(step / "rng.safetensors")["torch_cpu"].dtype == torch.uint8
+    # safetensors + JSON only
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.suffix in (".pt", ".bin", ".pkl", ".pickle")]
+
+
+def test_gradient_accumulation_equals_one_bigger_batch(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one = lt.train(tiny_config(tmp_path / "a", max_steps=2, batch_size=4, grad_accum=1, group_by_length=False, data_eval=None))
+    two = lt.train(tiny_config(tmp_path / "b", max_steps=2, batch_size=2, grad_accum=2, group_by_length=False, data_eval=None))
+    assert one.summary["tokens"] == two.summary["tokens"]
+    for key, value in adapter_tensors(tmp_path / "a" / "out").items():
+        torch.testing.assert_close(adapter_tensors(tmp_path / "b" / "out")[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    calls = []
+    for folder, checkpointing in (("a", False), ("b", True)):
+        model = lt.load_model("tiny-llama")
+        count = [0]
+        model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        lt.train(tiny_config(tmp_path / folder, max_steps=2, data_eval=None, gradient_checkpointing=checkpointing),
+                 model=model)
+        calls.append(count[0])
+    assert calls == [2, 4]  # the checkpointed run recomputes each layer in backward
+    for key, value in adapter_tensors(tmp_path / "a" / "out").items():
+        torch.testing.assert_close(adapter_tensors(tmp_path / "b" / "out")[key], value, rtol=1e-5, atol=1e-7)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import leantune.loss as loss_module
+
+    calls = {"n": 0}
+    original = loss_module.causal_lm_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 5 else loss
+
+    monkeypatch.setattr(loss_module, "causal_lm_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"the loss is nan at step 5; training stopped without saving, "
+                                               r"the last good checkpoint is .*step-4"):
+        lt.train(tiny_config(tmp_path, max_steps=10, save_every=2, data_eval=None))
+    out = tmp_path / "out"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-4"
+    assert json.loads((out / "checkpoints" / "step-4" / "trainer_state.json").read_text())["step"] == 4
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+    assert all(torch.isfinite(t).all() for t in load_tensors(out / "checkpoints" / "step-4" / "adapter" / "adapter.safetensors").values())
+
+
+def test_a_non_empty_out_dir_is_refused_unless_resume_or_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    config = tiny_config(tmp_path, max_steps=1, data_eval=None)
+    with pytest.raises(LeantuneError, match="out_dir '.*out' is not empty; pass --resume .* or --overwrite"):
+        lt.train(config)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    with pytest.raises(LeantuneError, match="contradict"):
+        lt.train(config, resume=True, overwrite=True)
+    lt.train(config, overwrite=True)
+    assert (out / "adapter").is_dir() and (out / "notes.txt").read_text() == "mine"
+    lt.train(config, overwrite=True)  # replacing an earlier run
+
+
+def test_resume_of_a_finished_run_does_nothing(tmp_path, capsys):
+    config = tiny_config(tmp_path, max_steps=2, data_eval=None)
+    lt.train(config)
+    before = adapter_tensors(tmp_path / "out")
+    result = lt.train(config, resume=True)
+    assert "already finished" in capsys.readouterr().err and result.steps == 2
+    assert all(torch.equal(before[k], v) for k, v in adapter_tensors(tmp_path / "out").items())
+
+
+def test_resume_refuses_a_different_run_identity(tmp_path):
+    lt.train(tiny_config(tmp_path, max_steps=2, save_every=1, data_eval=None))
+    with pytest.raises(LeantuneError, match="config key 'batch_size' is 2 but the run .* used 4"):
+        lt.train(tiny_config(tmp_path, max_steps=2, batch_size=2, data_eval=None), resume=True)
+
+
+def test_time_placeholder_out_dir(tmp_path):
+    result = lt.train(tiny_config(tmp_path, max_steps=1, data_eval=None, out_dir=str(tmp_path / "runs" / "r-{time}")))
+    assert result.out_dir.parent == tmp_path / "runs" and result.out_dir.name.startswith("r-2")
+
+
+@pytest.mark.parametrize("kind", ["chat", "text", "packing"])
+def test_other_data_kinds_train(tmp_path, kind):
+    overrides = {"max_steps": 2, "data_eval": None}
+    if kind == "chat":
+        path = tmp_path / "chat.jsonl"
+        path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"count to {i}"},
+                                                         {"role": "assistant", "content": " ".join(map(str, range(i)))}]}) + "\n"
+                                for i in range(2, 10)))
+        overrides["data_train"] = str(path)
+    elif kind == "text":
+        path = tmp_path / "corpus.txt"
+        path.write_text("the quick brown fox jumps over the lazy dog. " * 30)
+        overrides["data_train"] = str(path)
+    else:
+        overrides["packing"] = True
+    result = lt.train(tiny_config(tmp_path, **overrides))
+    assert result.steps == 2 and math.isfinite(result.summary["final_loss"])
+
+
+def test_bf16_autocast_training_runs(tmp_path):
+    # dropout keeps LoRA on its unfused path, which runs under autocast
+    result = lt.train(tiny_config(tmp_path, max_steps=3, precision="bf16", data_eval=None,
+                                  method={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1}))
+    assert math.isfinite(result.summary["final_loss"])
+
+
+def test_parameter_groups_skip_decay_on_biases_norms_and_vectors():
+    model = lt.load_model("tiny-qwen2")
+    for name, param in model.named_parameters():
+        param.requires_grad_("layers.0" in name)
+    groups = parameter_groups(model, weight_decay=0.1)
+    decayed, plain = groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decayed["params"])
+    assert any(n.endswith("q_proj.bias") for n in plain["names"]) and any("layernorm" in n for n in plain["names"])
+    assert not any("bias" in n or "norm" in n for n in decayed["names"])
+
+
+def test_schedules_and_warmup():
+    assert warmup_steps(0.1, 50) == 5 and warmup_steps(3, 50) == 3
+    assert [round(lr_factor(s, 10, 2, "constant"), 4) for s in range(4)] == [0.3333, 0.6667, 1.0, 1.0]
+    assert lr_factor(2, 10, 2, "linear") == 1.0 and lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5) and lr_factor(9, 10, 2, "cosine") > 0
+    assert lr_factor(2, 10, 2, "cosine") == 1.0
