@@ -1,0 +1,107 @@
+"""What each benchmark row runs: the floor, leantune methods by name, and Hugging Face PEFT's.
+
+A row is a name on the command line. `floor` is the frozen model (forward plus input gradients
+only: the lower bound of every PEFT method). `peft-*` rows are Hugging Face PEFT under the same
+loss, data and optimizer. Every other name is a leantune method, built with
+`leantune.methods.config_from_dict` from the preset below (or `{"name": row}` for any other
+registered method); a preset whose method is not registered yet fails as a row error, not a crash.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from typing import Any
+
+from ..errors import LeantuneError
+
+FLOOR = "floor"
+PEFT_PREFIX = "peft-"
+DEFAULT_METHODS = ("floor", "full", "lora", "dora", "ia3", "paca", "qlora", "qpaca", "sketchtune")
+
+# Leantune rows. PaCA r=16 against LoRA r=8 pairs their trainable-parameter budgets (the PaCA
+# paper's comparison); alpha = 2r keeps the same scaling s = alpha / r for both.
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {"name": "full"},
+    "lora": {"name": "lora", "r": 8, "alpha": 16},
+    "dora": {"name": "dora", "r": 8, "alpha": 16},
+    "ia3": {"name": "ia3"},
+    "bitfit": {"name": "bitfit"},
+    "paca": {"name": "paca", "r": 16, "alpha": 32},
+    "qlora": {"name": "lora", "r": 8, "alpha": 16, "quantize": "nf4"},
+    "qdora": {"name": "dora", "r": 8, "alpha": 16, "quantize": "nf4"},
+    "qpaca": {"name": "paca", "r": 16, "alpha": 32, "quantize": "nf4"},
+    "sketchtune": {"name": "sketchtune"},
+}
+
+# Hugging Face PEFT rows: the same settings as the leantune row they are compared with.
+# (IA)³ scales the key/value outputs and the input of the feed-forward down projection.
+PEFT_PRESETS: dict[str, dict[str, Any]] = {
+    "peft-lora": {"peft": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+    "peft-dora": {"peft": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "use_dora": True},
+    "peft-ia3": {"peft": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"],
+                 "feedforward_modules": ["down_proj"]},
+}
+PEFT_ROWS = tuple(PEFT_PRESETS)
+
+# Each leantune row and the PEFT row that does the same thing.
+PEFT_COUNTERPART = {"lora": "peft-lora", "dora": "peft-dora", "ia3": "peft-ia3"}
+
+
+def known_rows() -> list[str]:
+    from ..methods import METHODS
+
+    return sorted({FLOOR, *PRESETS, *PEFT_PRESETS, *METHODS})
+
+
+def parse_row_names(text: str, with_peft: bool) -> list[str]:
+    """The comma-separated row names, validated, in order, without duplicates; `--peft` appends PEFT's rows."""
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    if not names:
+        raise LeantuneError("--methods lists no method")
+    known = known_rows()
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise LeantuneError(f"unknown benchmark method '{name}'{hint}; known: {', '.join(known)}")
+    if with_peft:
+        names += list(PEFT_ROWS)
+    return list(dict.fromkeys(names))
+
+
+def row_kind(name: str) -> str:
+    if name == FLOOR:
+        return "floor"
+    return "peft" if name.startswith(PEFT_PREFIX) else "leantune"
+
+
+def row_settings(name: str, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The method settings of row `name` (None for the floor), with `--set` overrides applied."""
+    kind = row_kind(name)
+    if kind == "floor":
+        return None
+    presets = PEFT_PRESETS if kind == "peft" else PRESETS
+    settings = copy.deepcopy(presets.get(name, {"name": name}))
+    settings.update((overrides or {}).get(name, {}))
+    return settings
+
+
+def parse_overrides(items: list[str] | None, rows: list[str]) -> dict[str, dict[str, Any]]:
+    """`--set ROW.KEY=VALUE` items -> {row: {key: value}}; values are JSON when they parse, else strings."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        target, sep, raw = item.partition("=")
+        row, dot, key = target.partition(".")
+        if not sep or not dot or not row or not key:
+            raise LeantuneError(f"--set '{item}' must look like ROW.KEY=VALUE, e.g. paca.r=32")
+        if row not in rows:
+            raise LeantuneError(f"--set '{item}' names row '{row}', which is not among the benchmarked rows: {', '.join(rows)}")
+        if row == FLOOR:
+            raise LeantuneError(f"--set '{item}': the floor has no method settings")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        overrides.setdefault(row, {})[key] = value
+    return overrides

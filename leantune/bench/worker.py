@@ -1,0 +1,227 @@
+"""One benchmark configuration in a fresh process, so its peak memory is its own.
+
+    python -m leantune.bench.worker SPEC.json RESULT.json
+
+Loads the model (cheap after the first conversion), builds the row (floor, a leantune method or
+Hugging Face PEFT), then: one untimed step that records the bytes saved for backward, `warmup`
+untimed steps, `steps` timed steps, and optionally one profiled step. A step is forward + loss +
+backward + AdamW step over the trainable parameters (the floor has none: no optimizer). The
+result (or the error, with the phase it happened in) is written as JSON to RESULT.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import traceback
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+LOSSES = ("full", "chunked")
+
+
+@dataclass
+class WorkerSpec:
+    row: str
+    kind: str  # "floor" | "leantune" | "peft"
+    settings: dict[str, Any] | None
+    model: str
+    batch: int
+    seq: int
+    steps: int
+    warmup: int
+    loss: str = "full"
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    lr: float = 1e-4
+    profile: bool = False
+    # Import peft in every row of a run that has PEFT rows, so all processes start from the same RSS.
+    preload_peft: bool = False
+    mem_cap: int | None = None  # bytes; on CUDA it becomes the per-process memory fraction
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+# -- building the row's model --------------------------------------------------------------
+
+def build_model(spec: WorkerSpec):
+    import torch
+
+    import leantune as lt
+
+    model = lt.load_model(spec.model, dtype=getattr(torch, spec.dtype), device=spec.device)
+    if spec.kind == "floor":
+        model.requires_grad_(False)
+        # Backward must still run through the whole model, as it does for any adapter: make the
+        # embeddings' output a leaf that wants a gradient.
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    elif spec.kind == "peft":
+        model = _attach_peft(model, dict(spec.settings or {}))
+    else:
+        from leantune.methods import config_from_dict
+
+        lt.attach(model, config_from_dict(dict(spec.settings or {})))
+    return model.train()
+
+
+def _attach_peft(model, settings: dict[str, Any]):
+    import peft
+
+    from leantune.targets import resolve_targets
+    from leantune.methods import LoRA
+
+    kind = settings.pop("peft")
+    if kind == "lora":
+        if "target_modules" not in settings:
+            # exactly the modules leantune's "all-linear" adapts
+            settings["target_modules"] = sorted({n.split(".")[-1] for n, _ in resolve_targets(model, LoRA())})
+        config = peft.LoraConfig(**settings)
+    elif kind == "ia3":
+        config = peft.IA3Config(**settings)
+    else:
+        raise ValueError(f"no Hugging Face PEFT builder for '{kind}'")
+    return peft.get_peft_model(model, config)
+
+
+def trainable_parameters(model) -> list:
+    unique = {id(p): p for p in model.parameters() if p.requires_grad}
+    return list(unique.values())
+
+
+def describe_model(model, kind: str) -> dict[str, Any]:
+    """Parameter counts and weight bytes (as stored: NF4 weights count their packed bytes)."""
+    params = {id(p): p for p in model.parameters()}.values()
+    info = {
+        "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        "total_params": sum(p.numel() for p in params),
+        "model_bytes": sum(t.numel() * t.element_size() for t in (*params, *model.buffers())),
+        "adapted_base_bytes": None,
+    }
+    if kind == "leantune":
+        from leantune.api import base_weight_bytes
+
+        info["adapted_base_bytes"] = base_weight_bytes(model)
+    elif kind == "peft":
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        stored = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, BaseTunerLayer)
+                     for t in m.get_base_layer().parameters())
+        info["adapted_base_bytes"] = {"stored": stored}
+    return info
+
+
+# -- the step ------------------------------------------------------------------------------
+
+def make_step(model, input_ids, optimizer, loss: str) -> Callable[[], None]:
+    import torch
+
+    from leantune.loss import causal_lm_loss
+
+    loss_fn = partial(causal_lm_loss, chunked=(loss == "chunked"))
+    record = torch.profiler.record_function
+
+    def step() -> None:
+        with record("bench/forward+loss"):
+            value = loss_fn(model, input_ids, input_ids)
+        with record("bench/backward"):
+            value.backward()
+        if optimizer is not None:
+            with record("bench/optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure(spec: WorkerSpec, result: dict[str, Any]) -> None:
+    import torch
+
+    from . import measure as m
+
+    if spec.preload_peft:
+        import peft  # noqa: F401
+    torch.manual_seed(spec.seed)
+    device = torch.device(spec.device)
+    if device.type == "cuda" and spec.mem_cap:
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec.mem_cap / total), device)
+    model = build_model(spec)
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=spec.lr) if params else None
+    generator = torch.Generator().manual_seed(spec.seed)
+    input_ids = torch.randint(0, model.config.vocab_size, (spec.batch, spec.seq), generator=generator).to(device)
+    step = make_step(model, input_ids, optimizer, spec.loss)
+    result.update(describe_model(model, spec.kind))
+
+    m.touch_parameters(model)
+    result["rss_after_load_bytes"] = m.current_rss()
+    # Resetting the high-water mark also lowers what getrusage reports: keep the loading peak first.
+    result["load_peak_rss_bytes"] = max(m.process_peak_rss(), m.peak_rss_since_reset() or 0)
+    result["peak_rss_reset"] = m.reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result["memory_after_load_bytes"] = torch.cuda.memory_allocated(device)
+    else:
+        result["memory_after_load_bytes"] = result["rss_after_load_bytes"]
+
+    result["phase"] = "step"
+    with m.saved_for_backward(m.model_storages(model)) as seen:
+        step()
+    result["saved_bytes"] = sum(seen.values())
+    for _ in range(spec.warmup):
+        step()
+    result["step_times_s"] = [m.timed(step, device) for _ in range(spec.steps)]
+
+    since_load = m.peak_rss_since_reset() if result["peak_rss_reset"] else None
+    result["peak_rss_bytes"] = max(result["load_peak_rss_bytes"], m.process_peak_rss(), since_load or 0)
+    if device.type == "cuda":
+        result["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        result["peak_memory_bytes"] = result["training_peak_bytes"] = result["cuda_max_allocated_bytes"]
+    else:
+        result["peak_memory_bytes"] = result["peak_rss_bytes"]
+        # The high-water mark restarted after loading: the training steps' own peak.
+        result["training_peak_bytes"] = since_load if since_load is not None else result["peak_rss_bytes"]
+    result["fits"] = spec.mem_cap is None or result["peak_memory_bytes"] <= spec.mem_cap
+
+    if spec.profile:
+        from .profile import profile_step
+
+        result["phase"] = "profile"
+        result["profile"] = profile_step(step, device)
+    result["phase"] = "done"
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(err).lower()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m leantune.bench.worker SPEC.json RESULT.json", file=sys.stderr)
+        return 2
+    spec = WorkerSpec(**json.loads(Path(argv[0]).read_text()))
+    result: dict[str, Any] = {"row": spec.row, "phase": "setup", "seq": spec.seq, "batch": spec.batch}
+    status = 0
+    try:
+        measure(spec, result)
+    except Exception as err:  # every failure becomes a row error in the report, never a crash
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        result["error"] = f"{type(err).__name__}: {message}" if message else type(err).__name__
+        result["out_of_memory"] = _is_out_of_memory(err)
+        traceback.print_exc(file=sys.stderr)
+        status = 1
+    Path(argv[1]).write_text(json.dumps(result))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+import json
+import statistics
+import sys
+
+import pytest
+import torch
+
+from leantune import cli
+from leantune.bench import measure, report, runner
+from leantune.bench.profile import classify
+from leantune.bench.rows import PRESETS, parse_overrides, parse_row_names, row_settings
+from leantune.bench.search import longest_fitting
+from leantune.bench.worker import WorkerSpec
+from leantune.bench.worker import measure as measure_in_process
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tiny models gain nothing from threads, and on a busy machine two spinning threads crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # worker processes too
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- the longest sequence that fits ------------------------------------------------------------
+
+@pytest.mark.parametrize("threshold", [64, 100, 128, 1000, 1024, 1100, 3000, 5000, 8191, 8192, 9000])
+@pytest.mark.parametrize("start", [64, 1024, 4096, 20000])
+def test_search_finds_the_largest_fitting_multiple(threshold, start):
+    asked = []
+
+    def fits(seq):
+        asked.append(seq)
+        return seq <= threshold
+
+    found = longest_fitting(fits, step=64, limit=8192, start=start)
+    assert found == min(threshold, 8192) // 64 * 64
+    assert len(asked) == len(set(asked)), "a length was probed twice"
+    assert all(seq % 64 == 0 and 64 <= seq <= 8192 for seq in asked)
+    assert len(asked) <= 2 * 8 + 1  # logarithmic in the 128 candidate lengths
+
+
+def test_search_reports_zero_when_nothing_fits():
+    assert longest_fitting(lambda seq: False, step=64, limit=1024, start=512) == 0
+
+
+def test_search_rejects_a_step_above_the_limit():
+    with pytest.raises(ValueError):
+        longest_fitting(lambda seq: True, step=128, limit=64)
+
+
+# -- bytes saved for backward ------------------------------------------------------------------
+
+def test_saved_bytes_count_unique_storages_and_skip_parameters():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4, bias=False)
+    x = torch.randn(5, 8, requires_grad=True)
+    with measure.saved_for_backward(measure.model_storages(layer)) as seen:
+        hidden = layer(x)  # saves x (and the weight, which is excluded)
+        both = hidden * hidden.t().t()  # two views of one storage: counted once
+        both.sum().backward()
+    assert sum(seen.values()) == x.numel() * 4 + hidden.numel() * 4
+
+
+def test_profile_groups_operators_by_kind():
+    assert classify("aten::addmm") == "matmul"
+    assert classify("aten::mul_") == "elementwise"
+    assert classify("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert classify("aten::_log_softmax") == "reduction/norm/loss"
+    assert classify("aten::copy_") == "memory/layout"
+    assert classify("SomethingElse") == "other"
+
+
+# -- rows and their settings -------------------------------------------------------------------
+
+def test_row_names_are_validated_and_peft_rows_appended():
+    assert parse_row_names("floor, lora,floor", with_peft=True) == ["floor", "lora", "peft-lora", "peft-dora", "peft-ia3"]
+    with pytest.raises(Exception, match="lorra"):
+        parse_row_names("floor,lorra", with_peft=False)
+
+
+def test_presets_pair_paca_r16_with_lora_r8_and_overrides_apply():
+    assert row_settings("paca")["r"] == 16 and row_settings("lora")["r"] == 8
+    assert row_settings("qpaca") == {**PRESETS["paca"], "quantize": "nf4"}
+    assert row_settings("floor") is None
+    overrides = parse_overrides(["paca.r=32", "paca.targets=[\"q_proj\"]", "lora.init=pissa"], ["paca", "lora"])
+    assert row_settings("paca", overrides)["r"] == 32
+    assert row_settings("paca", overrides)["targets"] == ["q_proj"]
+    assert row_settings("lora", overrides)["init"] == "pissa"
+    with pytest.raises(Exception, match="dora"):
+        parse_overrides(["dora.r=4"], ["paca", "lora"])
+
+
+# -- the worker, in this process ---------------------------------------------------------------
+
+def _spec(row, kind, settings, **changes):
+    values = dict(row=row, kind=kind, settings=settings, model="tiny-llama", batch=2, seq=16, steps=2, warmup=1)
+    values.update(changes)
+    return WorkerSpec(**values)
+
+
+def test_worker_measures_floor_lora_and_peft_lora():
+    results = {}
+    for spec in (_spec("floor", "floor", None, profile=True),
+                 _spec("lora", "leantune", {"name": "lora", "r": 4, "alpha": 8}),
+                 _spec("peft-lora", "peft", {"peft": "lora", "r": 4, "lora_alpha": 8})):
+        result = {}
+        measure_in_process(spec, result)
+        results[spec.row] = result
+        assert result["phase"] == "done" and len(result["step_times_s"]) == 2
+        assert result["peak_memory_bytes"] >= result["training_peak_bytes"] > 0 and result["fits"]
+    floor, lora, peft_lora = results["floor"], results["lora"], results["peft-lora"]
+    assert floor["trainable_params"] == 0
+    # 2 layers x 7 projections, r=4: A (4 x in) + B (out x 4)
+    dims = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    expected = 2 * sum(4 * (i + o) for i, o in dims)
+    assert lora["trainable_params"] == peft_lora["trainable_params"] == expected
+    assert lora["saved_bytes"] > floor["saved_bytes"] > 0
+    assert lora["adapted_base_bytes"]["stored"] == peft_lora["adapted_base_bytes"]["stored"] == 2 * 4 * sum(i * o for i, o in dims)
+    assert set(floor["profile"]["groups_ms"]) >= {"matmul", "elementwise", "optimizer"}
+    again = {}
+    measure_in_process(_spec("lora", "leantune", {"name": "lora", "r": 4, "alpha": 8}), again)
+    assert again["saved_bytes"] == lora["saved_bytes"]  # deterministic, unlike peak memory
+
+
+def test_chunked_loss_saves_fewer_bytes_than_full_logits():
+    full, chunked = {}, {}
+    measure_in_process(_spec("floor", "floor", None, loss="full", steps=1, warmup=0), full)
+    measure_in_process(_spec("floor", "floor", None, loss="chunked", steps=1, warmup=0), chunked)
+    assert chunked["saved_bytes"] < full["saved_bytes"]
+
+
+# -- the runner, with a fake worker -----------------------------------------------------------
+
+def _fake_result(spec, step, saved, peak, max_fit=None):
+    return {"row": spec.row, "phase": "done", "step_times_s": [step, step * 1.1, step * 0.9],
+            "peak_memory_bytes": peak, "peak_rss_bytes": peak, "training_peak_bytes": peak,
+            "memory_after_load_bytes": peak // 2, "saved_bytes": saved, "trainable_params": 10,
+            "total_params": 100, "model_bytes": 400, "adapted_base_bytes": None,
+            "fits": max_fit is None or spec.seq <= max_fit}
+
+
+FAKE = {"floor": (4.0, 1000, 3000, 4096), "lora": (5.0, 1900, 3600, 2048), "peft-lora": (5.5, 2000, 4000, 1536),
+        "paca": (4.2, 1090, 3200, 2560)}
+
+
+def test_run_plan_interleaves_aggregates_and_compares():
+    order = []
+
+    def fake_runner(spec):
+        order.append(spec.row)
+        if spec.row == "dora":
+            return {"row": "dora", "phase": "setup", "error": "LeantuneError: unknown method 'dora'"}
+        step, saved, peak, max_fit = FAKE[spec.row]
+        return _fake_result(spec, step, saved, peak, max_fit)
+
+    plan = runner.BenchPlan(model="tiny-llama", rows=["floor", "lora", "dora", "paca", "peft-lora"],
+                            losses=["full"], repeats=2, max_seq_len=True, mem_cap=10**9, seq_step=512,
+                            seq_limit=8192, seq_start=1024)
+    rows = {e["row"]: e for e in runner.run_plan(plan, runner=fake_runner, log=lambda line: None)["rows"]}
+    # A B C A B C, and the setup error is not retried
+    assert order[:9] == ["floor", "lora", "dora", "paca", "peft-lora", "floor", "lora", "paca", "peft-lora"]
+    assert rows["dora"]["error"] == "LeantuneError: unknown method 'dora'"
+    paca, peft_lora, floor = rows["paca"], rows["peft-lora"], rows["floor"]
+    assert paca["step_time_s"] == {"median": 4.2, "min": 4.2 * 0.9, "max": 4.2 * 1.1}
+    assert paca["tokens_per_s"] == pytest.approx(4 * 256 / 4.2)
+    assert paca["max_seq_len"]["value"] == 2560 and floor["max_seq_len"]["value"] == 4096
+    ratio = paca["ratios"]["peft-lora"]
+    assert ratio["step_time"] == pytest.approx(4.2 / 5.5)
+    assert ratio["peak_memory"] == pytest.approx(3200 / 4000)
+    assert ratio["saved_bytes"] == pytest.approx(1090 / 2000)
+    assert ratio["saved_above_floor"] == pytest.approx((1090 - 1000) / (2000 - 1000))
+    assert ratio["max_seq_len"] == pytest.approx(2560 / 1536)
+    assert paca["ratios"]["floor"]["step_time"] == pytest.approx(4.2 / 4.0)
+    assert rows["lora"]["ratios"]["peft-lora"]["step_time"] == pytest.approx(5.0 / 5.5)
+    assert rows["lora"]["peft_counterpart"] == "peft-lora"
+    markdown = report.render_markdown({"rows": list(rows.values()), "command": "leantune bench", "date": "today",
+                                       "settings": {"model": "tiny-llama", "batch": 4, "seq": 256, "steps": 3,
+                                                    "warmup": 1, "repeats": 2, "losses": ["full"],
+                                                    "max_seq_len": True, "seq_step": 512, "seq_limit": 8192,
+                                                    "mem_cap_bytes": 10**9},
+                                       "machine": {"device": "cpu", "cpu": "x", "cores": 2, "torch_threads": 2,
+                                                   "torch": "t", "transformers": "t", "peft": "p"}})
+    assert "| paca | full | 4.200 (3.780–4.620)" in markdown and "0.76×" in markdown
+    assert "error: LeantuneError: unknown method 'dora'" in markdown
+
+
+def test_a_probe_error_that_is_not_memory_stops_the_search():
+    def fake_runner(spec):
+        if spec.seq > 1024:
+            return {"row": spec.row, "error": "worker exited with status -11", "out_of_memory": False}
+        return _fake_result(spec, 1.0, 10, 100)
+
+    plan = runner.BenchPlan(model="tiny-llama", rows=["lora"], losses=["full"], mem_cap=10**9, seq_step=256)
+    found = runner.find_max_seq_len(plan, "lora", "full", fake_runner, log=lambda line: None)
+    assert found["value"] is None and "status -11" in found["error"]
+
+
+# -- real worker processes ---------------------------------------------------------------------
+
+def test_a_crashing_worker_is_a_row_error():
+    spec = _spec("lora", "leantune", {"name": "lora"})
+    result = runner.run_worker(spec, command=[sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"])
+    assert result["error"] == "worker exited with status 3: boom"
+
+
+def test_a_worker_over_the_memory_cap_is_killed():
+    code = "import time; block = bytearray(400 * 2**20); block[::4096] = b'x' * len(block[::4096]); time.sleep(30)"
+    spec = _spec("lora", "leantune", {"name": "lora"})
+    result = runner.run_worker(spec, rss_cap=200 * 2**20, command=[sys.executable, "-c", code])
+    assert result["out_of_memory"] and "memory cap" in result["error"]
+
+
+def test_cli_end_to_end_on_tiny_llama(tmp_path, capsys):
+    out = tmp_path / "run"
+    status = cli.main(["bench", "--model", "tiny-llama", "--methods", "floor,lora,qlora", "--set", "qlora.r=0",
+                       "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "0", "--repeats", "1",
+                       "--chunked-loss", "off", "--profile", "--out", str(out)])
+    assert status == 0
+    document = json.loads((out / "results.json").read_text())
+    rows = {e["row"]: e for e in document["rows"]}
+    assert list(rows) == ["floor", "lora", "qlora"]
+    assert "'r'" in rows["qlora"]["error"] and rows["qlora"]["settings"]["quantize"] == "nf4"
+    lora, floor = rows["lora"], rows["floor"]
+    assert lora["step_time_s"]["median"] == statistics.median(lora["step_times_s"][0])
+    assert lora["ratios"]["floor"]["step_time"] == pytest.approx(lora["step_time_s"]["median"] / floor["step_time_s"]["median"])
+    assert lora["ratios"]["floor"]["saved_bytes"] == pytest.approx(lora["saved_bytes"] / floor["saved_bytes"])
+    assert document["command"].startswith("leantune bench --model tiny-llama --methods floor,lora,qlora")
+    assert document["machine"]["cores"] and document["machine"]["torch"] == torch.__version__
+    for name in ("results.md", "chart.png", "profile.md"):
+        assert (out / name).stat().st_size > 0
+    assert "## lora (full loss)" in (out / "profile.md").read_text()
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--methods", "floor,lorra"], "lorra"),
+    (["--methods", "floor", "--set", "paca.r=3"], "paca"),
+    (["--mem-cap", "six gigs", "--max-seq-len"], "six gigs"),
+    (["--steps", "0"], "--steps"),
+    (["--model", "no-such-model"], "no-such-model"),
+])
+def test_cli_errors_exit_2_naming_the_culprit(argv, culprit, capsys):
+    assert cli.main(["bench", "--model", "tiny-llama", *argv]) == 2
+    assert culprit in capsys.readouterr().err
