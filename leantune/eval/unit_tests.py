@@ -1,0 +1,149 @@
+"""The before/after study of the main job: do generated unit tests parse, and do they pass?
+
+For each held-out record (a `humaneval-tests` record: `prompt` ends with `def test_<name>():\\n`),
+the base model (adapters disabled) and the tuned model each write a test body. The body is cut
+where the function ends (the first line that is not indented), parsed with `ast`, and, when it
+parses, run against the reference solution in the sandbox. Outcomes per test: "syntax" (does not
+parse, not run), or the sandbox's pass / fail / error / timeout. A pass counts as "pass with a call"
+when the test also calls the function under test, since an empty-handed test passes trivially.
+"""
+from __future__ import annotations
+
+import ast
+import string
+import sys
+import time
+from typing import Any, Sequence
+
+from torch import nn
+
+from .. import api
+from ..data.humaneval import unit_test_name
+from .generation import generate
+from .sandbox import Limits, run_many
+
+OUTCOME_KEYS = ("pass", "fail", "error", "timeout", "syntax")
+# A line that starts at column 0 ends the test function: stop generating there.
+END_OF_FUNCTION = tuple("\n" + c for c in string.ascii_letters + string.digits + string.punctuation)
+DEFAULT_LIMITS = Limits(wall_seconds=10.0, cpu_seconds=5, memory_bytes=1 << 30)
+
+
+def extract_test(record: dict[str, Any], generated: str) -> str:
+    """`def test_<name>():` plus the indented lines of `generated` up to the first unindented one."""
+    body = []
+    for line in generated.splitlines():
+        if line.strip() and not line[0].isspace():
+            break
+        body.append(line)
+    while body and not body[-1].strip():
+        body.pop()
+    return f"def {unit_test_name(record['entry_point'])}():\n" + "".join(line + "\n" for line in body)
+
+
+def parses(source: str) -> bool:
+    try:
+        ast.parse(source)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def calls_function(test_source: str, name: str) -> bool:
+    tree = ast.parse(test_source)
+    return any(isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name
+               for node in ast.walk(tree))
+
+
+def judge_tests(records: Sequence[dict[str, Any]], tests: Sequence[str], limits: Limits | None = None,
+                workers: int = 2) -> list[dict[str, Any]]:
+    """Parse each test and run the parsable ones against their record's reference function."""
+    rows = [{"task_id": r["task_id"], "test": t, "parses": parses(t)} for r, t in zip(records, tests)]
+    runnable = [i for i, row in enumerate(rows) if row["parses"]]
+    outcomes = run_many([(records[i]["function"] + "\n\n" + tests[i], unit_test_name(records[i]['entry_point']))
+                         for i in runnable], limits or DEFAULT_LIMITS, workers)
+    for row in rows:
+        row.update(status="syntax", detail="", calls_function=False)
+    for i, outcome in zip(runnable, outcomes):
+        rows[i].update(status=outcome.status, detail=outcome.detail,
+                       calls_function=calls_function(tests[i], records[i]["entry_point"]))
+    return rows
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    n = len(rows)
+    counts = {key: sum(row["status"] == key for row in rows) for key in OUTCOME_KEYS}
+    passing_with_call = sum(row["status"] == "pass" and row["calls_function"] for row in rows)
+    return {
+        "n": n,
+        "parse_rate": sum(row["parses"] for row in rows) / n if n else 0.0,
+        "pass_rate": counts["pass"] / n if n else 0.0,
+        "pass_with_call_rate": passing_with_call / n if n else 0.0,
+        "counts": counts,
+    }
+
+
+def _log(message: str, enabled: bool) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+def generate_and_judge(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]], label: str,
+                       max_new_tokens: int, batch_size: int, temperature: float, top_p: float,
+                       limits: Limits | None, workers: int, progress: bool) -> dict[str, Any]:
+    """Generate one test per record with `model` as it is, judge them, and summarize."""
+    _log(f"[{label}] generating tests for {len(records)} functions...", progress)
+    stats: dict[str, Any] = {}
+    generations = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, stop=END_OF_FUNCTION,
+                           batch_size=batch_size, stats=stats)
+    _log(f"[{label}] generated {stats['new_tokens']} tokens in {stats['seconds']:.1f} s "
+         f"({stats['new_tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s); running the tests in the sandbox...",
+         progress)
+    start = time.perf_counter()
+    tests = [extract_test(r, g) for r, g in zip(records, generations)]
+    rows = judge_tests(records, tests, limits, workers)
+    for row, generated in zip(rows, generations):
+        row["generated"] = generated
+    summary = summarize(rows)
+    summary.update(generation_seconds=stats["seconds"], new_tokens=stats["new_tokens"],
+                   sandbox_seconds=time.perf_counter() - start, rows=rows)
+    return summary
+
+
+def before_after(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]],
+                 max_new_tokens: int = 192, eval_loss_before: float | None = None,
+                 eval_loss_after: float | None = None, batch_size: int = 8, temperature: float = 0.0,
+                 top_p: float = 1.0, limits: Limits | None = None, workers: int = 2,
+                 progress: bool = True, print_table: bool = True) -> dict[str, Any]:
+    """Generate a test per held-out record with the base model (adapters disabled) and with the
+    tuned model, judge both sets, and return {"base": ..., "tuned": ..., "table": str}."""
+    records = list(records)
+    options = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
+                   top_p=top_p, limits=limits, workers=workers, progress=progress)
+    with api.disabled(model):
+        base = generate_and_judge(model, tokenizer, records, "base", **options)
+    tuned = generate_and_judge(model, tokenizer, records, "tuned", **options)
+    base["eval_loss"], tuned["eval_loss"] = eval_loss_before, eval_loss_after
+    result = {"base": base, "tuned": tuned}
+    result["table"] = format_table(result)
+    if print_table:
+        print(result["table"], flush=True)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The before/after table: one row per model."""
+    header = ("model", "eval loss", "parse%", "pass%", "pass+call%", *OUTCOME_KEYS)
+    lines = [header]
+    for label in ("base", "tuned"):
+        s = result[label]
+        loss = "-" if s.get("eval_loss") is None else f"{s['eval_loss']:.4f}"
+        lines.append((label, loss, f"{100 * s['parse_rate']:.1f}%", f"{100 * s['pass_rate']:.1f}%",
+                      f"{100 * s['pass_with_call_rate']:.1f}%", *(str(s["counts"][k]) for k in OUTCOME_KEYS)))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    text = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+            for row in lines]
+    n = result["base"]["n"]
+    text.append(f"({n} held-out functions; parse/pass: share of generated tests; pass+call: passing tests "
+                "that call the function)")
+    return "\n".join(text)

@@ -1,0 +1,154 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import leantune as lt
+from conftest import randomize_adapter
+from leantune.cli import main
+from leantune.data.formats import IGNORE_INDEX, Example
+from leantune.eval.generation import generate
+from leantune.eval.metrics import loss_and_perplexity
+
+PAIRS = [
+    {"prompt": "def add(a, b):\n    return a + b\n\ndef test_add():\n", "completion": "    assert add(1, 2) == 3\n"},
+    {"prompt": "# square\n", "completion": "def sq(x):\n    return x * x\n"},
+    {"prompt": "x = ", "completion": "42"},
+]
+
+
+def random_examples(n=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        length = int(torch.randint(6, 20, (1,), generator=generator))
+        prompt = int(torch.randint(1, length - 2, (1,), generator=generator))
+        ids = torch.randint(0, 256, (length,), generator=generator).tolist()
+        examples.append(Example(ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    return examples
+
+
+def reference_loss(model, examples):
+    """Each example alone, full logits in float64: summed token losses over all labelled tokens."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in examples:
+            logits = model(torch.tensor([example.input_ids])).logits[0, :-1].double()
+            targets = torch.tensor(example.labels[1:])
+            total += float(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += int((targets != IGNORE_INDEX).sum())
+    return total / count, count
+
+
+def test_loss_and_perplexity_match_a_per_example_reference(tiny_llama):
+    lt.attach(tiny_llama, lt.LoRA(r=4))
+    randomize_adapter(tiny_llama)
+    examples = random_examples()
+    expected, count = reference_loss(tiny_llama, examples)
+    tiny_llama.train()
+    result = loss_and_perplexity(tiny_llama, examples, pad_id=257, batch_size=2)
+    assert tiny_llama.training
+    assert result["tokens"] == count and result["examples"] == len(examples)
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+    with pytest.raises(lt.LeantuneError, match="empty"):
+        loss_and_perplexity(tiny_llama, [], pad_id=257)
+
+
+@pytest.fixture
+def adapter_dir(tmp_path, tiny_llama):
+    lt.attach(tiny_llama, lt.LoRA(r=4, alpha=8))
+    randomize_adapter(tiny_llama, scale=0.2)
+    return lt.save_adapter(tiny_llama, tmp_path / "adapter")
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    return path
+
+
+def adapted_model(adapter_dir):
+    return lt.load_adapter(lt.load_model("tiny-llama"), adapter_dir).eval()
+
+
+def test_eval_reports_the_loss_of_the_adapted_model(adapter_dir, pairs_file, capsys):
+    assert main(["eval", "--adapter", str(adapter_dir), "--data", str(pairs_file), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    from leantune.data import prepare_dataset
+
+    examples, _ = prepare_dataset(str(pairs_file), lt.load_tokenizer("tiny-llama"), 512)
+    expected, count = reference_loss(adapted_model(adapter_dir), examples)
+    assert result["model"] == "tiny-llama" and result["tokens"] == count
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
+    # the base model alone scores differently; plain-text output names the data
+    assert main(["eval", "--model", "tiny-llama", "--data", str(pairs_file)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"{pairs_file}: loss ") and "perplexity" in line
+    assert f"{result['loss']:.4f}" not in line
+
+
+def test_eval_on_the_built_in_held_out_split(adapter_dir, capsys):
+    assert main(["eval", "--adapter", str(adapter_dir), "--max-length", "2048", "--batch-size", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["data"] == "humaneval-tests:test" and result["examples"] == 40
+    assert math.isfinite(result["loss"]) and result["perplexity"] > 1
+
+
+def test_generate_one_prompt_and_a_prompts_file(adapter_dir, pairs_file, tmp_path, capsys):
+    model, tokenizer = adapted_model(adapter_dir), lt.load_tokenizer("tiny-llama")
+    prompts = [p["prompt"] for p in PAIRS]
+    expected = generate(model, tokenizer, prompts, max_new_tokens=8)
+    assert main(["generate", "--adapter", str(adapter_dir), "--prompt", prompts[0], "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == expected[0] + "\n"
+
+    assert main(["generate", "--adapter", str(adapter_dir), "--prompts", str(pairs_file), "--max-new-tokens", "8"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines == [{"prompt": p, "generation": g} for p, g in zip(prompts, expected)]
+
+    out = tmp_path / "out.jsonl"
+    stop = expected[1][2:4]
+    assert main(["generate", "--adapter", str(adapter_dir), "--prompts", str(pairs_file), "--max-new-tokens", "8",
+                 "--temperature", "0.7", "--top-p", "0.9", "--seed", "3", "--output", str(out)]) == 0
+    sampled = generate(model, tokenizer, prompts, max_new_tokens=8, temperature=0.7, top_p=0.9, seed=3)
+    assert [json.loads(line)["generation"] for line in out.read_text().splitlines()] == sampled
+
+    escaped = stop.encode("unicode_escape").decode("ascii")
+    assert main(["generate", "--adapter", str(adapter_dir), "--prompt", prompts[1], "--max-new-tokens", "8",
+                 "--stop", escaped]) == 0
+    assert capsys.readouterr().out == expected[1][:expected[1].find(stop)] + "\n"
+
+
+@pytest.mark.parametrize("verb", ["eval", "generate"])
+def test_missing_adapter_is_a_user_error(verb, tmp_path, capsys):
+    extra = ["--prompt", "x"] if verb == "generate" else []
+    assert main([verb, "--adapter", str(tmp_path / "nope"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "does not exist" in err and "Traceback" not in err
+    assert main([verb, *extra]) == 2
+    assert "--adapter" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a"}\n{"prompt": \n', "line 2"),
+    ('{"text": "a"}\n', "line 1"),
+    ("", "no records"),
+])
+def test_bad_prompts_file_is_a_user_error(adapter_dir, tmp_path, capsys, content, message):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(content)
+    assert main(["generate", "--adapter", str(adapter_dir), "--prompts", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_eval_data_is_a_user_error(adapter_dir, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    assert main(["eval", "--adapter", str(adapter_dir), "--data", str(path)]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert main(["eval", "--adapter", str(adapter_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
