@@ -32,7 +32,7 @@ class SketchTune(MethodConfig):
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
-    kmeans_iters: int = 25
+    kmeans_iters: int = 15
     table_dtype: str = "float16"
     seed: int = 0
     sketch_id: str | None = None

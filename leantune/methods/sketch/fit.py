@@ -10,9 +10,10 @@ columns not yet assigned through the Cholesky factor of H⁻¹, as in GPTQ.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ class FitSettings:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
-    kmeans_iters: int = 25
+    kmeans_iters: int = 15
     table_dtype: torch.dtype = torch.float16
     batch_size: int = 8
 
@@ -53,15 +54,16 @@ def weighted_kmeans(values: torch.Tensor, weights: torch.Tensor, entries: int, i
     positions = torch.searchsorted(cumulative, targets).clamp_(max=values.shape[1] - 1)
     centres = sorted_values.gather(1, positions)
     weighted_values = weights * values
+    previous = None
     for _ in range(iters):
         assignment = nearest_sorted_entry(centres, values)
+        if previous is not None and torch.equal(assignment, previous):
+            break  # converged: the centres would not move
         mass = torch.zeros_like(centres).scatter_add_(1, assignment, weights)
         total = torch.zeros_like(centres).scatter_add_(1, assignment, weighted_values)
-        updated = torch.where(mass > 0, total / mass.clamp_min(torch.finfo(mass.dtype).tiny), centres)
-        updated = updated.sort(dim=1).values
-        if torch.equal(updated, centres):
-            break
-        centres = updated
+        centres = torch.where(mass > 0, total / mass.clamp_min(torch.finfo(mass.dtype).tiny), centres)
+        centres = centres.sort(dim=1).values
+        previous = assignment
     return centres
 
 
@@ -126,8 +128,25 @@ def check_group_layout(name: str, in_features: int, groups: int) -> None:
             "(codes are packed two per byte within each group)")
 
 
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """The sweep is thousands of small tensor ops: on a shared CPU, thread hand-offs cost more than they buy."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def fit_weight(weight: torch.Tensor, hessian: torch.Tensor, settings: FitSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit one stack of rows that share `hessian`: returns (codes out x in int64, tables out x G x K float32)."""
+    with one_cpu_thread(weight.device):
+        return _fit_weight(weight, hessian, settings)
+
+
+def _fit_weight(weight: torch.Tensor, hessian: torch.Tensor, settings: FitSettings) -> tuple[torch.Tensor, torch.Tensor]:
     weight = weight.detach().float()
     in_features = weight.shape[1]
     groups = settings.groups_per_row
