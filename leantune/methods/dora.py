@@ -1,0 +1,164 @@
+"""DoRA: W' = m · (W0 + s B A) / ‖W0 + s B A‖_row, a LoRA update plus a trainable per-row magnitude.
+
+The output is y = (m / n) ⊙ (x W0ᵀ + s (x Aᵀ) Bᵀ) + b with n the row norms of W0 + s B A.
+The norm never forms the dense update: ‖W0 + sBA‖²_row = ‖W0‖²_row (a constant kept per layer)
++ 2s·rowsum((W0 Aᵀ) ⊙ B) + s²·rowsum((B A Aᵀ) ⊙ B), which needs only out×r and r×r products.
+
+Gradient convention: n is treated as a constant in backward (detached), as the DoRA paper
+(section 4.3) suggests and as Hugging Face PEFT does, so A and B receive no gradient through n.
+The fused autograd function saves x, x·Aᵀ and one tokens×out tensor for the magnitude
+gradient — the layer's own output when it has no bias (the next op usually keeps that tensor
+anyway) — and never a weight-sized tensor: backward fetches W0 again from the base module.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterLayer, dense_weight, register
+from .lora import LoRA, LoRALayer
+
+
+@register
+@dataclass
+class DoRA(LoRA):
+    """LoRA's fields (r, alpha, dropout, rslora, init, quantize) with a learned magnitude per output row."""
+
+    method_name: ClassVar[str] = "dora"
+
+    def wrap(self, name: str, module: nn.Module, adapter_name: str) -> "DoRALayer":
+        return DoRALayer(module, adapter_name, self)
+
+
+def row_norms(weight: torch.Tensor, base_sq_norm: torch.Tensor, lora_a: torch.Tensor,
+              lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """‖W0 + s B A‖ per row from ‖W0‖²_row, W0 Aᵀ (out×r) and A Aᵀ (r×r); never builds B A."""
+    wa = weight.to(lora_a.dtype) @ lora_a.t()
+    bq = lora_b @ (lora_a @ lora_a.t())
+    sq = base_sq_norm + 2 * scale * (wa * lora_b).sum(1) + scale * scale * (bq * lora_b).sum(1)
+    return sq.clamp_min_(0).sqrt_()
+
+
+class _FusedDoRA(torch.autograd.Function):
+    """y = (m / n) ⊙ (x W0ᵀ + s (xd Aᵀ) Bᵀ) + b for a frozen W0, b; xd is x after LoRA dropout (None: x)."""
+
+    @staticmethod
+    def forward(ctx, x, x_dropped, bias, lora_a, lora_b, magnitude, get_weight: Callable[[], torch.Tensor],
+                base_sq_norm, scale):
+        weight = get_weight()
+        x2 = x.reshape(-1, x.shape[-1])
+        xd2 = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1])
+        xa = xd2 @ lora_a.t()
+        z = x2 @ weight.t()
+        z.addmm_(xa, lora_b.t(), alpha=scale)
+        norm = row_norms(weight, base_sq_norm, lora_a, lora_b, scale)
+        factor = magnitude / norm
+        # The magnitude gradient needs z = y / factor (bias-free). Saving y itself costs nothing
+        # extra where the next op keeps y too; a bias, or a zero magnitude, makes z unrecoverable.
+        keep_output = bias is None and not bool((magnitude == 0).any())
+        if keep_output:
+            out = z.mul_(factor).view(*x.shape[:-1], weight.shape[0])
+            ctx.save_for_backward(x2, xd2, xa, lora_a, lora_b, magnitude, norm, factor, out)
+        else:
+            out = torch.addcmul(bias, z, factor) if bias is not None else z * factor
+            out = out.view(*x.shape[:-1], weight.shape[0])
+            ctx.save_for_backward(x2, xd2, xa, lora_a, lora_b, magnitude, norm, factor, z)
+        ctx.keep_output = keep_output
+        ctx.get_weight = get_weight
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, xd2, xa, lora_a, lora_b, magnitude, norm, factor, kept = ctx.saved_tensors
+        scale = ctx.scale
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        gc = g2 * factor  # gradient at z = x W0ᵀ + s xa Bᵀ
+        gb = gc @ lora_b  # tokens × r, shared by dX, dXd and dA
+        grad_x = grad_xd = grad_a = grad_b = grad_m = None
+        if ctx.needs_input_grad[1]:
+            grad_xd = (gb @ lora_a).mul_(scale).view(ctx.x_shape)
+        if ctx.needs_input_grad[0]:
+            grad_x = gc @ ctx.get_weight().to(gc.dtype)
+            if grad_xd is None:
+                grad_x.addmm_(gb, lora_a, alpha=scale)
+            grad_x = grad_x.view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            grad_a = (gb.t() @ xd2).mul_(scale)
+        if ctx.needs_input_grad[4]:
+            grad_b = (gc.t() @ xa).mul_(scale)
+        if ctx.needs_input_grad[5]:
+            # dL/dm = Σ_t g ⊙ z / n, and z / n = y / m on the bias-free path.
+            kept2 = kept.reshape(-1, kept.shape[-1])
+            grad_m = (g2 * kept2).sum(0)
+            grad_m = grad_m / magnitude if ctx.keep_output else grad_m / norm
+        return grad_x, grad_xd, None, grad_a, grad_b, grad_m, None, None, None
+
+
+class DoRALayer(LoRALayer):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: DoRA):
+        super().__init__(base_layer, adapter_name, config)
+        self.register_buffer("base_sq_norm", self._base_sq_norm(), persistent=False)
+        self.magnitude = nn.Parameter(self.current_norms().detach().clone())
+
+    def _base_weight(self) -> torch.Tensor:
+        return dense_weight(self.base_module())
+
+    def _base_sq_norm(self) -> torch.Tensor:
+        """‖W0‖²_row of the (possibly PiSSA-residual) base weight, in the adapter dtype."""
+        with torch.no_grad():
+            return self._base_weight().to(self.lora_A.dtype).pow(2).sum(1)
+
+    def current_norms(self) -> torch.Tensor:
+        """‖W0 + s B A‖_row for the current factors (no gradient flows through it)."""
+        with torch.no_grad():
+            return row_norms(self._base_weight(), self.base_sq_norm, self.lora_A, self.lora_B, self.scale)
+
+    def adapter_state_loaded(self) -> None:
+        super().adapter_state_loaded()  # PiSSA rebuilds the residual base weight first
+        self.base_sq_norm = self._base_sq_norm()
+
+    # -- forward / merge --------------------------------------------------------------------
+    def _can_fuse(self) -> bool:
+        base = self.base_layer
+        weight = self._base_weight()
+        return (not isinstance(base, AdapterLayer) and not weight.requires_grad
+                and (base.bias is None or not base.bias.requires_grad))
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        dropping = self.training and self.dropout > 0
+        x_dropped = F.dropout(x, self.dropout, True) if dropping else None
+        if self._can_fuse() and x.dtype == self.lora_A.dtype == self._base_weight().dtype:
+            return _FusedDoRA.apply(x, x_dropped, self.base_module().bias, self.lora_A, self.lora_B,
+                                    self.magnitude, self._base_weight, self.base_sq_norm, self.scale)
+        return self._plain_forward(x, x if x_dropped is None else x_dropped)
+
+    def _plain_forward(self, x: torch.Tensor, x_dropped: torch.Tensor) -> torch.Tensor:
+        """Autograd on ordinary ops: mixed dtypes, a trainable base, or a wrapped adapter below."""
+        base = self.base_module()
+        result = self.base_layer(x)
+        bias = base.bias
+        z = result - bias if bias is not None else result
+        lora_out = F.linear(F.linear(x_dropped.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        factor = self.magnitude / self.current_norms()
+        scaled = factor * (z.to(factor.dtype) + self.scale * lora_out)
+        if bias is not None:
+            scaled = scaled + bias.to(scaled.dtype)
+        return scaled.to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError("DoRA rescales the whole weight; use merged_weight()")
+
+    def merged_weight(self) -> torch.Tensor:
+        weight = self._base_weight()
+        combined = weight.to(self.lora_A.dtype) + self.scale * (self.lora_B @ self.lora_A)
+        return (self.magnitude / self.current_norms())[:, None] * combined
+
+    def merge_into_base(self) -> None:
+        weight = self.base_module().weight
+        weight.copy_(self.merged_weight().to(weight.dtype))

@@ -1,0 +1,210 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import leantune as lt
+from conftest import randomize_adapter
+from leantune.methods.dora import DoRALayer
+
+
+def reference_dora(x, weight, bias, a, b, magnitude, scale, x_lora=None):
+    """Dense formulation; the row norm is detached (the convention DoRA's layer implements)."""
+    combined = weight + scale * (b @ a)
+    norm = combined.norm(dim=1).detach()
+    x_lora = x if x_lora is None else x_lora
+    z = F.linear(x, weight) + scale * F.linear(F.linear(x_lora, a), b)
+    out = (magnitude / norm) * z
+    return out + bias if bias is not None else out
+
+
+def _dora_linear(bias: bool, rslora: bool = False, dropout: float = 0.0):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24, bias=bias).double())
+    lt.attach(model, lt.DoRA(r=4, alpha=8, rslora=rslora, dropout=dropout, targets=["0"]))
+    randomize_adapter(model, scale=0.3)
+    return model
+
+
+def _reference_leaves(layer):
+    return [t.detach().clone().requires_grad_(True) for t in (layer.lora_A, layer.lora_B, layer.magnitude)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_forward_and_gradients_match_reference(bias, rslora):
+    model = _dora_linear(bias, rslora)
+    layer = model[0]
+    base = layer.base_layer
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    a, b, m = _reference_leaves(layer)
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = reference_dora(x_ref, base.weight.detach(), None if base.bias is None else base.bias.detach(),
+                              a, b, m, layer.scale)
+    torch.testing.assert_close(out, expected)
+
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.lora_A.grad, a.grad)
+    torch.testing.assert_close(layer.lora_B.grad, b.grad)
+    torch.testing.assert_close(layer.magnitude.grad, m.grad)
+    assert base.weight.grad is None
+
+
+def test_dropout_path_matches_reference_with_the_same_mask():
+    model = _dora_linear(bias=True, dropout=0.25)
+    model.train()
+    layer = model[0]
+    x = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(7)
+    out = model(x)
+    torch.manual_seed(7)
+    x_ref = x.detach().clone().requires_grad_(True)
+    dropped = F.dropout(x_ref, 0.25, True)
+    a, b, m = _reference_leaves(layer)
+    base = layer.base_layer
+    expected = reference_dora(x_ref, base.weight.detach(), base.bias.detach(), a, b, m, layer.scale, x_lora=dropped)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.lora_A.grad, a.grad)
+    torch.testing.assert_close(layer.magnitude.grad, m.grad)
+
+
+def test_zero_magnitude_row_still_gets_its_gradient():
+    model = _dora_linear(bias=False)
+    layer = model[0]
+    with torch.no_grad():
+        layer.magnitude[3] = 0
+    x = torch.randn(7, 16, dtype=torch.float64)
+    a, b, m = _reference_leaves(layer)
+    model(x).sum().backward()
+    reference_dora(x, layer.base_layer.weight, None, a, b, m, layer.scale).sum().backward()
+    torch.testing.assert_close(layer.magnitude.grad, m.grad)
+    assert layer.magnitude.grad[3] != 0
+
+
+def test_plain_path_matches_fused_path(monkeypatch):
+    model = _dora_linear(bias=True)
+    x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    fused = model(x)
+    fused.sum().backward()
+    fused_grads = [p.grad.clone() for p in model[0].adapter_parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(DoRALayer, "_can_fuse", lambda self: False)
+    plain = model(x)
+    plain.sum().backward()
+    torch.testing.assert_close(plain, fused)
+    for param, expected in zip(model[0].adapter_parameters(), fused_grads):
+        torch.testing.assert_close(param.grad, expected)
+
+
+def test_row_norms_without_dense_update_match_dense_norms():
+    from leantune.methods.dora import row_norms
+
+    torch.manual_seed(3)
+    weight, a, b = torch.randn(24, 16, dtype=torch.float64), torch.randn(4, 16, dtype=torch.float64), torch.randn(24, 4, dtype=torch.float64)
+    expected = (weight + 0.7 * b @ a).norm(dim=1)
+    torch.testing.assert_close(row_norms(weight, weight.pow(2).sum(1), a, b, 0.7), expected)
+
+
+def test_magnitude_starts_at_base_row_norms_and_output_is_unchanged(tiny_llama, tokens):
+    base_logits = tiny_llama(tokens).logits
+    q_weight = tiny_llama.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    lt.attach(tiny_llama, lt.DoRA(r=4))
+    layer = tiny_llama.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(layer.magnitude.detach(), q_weight.norm(dim=1))
+    torch.testing.assert_close(tiny_llama(tokens).logits, base_logits, rtol=1e-5, atol=1e-5)
+    trainable = [n for n, p in tiny_llama.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 7 * 3 and sum("magnitude" in n for n in trainable) == 14
+
+
+def test_no_weight_sized_tensor_is_saved_for_backward():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 24, bias=False))
+    lt.attach(model, lt.DoRA(r=4, targets=["0"]))
+    randomize_adapter(model)
+    shapes = []
+
+    def pack(tensor):
+        shapes.append(tuple(tensor.shape))
+        return tensor
+
+    x = torch.randn(2, 9, 40)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    out.sum().backward()
+    assert shapes, "the layer saved nothing: the hook did not see the fused function"
+    # x (18 tokens × 40) is the largest thing kept; the weight (24 × 40) is bigger than anything saved
+    assert max(torch.Size(s).numel() for s in shapes) == 18 * 40, shapes
+
+
+def test_merge_unmerge_disabled_detach_are_exact(tiny_llama, tokens):
+    base_state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    base_logits = tiny_llama(tokens).logits
+    lt.attach(tiny_llama, lt.DoRA(r=4, alpha=8))
+    randomize_adapter(tiny_llama)
+    adapted = tiny_llama(tokens).logits
+    assert not torch.allclose(adapted, base_logits, atol=1e-4)
+    with lt.disabled(tiny_llama):
+        torch.testing.assert_close(tiny_llama(tokens).logits, base_logits, rtol=0, atol=0)
+    lt.merge(tiny_llama)
+    torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=1e-4, atol=1e-5)
+    with lt.disabled(tiny_llama):
+        torch.testing.assert_close(tiny_llama(tokens).logits, base_logits, rtol=0, atol=0)
+    lt.unmerge(tiny_llama)
+    torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=0, atol=0)
+    lt.detach(tiny_llama)
+    for key, value in tiny_llama.state_dict().items():
+        assert torch.equal(value, base_state[key]), key
+
+
+def test_save_load_round_trip(tiny_llama, tokens, tmp_path):
+    lt.attach(tiny_llama, lt.DoRA(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
+    randomize_adapter(tiny_llama)
+    expected = tiny_llama(tokens).logits
+    lt.save_adapter(tiny_llama, tmp_path / "dora")
+    fresh = lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "dora")
+    assert isinstance(fresh.model.layers[0].self_attn.q_proj, DoRALayer)
+    torch.testing.assert_close(fresh(tokens).logits, expected, rtol=0, atol=0)
+
+
+def test_pissa_init_keeps_output_and_round_trips(tiny_llama, tokens, tmp_path):
+    base_logits = tiny_llama(tokens).logits
+    lt.attach(tiny_llama, lt.DoRA(r=4, init="pissa"))
+    torch.testing.assert_close(tiny_llama(tokens).logits, base_logits, rtol=1e-4, atol=1e-4)
+    randomize_adapter(tiny_llama, scale=0.01)
+    adapted = tiny_llama(tokens).logits
+    lt.save_adapter(tiny_llama, tmp_path / "pissa")
+    fresh = lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "pissa")
+    torch.testing.assert_close(fresh(tokens).logits, adapted, rtol=0, atol=0)
+
+
+def test_plain_module_and_training_step_change_the_output(plain_module):
+    x = torch.randn(5, 16)
+    before = plain_module(x).detach()
+    lt.attach(plain_module, lt.DoRA(r=2))
+    torch.testing.assert_close(plain_module(x), before)
+    optimizer = torch.optim.SGD([p for p in plain_module.parameters() if p.requires_grad], lr=0.1)
+    plain_module(x).pow(2).mean().backward()
+    optimizer.step()
+    assert not torch.allclose(plain_module(x), before)
+
+
+@pytest.mark.parametrize("kwargs, culprit", [
+    ({"r": 0}, "dora: 'r'"), ({"alpha": 0}, "'alpha'"), ({"dropout": -0.1}, "'dropout'"), ({"init": "zeros"}, "'init'"),
+])
+def test_bad_config_values_name_the_key(kwargs, culprit):
+    with pytest.raises(lt.LeantuneError, match=culprit):
+        lt.DoRA(**kwargs)
+
+
+def test_registered_under_its_own_name():
+    from leantune.methods import config_from_dict
+
+    config = config_from_dict({"name": "dora", "r": 2})
+    assert isinstance(config, lt.DoRA) and config.to_dict()["name"] == "dora"
