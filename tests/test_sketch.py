@@ -199,6 +199,9 @@ def test_attach_swaps_linears_and_matches_the_sketch(tiny_llama, sketch_dir, tok
     trainable = [(n, p) for n, p in tiny_llama.named_parameters() if p.requires_grad]
     assert len(trainable) == 14 and all(n.endswith(".tables") and p.dtype == torch.float32 for n, p in trainable)
     torch.testing.assert_close(layer.dequantize_weight(), sketch.layers["model.layers.1.mlp.down_proj"].weight())
+    sizes = lt.summary(tiny_llama)["base_weight_bytes"]
+    assert sizes["stored"] == sketch.nbytes()  # the dense weights are gone: codes + fitted tables only
+    assert sizes["fp32"] == 4 * sum(s.out_features * s.in_features for s in sketch.layers.values())
 
     # the sketched model equals a dense model holding Ŵ
     dense = lt.load_model("tiny-llama")

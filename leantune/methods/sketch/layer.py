@@ -74,6 +74,10 @@ class SketchedLinear(nn.Module):
         """A dense copy of Ŵ for code that reads `.weight`; it is rebuilt on every access."""
         return self.dequantize_weight()
 
+    def dense_numel(self) -> int:
+        """Parameters of the dense linear this stands for (weight and bias), for size reports."""
+        return self.in_features * self.out_features + (self.bias.numel() if self.bias is not None else 0)
+
     def to_dense(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.codes.device, dtype=self.dense_dtype)
@@ -107,9 +111,6 @@ class SketchLayer(AdapterLayer):
     @property
     def weight(self) -> torch.Tensor:
         return self.dequantize_weight()
-
-    def base_weight_numel(self) -> int:
-        return self.in_features * self.out_features
 
     # The base keeps its tables in the sketch's storage dtype: merging swaps in a float32 copy of
     # the trained tables and unmerging puts the very same fitted tensor back (exact, no drift).
