@@ -217,3 +217,13 @@ def test_schedules_and_warmup():
     assert lr_factor(2, 10, 2, "linear") == 1.0 and lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
     assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5) and lr_factor(9, 10, 2, "cosine") > 0
     assert lr_factor(2, 10, 2, "cosine") == 1.0
+
+
+def test_unit_test_table_runs_after_training(tmp_path, capsys):
+    result = lt.train(tiny_config(tmp_path, max_steps=1, unit_test_table=True, unit_test_limit=2,
+                                  unit_test_max_new_tokens=8))
+    table = json.loads((tmp_path / "out" / "unit_tests.json").read_text())
+    assert table["base"]["n"] == table["tuned"]["n"] == 2
+    assert table["tuned"]["eval_loss"] == result.summary["eval_loss_after"]
+    assert "tuned" in capsys.readouterr().out
+    assert set(result.summary["unit_tests"]) == {"base", "tuned"}

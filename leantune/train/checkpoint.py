@@ -118,11 +118,24 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 def prune_checkpoints(root: Path, keep: int) -> None:
     """Remove all but the newest `keep` step directories (never the one `latest` names)."""
+    remove_stale_temporaries(root)
     latest = read_latest_name(root)
     steps = sorted(step_dirs(root), key=lambda p: int(p.name.split("-")[1]))
     for old in steps[:-keep] if keep > 0 else steps:
         if old.name != latest:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Half-written checkpoints and pointers of a killed run (hidden `.step-N.tmp-*`, `.latest.tmp-*`)."""
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if path.name.startswith((".step-", f".{LATEST}.")) and (".tmp-" in path.name or ".old-" in path.name):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def step_dirs(root: Path) -> list[Path]:

@@ -32,7 +32,8 @@ from .optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from .reporting import MetricsLog, Progress, format_summary, peak_memory_bytes
 
 # Files a run writes directly in out_dir; --overwrite removes exactly these.
-RUN_ARTIFACTS = ("checkpoints", "adapter", "config.yaml", "metrics.jsonl", "summary.json", "tensorboard")
+RUN_ARTIFACTS = ("checkpoints", "adapter", "config.yaml", "metrics.jsonl", "summary.json", "tensorboard",
+                 "unit_tests.json")
 
 
 class TrainingDiverged(LeantuneError):
@@ -180,8 +181,6 @@ class Trainer:
         from .config import build_method
 
         cfg = self.config
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         check_precision(cfg.precision, self.device)
         self.out_dir = resolve_out_dir(cfg.out_dir, self.resume)
@@ -189,6 +188,8 @@ class Trainer:
         if self.resume:
             check_resume_identity(self.out_dir, cfg)
         method = build_method(cfg)
+        if cfg.unit_test_table:
+            _require_unit_test_table()
 
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(cfg.model)
@@ -224,6 +225,15 @@ class Trainer:
         return max(1, math.ceil(cfg.epochs * self.train_stream.batches_per_epoch / cfg.grad_accum))
 
     def run(self) -> TrainResult:
+        threads = torch.get_num_threads()
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)  # a Python caller's process keeps its own setting
+
+    def _run(self) -> TrainResult:
         self.prepare()
         cfg = self.config
         state = self._start_state()
@@ -237,6 +247,7 @@ class Trainer:
             state["eval_loss_before"] = self.evaluate()
             if state["eval_loss_before"] is not None:
                 self.metrics.write({"step": 0, "eval_loss": state["eval_loss_before"]})
+                print(f"eval loss before training: {state['eval_loss_before']:.4f}", file=sys.stderr, flush=True)
         interrupted = self._loop(state)
         if interrupted:
             path = self.save(state)
@@ -257,6 +268,7 @@ class Trainer:
             done = json.loads(summary.read_text())
             if done.get("steps", -1) >= self.total_steps:
                 return {**done, "step": done["steps"], "finished": True}
+        ckpt.remove_stale_temporaries(ckpt.checkpoint_root(self.out_dir))
         path = ckpt.latest_checkpoint(self.out_dir)
         if path is None:
             print(f"no checkpoint in {self.out_dir}; starting from step 0", file=sys.stderr)
@@ -392,8 +404,14 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
+        batches = self.eval_stream.in_order()
+        if self.config.progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, total=self.eval_stream.batches_per_epoch, desc="eval", unit="batch",
+                           leave=False, file=sys.stderr, dynamic_ncols=True)
         with torch.no_grad(), autocast(self.config.precision, self.device):
-            for batch in self.eval_stream.in_order():
+            for batch in batches:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 total += float(causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
                                               chunk_tokens=self.config.loss_chunk_tokens, chunked=self.chunked,
@@ -410,6 +428,22 @@ class Trainer:
         if self.scaler is not None:
             trainer_state["scaler"] = self.scaler.state_dict()
         return ckpt.save_checkpoint(self.out_dir, self.model, self.optimizer, trainer_state, self.config.keep_checkpoints)
+
+    def unit_test_table(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Base vs tuned model writing tests for the held-out humaneval-tests functions; saved to unit_tests.json."""
+        from ..data import builtin_records
+        from ..eval.unit_tests import before_after
+        from ..io import atomic_write_text
+
+        cfg = self.config
+        records = builtin_records("humaneval-tests:test")[:cfg.unit_test_limit]
+        print(f"\nbefore/after: base and tuned model each write a unit test for {len(records)} held-out functions",
+              file=sys.stderr, flush=True)
+        result = before_after(self.model, self.tokenizer, records, max_new_tokens=cfg.unit_test_max_new_tokens,
+                              eval_loss_before=summary["eval_loss_before"], eval_loss_after=summary["eval_loss_after"],
+                              progress=cfg.progress)
+        atomic_write_text(self.out_dir / "unit_tests.json", json.dumps(result, indent=2, default=str) + "\n")
+        return {label: {k: v for k, v in result[label].items() if k != "rows"} for label in ("base", "tuned")}
 
     # -- Ctrl-C ------------------------------------------------------------------------------------
     def _install_sigint(self) -> Any:
@@ -456,8 +490,18 @@ class Trainer:
         atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.metrics.close()
         print(format_summary(summary), file=sys.stderr, flush=True)
+        if self.config.unit_test_table:
+            summary["unit_tests"] = self.unit_test_table(summary)
         return TrainResult(self.out_dir, adapter_dir, state["step"], summary=summary,
                            model=self.model, tokenizer=self.tokenizer)
+
+
+def _require_unit_test_table() -> None:
+    """Fail before training, not after it, when the before/after study is unavailable."""
+    try:
+        from ..eval.unit_tests import before_after  # noqa: F401
+    except ImportError as err:
+        raise LeantuneError(f"config key 'unit_test_table' needs leantune.eval.unit_tests.before_after: {err}") from None
 
 
 def info_methods(info: dict[str, Any]) -> str:
