@@ -7,18 +7,20 @@ tensors are named `base_model.model.<module>.lora_A.weight`, `.lora_B.weight`,
 refused.
 
 LoRA and DoRA layers export their factors directly (PiSSA's residual base is folded back in as
-extra rank). Any other adapter layer that is exactly a LoRA update can export as LoRA by
-defining `lora_factors() -> (A, B, scale)` with W = W0 + scale · B A (PaCA does, through
-`paca_to_lora`).
+extra rank). Methods whose adapters are exactly a LoRA update export as LoRA in one of two
+ways: their layers define `lora_factors() -> (A, B, scale)` with W = W0 + scale · B A, or the
+method has a whole-model converter in `LORA_CONVERSIONS` (PaCA: `paca_to_lora`), which export
+applies to a copy of the model.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -30,13 +32,17 @@ from .methods.base import AdapterLayer, MethodConfig, named_adapter_layers
 from .methods.dora import DoRA, DoRALayer
 from .methods.ia3 import IA3, IA3Layer
 from .methods.lora import LoRA, LoRALayer
+from .methods.paca import paca_to_lora
 from .targets import candidate_modules, resolve_targets
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_TENSOR_FILE = "adapter_model.safetensors"
 PEFT_PICKLE_FILE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
-EXPORTABLE = "lora, dora, ia3 (and methods whose layers define lora_factors)"
+EXPORTABLE = "lora, dora, ia3, paca (and methods whose layers define lora_factors)"
+
+# method name -> function that replaces that method's adapters on a model by equal LoRA adapters
+LORA_CONVERSIONS: dict[str, Callable[[nn.Module], nn.Module]] = {"paca": paca_to_lora}
 
 
 # -- export ---------------------------------------------------------------------------------
@@ -45,6 +51,10 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     """Write the adapter on `model` as a Hugging Face PEFT adapter directory (atomically)."""
     name = _single_adapter_name(model, adapter_name)
     config = api.attached(model)[name]
+    convert = LORA_CONVERSIONS.get(config.method_name)
+    if convert is not None:  # on a copy: the caller's model keeps its own adapter
+        model = convert(copy.deepcopy(model))
+        config = api.attached(model)[name]
     layers = list(named_adapter_layers(model, name))
     if isinstance(config, IA3):
         document, tensors = _ia3_export(model, layers)

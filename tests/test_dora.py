@@ -95,7 +95,7 @@ def test_plain_path_matches_fused_path(monkeypatch):
     fused.sum().backward()
     fused_grads = [p.grad.clone() for p in model[0].adapter_parameters()]
     model.zero_grad()
-    monkeypatch.setattr(DoRALayer, "_can_fuse", lambda self: False)
+    monkeypatch.setattr(DoRALayer, "_can_fuse", lambda self, x, weight: False)
     plain = model(x)
     plain.sum().backward()
     torch.testing.assert_close(plain, fused)
@@ -208,3 +208,24 @@ def test_registered_under_its_own_name():
 
     config = config_from_dict({"name": "dora", "r": 2})
     assert isinstance(config, lt.DoRA) and config.to_dict()["name"] == "dora"
+
+
+def test_quantized_base_matches_reference_on_the_dequantized_weight():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48, bias=False))
+    lt.attach(model, lt.DoRA(r=4, targets=["0"], quantize="nf4"))
+    randomize_adapter(model)
+    layer = model[0]
+    dense = layer.base_module().dequantize_weight()
+    x = torch.randn(5, 64)
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        out = model(x)
+    a, b, m = _reference_leaves(layer)
+    expected = reference_dora(x, dense, None, a, b, m, layer.scale)
+    torch.testing.assert_close(out, expected)
+    out.backward(torch.ones_like(out))
+    expected.backward(torch.ones_like(expected))
+    torch.testing.assert_close(layer.magnitude.grad, m.grad)
+    torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-4, atol=1e-5)
+    assert (48, 64) not in shapes

@@ -181,3 +181,13 @@ def test_export_command_writes_a_peft_adapter(tiny_llama, tokens, tmp_path):
     # an existing output is not overwritten without --force
     assert main(["export", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "peft")]) == 2
     assert main(["export", "--adapter", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_paca_exports_as_lora_and_leaves_the_model_as_it_was(tiny_llama, tokens, tmp_path):
+    lt.attach(tiny_llama, lt.PaCA(r=4, alpha=8, targets=["q_proj", "down_proj"]))
+    randomize_adapter(tiny_llama)
+    expected = _logits(tiny_llama, tokens)
+    lt.export_peft(tiny_llama, tmp_path / "peft")
+    assert lt.attached(tiny_llama)["default"].method_name == "paca"
+    loaded = peft.PeftModel.from_pretrained(lt.load_model("tiny-llama"), tmp_path / "peft").eval()
+    torch.testing.assert_close(_logits(loaded, tokens), expected, rtol=1e-5, atol=1e-5)

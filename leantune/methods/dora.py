@@ -8,7 +8,8 @@ Gradient convention: n is treated as a constant in backward (detached), as the D
 (section 4.3) suggests and as Hugging Face PEFT does, so A and B receive no gradient through n.
 The fused autograd function saves x, x·Aᵀ and one tokens×out tensor for the magnitude
 gradient — the layer's own output when it has no bias (the next op usually keeps that tensor
-anyway) — and never a weight-sized tensor: backward fetches W0 again from the base module.
+anyway; autograd's version check reports a later in-place edit of it) — and never a weight-sized
+tensor: backward fetches W0 again from the base module (quantized bases dequantize again).
 """
 from __future__ import annotations
 
@@ -47,9 +48,8 @@ class _FusedDoRA(torch.autograd.Function):
     """y = (m / n) ⊙ (x W0ᵀ + s (xd Aᵀ) Bᵀ) + b for a frozen W0, b; xd is x after LoRA dropout (None: x)."""
 
     @staticmethod
-    def forward(ctx, x, x_dropped, bias, lora_a, lora_b, magnitude, get_weight: Callable[[], torch.Tensor],
-                base_sq_norm, scale):
-        weight = get_weight()
+    def forward(ctx, x, x_dropped, weight, bias, lora_a, lora_b, magnitude,
+                get_weight: Callable[[], torch.Tensor], base_sq_norm, scale):
         x2 = x.reshape(-1, x.shape[-1])
         xd2 = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1])
         xa = xd2 @ lora_a.t()
@@ -88,16 +88,16 @@ class _FusedDoRA(torch.autograd.Function):
             if grad_xd is None:
                 grad_x.addmm_(gb, lora_a, alpha=scale)
             grad_x = grad_x.view(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            grad_a = (gb.t() @ xd2).mul_(scale)
         if ctx.needs_input_grad[4]:
-            grad_b = (gc.t() @ xa).mul_(scale)
+            grad_a = (gb.t() @ xd2).mul_(scale)
         if ctx.needs_input_grad[5]:
+            grad_b = (gc.t() @ xa).mul_(scale)
+        if ctx.needs_input_grad[6]:
             # dL/dm = Σ_t g ⊙ z / n, and z / n = y / m on the bias-free path.
             kept2 = kept.reshape(-1, kept.shape[-1])
             grad_m = (g2 * kept2).sum(0)
             grad_m = grad_m / magnitude if ctx.keep_output else grad_m / norm
-        return grad_x, grad_xd, None, grad_a, grad_b, grad_m, None, None, None
+        return grad_x, grad_xd, None, None, grad_a, grad_b, grad_m, None, None, None
 
 
 class DoRALayer(LoRALayer):
@@ -124,17 +124,18 @@ class DoRALayer(LoRALayer):
         self.base_sq_norm = self._base_sq_norm()
 
     # -- forward / merge --------------------------------------------------------------------
-    def _can_fuse(self) -> bool:
+    def _can_fuse(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
         base = self.base_layer
-        weight = self._base_weight()
         return (not isinstance(base, AdapterLayer) and not weight.requires_grad
-                and (base.bias is None or not base.bias.requires_grad))
+                and (base.bias is None or not base.bias.requires_grad)
+                and x.dtype == self.lora_A.dtype == weight.dtype)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         dropping = self.training and self.dropout > 0
         x_dropped = F.dropout(x, self.dropout, True) if dropping else None
-        if self._can_fuse() and x.dtype == self.lora_A.dtype == self._base_weight().dtype:
-            return _FusedDoRA.apply(x, x_dropped, self.base_module().bias, self.lora_A, self.lora_B,
+        weight = self._base_weight()  # quantized bases dequantize once here, and again in backward
+        if self._can_fuse(x, weight):
+            return _FusedDoRA.apply(x, x_dropped, weight, self.base_module().bias, self.lora_A, self.lora_B,
                                     self.magnitude, self._base_weight, self.base_sq_norm, self.scale)
         return self._plain_forward(x, x if x_dropped is None else x_dropped)
 
@@ -151,14 +152,11 @@ class DoRALayer(LoRALayer):
             scaled = scaled + bias.to(scaled.dtype)
         return scaled.to(result.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError("DoRA rescales the whole weight; use merged_weight()")
-
     def merged_weight(self) -> torch.Tensor:
-        weight = self._base_weight()
-        combined = weight.to(self.lora_A.dtype) + self.scale * (self.lora_B @ self.lora_A)
+        """W' = m · (W0 + s B A) / ‖W0 + s B A‖_row, in the adapter dtype."""
+        combined = self._base_weight().to(self.lora_A.dtype) + self.scale * (self.lora_B @ self.lora_A)
         return (self.magnitude / self.current_norms())[:, None] * combined
 
-    def merge_into_base(self) -> None:
-        weight = self.base_module().weight
-        weight.copy_(self.merged_weight().to(weight.dtype))
+    def delta_weight(self) -> torch.Tensor:
+        """W' - W0: what LoRALayer.merge_into_base adds to the base weight."""
+        return self.merged_weight() - self._base_weight().to(self.lora_A.dtype)
