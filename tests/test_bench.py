@@ -1,6 +1,7 @@
 import json
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from leantune.bench.profile import classify
 from leantune.bench.rows import PRESETS, parse_overrides, parse_row_names, row_settings
 from leantune.bench.search import longest_fitting
 from leantune.bench.worker import WorkerSpec
-from leantune.bench.worker import measure as measure_in_process
+from leantune.bench.worker import run_measurement as measure_in_process
 
 
 @pytest.fixture(autouse=True)
@@ -185,6 +186,52 @@ def test_run_plan_interleaves_aggregates_and_compares():
                                                    "torch": "t", "transformers": "t", "peft": "p"}})
     assert "| paca | full | 4.200 (3.780–4.620)" in markdown and "0.76×" in markdown
     assert "error: LeantuneError: unknown method 'dora'" in markdown
+
+
+def test_sketchtune_is_prepared_once_and_a_failed_preparation_is_a_row_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANTUNE_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_runner(spec):
+        calls.append((spec.row, spec.task, (spec.settings or {}).get("sketch")))
+        if spec.task == "prepare":
+            Path(spec.output).mkdir(parents=True)
+            return {"row": spec.row, "phase": "done", "output": spec.output}
+        return _fake_result(spec, 1.0, 10, 100)
+
+    plan = runner.BenchPlan(model="tiny-llama", rows=["floor", "sketchtune"], losses=["full"], repeats=2)
+    rows = runner.run_plan(plan, runner=fake_runner, log=lambda line: None)["rows"]
+    sketch = str(runner.prepared_path(plan, row_settings("sketchtune")))
+    assert calls == [("sketchtune", "prepare", None), ("floor", "measure", None), ("sketchtune", "measure", sketch),
+                     ("floor", "measure", None), ("sketchtune", "measure", sketch)]
+    assert rows[1]["settings"]["sketch"] == sketch and not rows[1]["error"]
+
+    def failing_runner(spec):
+        if spec.task == "prepare":
+            return {"row": spec.row, "phase": "prepare", "error": "LeantuneError: bad calibration"}
+        return _fake_result(spec, 1.0, 10, 100)
+
+    plan = runner.BenchPlan(model="tiny-llama", rows=["floor", "sketchtune"], losses=["full"], repeats=2,
+                            overrides={"sketchtune": {"bits": 3}})
+    rows = runner.run_plan(plan, runner=failing_runner, log=lambda line: None)["rows"]
+    assert rows[1]["error"] == "preparation failed: LeantuneError: bad calibration" and not rows[0]["error"]
+
+
+def test_both_losses_give_pairs_of_rows_compared_within_their_loss():
+    def fake_runner(spec):
+        step, saved, peak, _ = FAKE[spec.row]
+        if spec.loss == "chunked":
+            saved, peak = saved - 500, peak - 1000
+        return _fake_result(spec, step, saved, peak)
+
+    plan = runner.BenchPlan(model="tiny-llama", rows=["floor", "paca", "peft-lora"], losses=["full", "chunked"], repeats=1)
+    rows = {(e["row"], e["loss"]): e for e in runner.run_plan(plan, runner=fake_runner, log=lambda line: None)["rows"]}
+    assert len(rows) == 6
+    chunked = rows[("paca", "chunked")]
+    assert chunked["chunked_vs_full"]["peak_memory"] == pytest.approx((3200 - 1000) / 3200)
+    assert chunked["ratios"]["peft-lora"]["peak_memory"] == pytest.approx((3200 - 1000) / (4000 - 1000))
+    assert chunked["ratios"]["peft-lora"]["saved_above_floor"] == pytest.approx((1090 - 1000) / (2000 - 1000))
+    assert "chunked_vs_full" not in rows[("paca", "full")]
 
 
 def test_a_probe_error_that_is_not_memory_stops_the_search():

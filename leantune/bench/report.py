@@ -120,7 +120,7 @@ def measurement_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             _mib((e.get("peak_delta_bytes") or {}).get("median")),
             _mib(e["saved_bytes"]),
             f"{e['trainable_params']:,}",
-            _mib(base["stored"]) if base.get("stored") is not None else "–",
+            _mib(base["stored"]) if base.get("stored") else "–",
             str(longest["value"]) if longest.get("value") is not None else "–",
             note,
         ])

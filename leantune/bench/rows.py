@@ -31,7 +31,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qlora": {"name": "lora", "r": 8, "alpha": 16, "quantize": "nf4"},
     "qdora": {"name": "dora", "r": 8, "alpha": 16, "quantize": "nf4"},
     "qpaca": {"name": "paca", "r": 16, "alpha": 32, "quantize": "nf4"},
-    "sketchtune": {"name": "sketchtune"},
+    # The sketch is fitted once per run (see `needs_preparation`); its quality does not change the
+    # step's cost, so a small calibration set keeps that fit quick. `--set sketchtune.sketch=DIR`
+    # benchmarks a sketch fitted beforehand with `leantune sketch`.
+    "sketchtune": {"name": "sketchtune", "samples": 16, "seq_len": 256},
 }
 
 # Hugging Face PEFT rows: the same settings as the leantune row they are compared with.
@@ -105,3 +108,8 @@ def parse_overrides(items: list[str] | None, rows: list[str]) -> dict[str, dict[
             value = raw
         overrides.setdefault(row, {})[key] = value
     return overrides
+
+
+def needs_preparation(settings: dict[str, Any] | None) -> bool:
+    """SketchTune without a fitted sketch would refit it in every process: fit it once up front."""
+    return bool(settings) and settings.get("name") == "sketchtune" and not settings.get("sketch")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from .rows import FLOOR, PEFT_COUNTERPART, row_kind, row_settings
+from .rows import FLOOR, PEFT_COUNTERPART, needs_preparation, row_kind, row_settings
 from .search import longest_fitting
 from .worker import WorkerSpec
 
@@ -141,11 +141,15 @@ Runner = Callable[[WorkerSpec], dict[str, Any]]
 def run_plan(plan: BenchPlan, runner: Runner | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every (row, loss) configuration `plan.repeats` times, interleaved; aggregate; compare."""
     runner = runner or plan.default_runner
+    preparation_errors = prepare_rows(plan, runner, log)
     configs = [(row, loss) for loss in plan.losses for row in plan.rows]
     samples: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in configs}
     for repeat in range(plan.repeats):
         for row, loss in configs:
             done = samples[(row, loss)]
+            if row in preparation_errors:
+                done[:] = [{"row": row, "phase": "setup", "error": preparation_errors[row]}]
+                continue
             if done and done[-1].get("error") and done[-1].get("phase") == "setup":
                 continue  # a setup error (e.g. a method not registered) fails the same way every time
             spec = plan.spec(row, loss, profile=plan.profile and repeat == 0)
@@ -160,6 +164,39 @@ def run_plan(plan: BenchPlan, runner: Runner | None = None, log: Callable[[str],
                 entry["max_seq_len"] = find_max_seq_len(plan, entry["row"], entry["loss"], runner, log)
     add_ratios(rows)
     return {"rows": rows}
+
+
+def prepared_path(plan: BenchPlan, settings: dict[str, Any]) -> Path:
+    """Where a prepared artefact for these settings lives: the leantune cache, keyed by their hash."""
+    import hashlib
+
+    from ..models import cache_dir
+
+    key = json.dumps({"model": plan.model, "dtype": plan.dtype, "settings": settings}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    slug = "".join(c if c.isalnum() else "-" for c in plan.model.lower())
+    return cache_dir() / "bench" / f"{settings['name']}-{slug}-{digest}"
+
+
+def prepare_rows(plan: BenchPlan, runner: Runner, log: Callable[[str], None] = print) -> dict[str, str]:
+    """Fit once what a row would otherwise refit in every process; point the row at it.
+
+    Returns the rows whose preparation failed, with the error (they become row errors)."""
+    errors: dict[str, str] = {}
+    for row in plan.rows:
+        settings = row_settings(row, plan.overrides)
+        if not needs_preparation(settings):
+            continue
+        path = prepared_path(plan, settings)
+        if not path.is_dir():
+            log(f"preparing {row}: fitting once into {path}")
+            result = runner(plan.spec(row, plan.losses[0], task="prepare", output=str(path)))
+            if result.get("error"):
+                errors[row] = f"preparation failed: {result['error']}"
+                log(f"preparing {row}: error: {result['error']}")
+                continue
+        plan.overrides.setdefault(row, {})["sketch"] = str(path)
+    return errors
 
 
 def _progress_line(repeat: int, repeats: int, row: str, loss: str, result: dict[str, Any], seconds: float) -> str:

@@ -41,6 +41,9 @@ class WorkerSpec:
     # Import peft in every row of a run that has PEFT rows, so all processes start from the same RSS.
     preload_peft: bool = False
     mem_cap: int | None = None  # bytes; on CUDA it becomes the per-process memory fraction
+    # "measure", or "prepare": fit what the row needs once (a SketchTune sketch) and save it to `output`
+    task: str = "measure"
+    output: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -137,7 +140,7 @@ def make_step(model, input_ids, optimizer, loss: str) -> Callable[[], None]:
     return step
 
 
-def measure(spec: WorkerSpec, result: dict[str, Any]) -> None:
+def run_measurement(spec: WorkerSpec, result: dict[str, Any]) -> None:
     import torch
 
     from . import measure as m
@@ -197,6 +200,23 @@ def measure(spec: WorkerSpec, result: dict[str, Any]) -> None:
     result["phase"] = "done"
 
 
+def prepare(spec: WorkerSpec, result: dict[str, Any]) -> None:
+    """Fit the row's sketch on the model and save it where the measuring processes will load it."""
+    import torch
+
+    import leantune as lt
+    from leantune.methods import config_from_dict
+    from leantune.methods.sketch.pack import save_sketch
+
+    model = lt.load_model(spec.model, dtype=getattr(torch, spec.dtype), device=spec.device)
+    config = config_from_dict(dict(spec.settings or {}))
+    result["phase"] = "prepare"
+    sketch, report = config.fit(model)
+    save_sketch(sketch, spec.output, report)
+    result["output"] = spec.output
+    result["phase"] = "done"
+
+
 def _is_out_of_memory(err: BaseException) -> bool:
     import torch
 
@@ -212,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"row": spec.row, "phase": "setup", "seq": spec.seq, "batch": spec.batch}
     status = 0
     try:
-        measure(spec, result)
+        (prepare if spec.task == "prepare" else run_measurement)(spec, result)
     except Exception as err:  # every failure becomes a row error in the report, never a crash
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
         result["error"] = f"{type(err).__name__}: {message}" if message else type(err).__name__
