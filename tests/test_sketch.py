@@ -111,7 +111,8 @@ def test_weighted_kmeans_recovers_known_clusters():
     torch.testing.assert_close(found, centres, atol=0.01, rtol=0)
 
 
-def test_sweep_beats_plain_rounding_on_correlated_inputs():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_sweep_beats_plain_rounding_on_correlated_inputs(act_order):
     generator = torch.Generator().manual_seed(0)
     tokens, features, out_features = 2048, 64, 32
     # inputs that live mostly in an 8-dimensional subspace: errors can be steered into its complement
@@ -119,7 +120,7 @@ def test_sweep_beats_plain_rounding_on_correlated_inputs():
     x += 0.05 * torch.randn(tokens, features, generator=generator)
     weight = torch.randn(out_features, features, generator=generator)
     hessian = (x.double().t() @ x.double()) / tokens
-    settings = FitSettings(bits=3, groups_per_row=2, block_size=16, table_dtype=torch.float32)
+    settings = FitSettings(bits=3, groups_per_row=2, block_size=16, table_dtype=torch.float32, act_order=act_order)
     codes, tables = fit_weight(weight, hessian, settings)
     plain = nearest_entry_codes(weight, tables)
 
@@ -327,3 +328,21 @@ def test_tables_of_another_sketch_are_refused(tiny_llama, sketch_dir, calib_file
     save_sketch(refit, sketch_dir)  # the directory now holds a different sketch
     with pytest.raises(lt.LeantuneError, match="belong to sketch"):
         lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "adapter")
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+def test_sketch_command_writes_and_reports(tmp_path, calib_file, capsys):
+    from leantune.cli import main
+
+    out = tmp_path / "cli-sketch"
+    code = main(["sketch", "--model", "tiny-llama", "--calib", calib_file, "--heldout", calib_file, "--samples", "4",
+                 "--seq-len", "48", "--groups-per-row", "2", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "model.layers.1.mlp.down_proj" in printed and "held-out perplexity" in printed
+    report = json.loads((out / "fit_report.json").read_text())
+    assert report["perplexity_sketched"] > 1 and report["perplexity_original"] > 1
+    assert report["targeted_bytes_sketch"] == load_sketch(out).nbytes()
+    assert main(["sketch", "--model", "tiny-llama", "--calib", str(tmp_path / "missing.txt")]) == 2
+    assert "neither 'humaneval-tests' nor an existing text file" in capsys.readouterr().err

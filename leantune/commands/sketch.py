@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..api import attach
     from ..io import atomic_write_text
     from ..methods.sketch import SketchTune
-    from ..methods.sketch.calib import consecutive_windows, perplexity, source_text, tokenize
+    from ..methods.sketch.calib import check_source, consecutive_windows, perplexity, source_text, tokenize
     from ..methods.sketch.pack import FIT_REPORT_FILE, save_sketch
 
     out = args.out or f"out/sketch-{args.model.replace('/', '_')}-b{args.bits}-g{args.groups_per_row}"
@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
                         seq_len=args.seq_len, damp=args.damp, act_order=args.act_order,
                         table_dtype=args.table_dtype, seed=args.seed, targets=targets)
     heldout = args.heldout or (BUILTIN if args.calib == BUILTIN else "none")
+    for source in (args.calib, heldout):
+        if source != "none":
+            check_source(source)
 
     model = models.load_model(args.model)
     tokenizer = models.load_tokenizer(args.model)

@@ -25,13 +25,21 @@ def _humaneval_text(split: str) -> str:
     return "\n\n".join(t for t in texts if t)
 
 
-def source_text(source: str, split: str) -> str:
-    """The text of `source`: the built-in's `split` ("train" to calibrate, "test" held out) or a file."""
+def check_source(source: str) -> Path | None:
+    """The file behind `source` (None for the built-in); an error if it is neither."""
     if source == BUILTIN:
-        return _humaneval_text(split)
+        return None
     path = Path(source).expanduser()
     if not path.is_file():
         raise LeantuneError(f"calibration source '{source}' is neither '{BUILTIN}' nor an existing text file")
+    return path
+
+
+def source_text(source: str, split: str) -> str:
+    """The text of `source`: the built-in's `split` ("train" to calibrate, "test" held out) or a file."""
+    path = check_source(source)
+    if path is None:
+        return _humaneval_text(split)
     try:
         return path.read_text()
     except UnicodeDecodeError:
