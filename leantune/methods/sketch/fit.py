@@ -289,20 +289,11 @@ def fit_sketch(model: nn.Module, input_ids: torch.Tensor, names: list[str], sett
     try:
         with torch.no_grad():
             inputs = _capture_block_inputs(model, blocks[0], input_ids, settings.batch_size)
-            for index in range(max(by_block) + 1):
-                block = blocks[index]
+            last = max(by_block)
+            for index in range(last + 1):
                 targeted = by_block.get(index, {})
-                originals = {}
-                shared = _block_hessians(block, inputs, targeted) if targeted else {}
-                for members, hessian in shared.values():
-                    fitted = _fit_group(members, hessian, targeted, settings, report, progress)
-                    for name, (sketch_layer, approx) in fitted.items():
-                        layers[name] = sketch_layer
-                        originals[name] = targeted[name].weight.detach().clone()
-                        targeted[name].weight.copy_(approx.to(targeted[name].weight.dtype))
-                outputs = _run_block(block, inputs)
-                for name, weight in originals.items():
-                    targeted[name].weight.copy_(weight)
+                outputs = _fit_block(blocks[index], inputs, targeted, settings, layers, report, progress,
+                                     need_outputs=index < last)
                 inputs = [_with_hidden(args, kwargs, hidden) for (args, kwargs), hidden in zip(inputs, outputs)]
     finally:
         model.train(was_training)
@@ -310,6 +301,25 @@ def fit_sketch(model: nn.Module, input_ids: torch.Tensor, names: list[str], sett
     sketch = Sketch(layers=layers, bits=settings.bits, groups_per_row=settings.groups_per_row,
                     model_name=getattr(getattr(model, "config", None), "_name_or_path", None), model_id=model_id)
     return sketch, report
+
+
+def _fit_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targeted: dict[str, nn.Linear],
+               settings: FitSettings, layers: dict[str, LayerSketch], report: dict[str, Any],
+               progress: Callable[[dict[str, Any]], None] | None, need_outputs: bool) -> list[torch.Tensor]:
+    """Fit the block's targeted linears, then run it with Ŵ in place of W (restored afterwards)."""
+    shared = _block_hessians(block, inputs, targeted) if targeted else {}
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        for members, hessian in shared.values():
+            for name, (sketch_layer, approx) in _fit_group(members, hessian, targeted, settings, report,
+                                                           progress).items():
+                layers[name] = sketch_layer
+                originals[name] = targeted[name].weight.detach().clone()
+                targeted[name].weight.copy_(approx.to(targeted[name].weight.dtype))
+        return _run_block(block, inputs) if need_outputs else []
+    finally:
+        for name, weight in originals.items():
+            targeted[name].weight.copy_(weight)
 
 
 def _fit_group(members: list[str], hessian: torch.Tensor, linears: dict[str, nn.Linear], settings: FitSettings,
