@@ -45,7 +45,7 @@ def reference_greedy(model, tokenizer, prompt, max_new_tokens):
 def test_batched_greedy_matches_unbatched_reference(model, tokenizer):
     expected = [reference_greedy(model, tokenizer, p, 12) for p in PROMPTS]
     assert len(set(expected)) == len(expected)
-    for batch_size in (1, 3, 8):
+    for batch_size in (3, 4):
         assert generate(model, tokenizer, PROMPTS, max_new_tokens=12, batch_size=batch_size) == expected
 
 

@@ -72,14 +72,14 @@ class _StopCriterion:
         return any(stop_string in tail for stop_string in self.stop)
 
 
-def _generation_config(model: nn.Module, tokenizer: Any, max_new_tokens: int, temperature: float,
-                       top_p: float, end_ids: list[int]) -> Any:
+def _generation_config(tokenizer: Any, max_new_tokens: int, temperature: float, top_p: float,
+                       end_ids: list[int]) -> Any:
     from transformers import GenerationConfig
 
     sampling = temperature > 0
     options = dict(max_new_tokens=max_new_tokens, do_sample=sampling, num_beams=1, use_cache=True,
                    eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
-    if sampling:
+    if sampling:  # plain temperature / nucleus sampling: top_k=0 turns Hugging Face's default top-k off
         options.update(temperature=temperature, top_p=top_p, top_k=0)
     return GenerationConfig(**options)
 
@@ -128,7 +128,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
     _check_options(prompts, max_new_tokens, temperature, top_p, batch_size)
     prompts = list(prompts)
     end_ids = end_token_ids(tokenizer)
-    config = _generation_config(model, tokenizer, max_new_tokens, temperature, top_p, end_ids)
+    config = _generation_config(tokenizer, max_new_tokens, temperature, top_p, end_ids)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     texts: list[str] = [""] * len(prompts)
