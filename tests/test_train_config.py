@@ -140,3 +140,14 @@ def test_dataclass_fields_all_carry_docs():
     for cls in (TrainConfig, DataConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("doc"), f.name
+
+
+def test_cli_bad_data_line_exits_2_naming_file_and_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b",}\n')
+    status = main(["train", "--set", "model=tiny-llama", "--set", "data.train=data.jsonl", "--set", "data.eval=null",
+                   "--set", "out_dir=out"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert err.strip() == "leantune train: error: data.jsonl, line 2: not valid JSON (Expecting property name enclosed in double quotes)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]

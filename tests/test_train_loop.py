@@ -69,8 +69,10 @@ def test_training_lowers_the_loss_and_writes_adapter_config_metrics_summary(tmp_
 def test_checkpoints_hold_adapter_optimizer_rng_and_position_and_keep_the_last_k(tmp_path):
     lt.train(tiny_config(tmp_path, max_steps=7, save_every=2, keep_checkpoints=2, data_eval=None))
     root = tmp_path / "out" / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-4", "step-6"]
-    assert (root / "latest").read_text().strip() == "step-6"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-6", "step-7"]  # the end is saved too
+    assert (root / "latest").read_text().strip() == "step-7"
+    final = load_tensors(root / "step-7" / "adapter" / "adapter.safetensors")
+    assert all(torch.equal(v, adapter_tensors(tmp_path / "out")[k]) for k, v in final.items())
     step = root / "step-6"
     assert sorted(p.name for p in step.iterdir()) == ["adapter", "optimizer.json", "optimizer.safetensors",
                                                       "rng.safetensors", "trainer_state.json"]
@@ -160,6 +162,14 @@ def test_resume_of_a_finished_run_does_nothing(tmp_path, capsys):
     result = lt.train(config, resume=True)
     assert "already finished" in capsys.readouterr().err and result.steps == 2
     assert all(torch.equal(before[k], v) for k, v in adapter_tensors(tmp_path / "out").items())
+
+
+def test_resume_with_more_steps_continues_from_the_end(tmp_path, capsys):
+    lt.train(tiny_config(tmp_path, max_steps=3, save_every=2, data_eval=None))
+    result = lt.train(tiny_config(tmp_path, max_steps=5, save_every=2, data_eval=None), resume=True)
+    assert "step-3 (step 3)" in capsys.readouterr().err and result.steps == 5
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
 
 
 def test_resume_refuses_a_different_run_identity(tmp_path):

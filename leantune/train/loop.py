@@ -343,7 +343,7 @@ class Trainer:
                     if eval_loss is not None:
                         self.metrics.write({"step": state["step"], "eval_loss": eval_loss})
                         progress.write(f"step {state['step']}: eval loss {eval_loss:.4f}")
-                if self.stop_requested:
+                if self.stop_requested and state["step"] < self.total_steps:
                     return True
                 if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < self.total_steps:
                     self.save(state)
@@ -467,6 +467,8 @@ class Trainer:
     def _finish(self, state: dict[str, Any]) -> TrainResult:
         from ..io import atomic_write_text, save_adapter
 
+        if self.config.save_every:  # a later run with a larger max_steps continues from the very end
+            self.save(state)
         adapter_dir = save_adapter(self.model, self.out_dir / "adapter")
         eval_after = self.evaluate()
         if eval_after is not None:
