@@ -38,7 +38,7 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     """
     if labels.shape != input_ids.shape:
         raise LeantuneError(f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}")
-    head = _plain_linear_head(model)
+    decoder, head = _decoder_and_head(model)
     if chunked is None:
         chunked = head is not None and head.out_features >= CHUNKED_MIN_VOCAB
     elif chunked and head is None:
@@ -49,7 +49,6 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     if chunk_tokens < 1:
         raise LeantuneError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
 
-    decoder = model.get_decoder()
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state
     targets = labels[:, 1:]
@@ -88,21 +87,21 @@ def _denominator(num_items, count: int, like: torch.Tensor) -> torch.Tensor | fl
     return float(max(value, 1))
 
 
-def _plain_linear_head(model: nn.Module) -> nn.Linear | None:
-    """The output head if logits are exactly `head(hidden)`; None when the chunked path cannot apply."""
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:
+    """The decoder body and output head if logits are exactly `head(decoder(...))`; (None, None) otherwise."""
     get_head = getattr(model, "get_output_embeddings", None)
     get_decoder = getattr(model, "get_decoder", None)
     if not callable(get_head) or not callable(get_decoder):
-        return None
-    head = get_head()
-    if type(head) is not nn.Linear:
-        return None
+        return None, None
+    head, decoder = get_head(), get_decoder()
+    if type(head) is not nn.Linear or not isinstance(decoder, nn.Module) or decoder is model:
+        return None, None
     config = getattr(model, "config", None)
     # Architectures that post-process the logits (soft-capping, scaling) go through the model itself.
     for attribute in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         if getattr(config, attribute, None) not in (None, 1, 1.0):
-            return None
-    return head
+            return None, None
+    return decoder, head
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
