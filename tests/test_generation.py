@@ -71,7 +71,9 @@ def test_stop_strings_cut_the_text_and_end_the_row_early(model, tokenizer):
     stats = {}
     cut = generate(model, tokenizer, [PROMPTS[row]], max_new_tokens=20, stop=["never", stop], stats=stats)[0]
     assert cut == full[row][:first]
-    assert stats["new_tokens"] < 20
+    assert stats["new_tokens"] < 20 and stats["hit_budget"] == [False]
+    generate(model, tokenizer, PROMPTS, max_new_tokens=2, stats=stats)
+    assert stats["hit_budget"] == [True] * len(PROMPTS) and stats["new_tokens"] == 2 * len(PROMPTS)
     assert cut_at_stop("abcXdefYg", ["Y", "X"]) == "abc"
     assert cut_at_stop("abc", ["Z"]) == "abc"
 
@@ -118,6 +120,11 @@ def test_extract_test_stops_at_the_first_unindented_line():
     assert unit_tests.extract_test(RECORD, generated) == (
         "def test_add():\n    assert add(1, 2) == 3\n\n    assert add(0, 0) == 0\n")
     assert unit_tests.extract_test(RECORD, "x = 1\n") == "def test_add():\n"
+    cut_by_budget = "    assert add(1, 2) == 3\n    assert add(2,"
+    assert unit_tests.extract_test(RECORD, cut_by_budget, hit_budget=True) == (
+        "def test_add():\n    assert add(1, 2) == 3\n")
+    assert unit_tests.extract_test(RECORD, cut_by_budget) == "def test_add():\n" + cut_by_budget + "\n"
+    assert unit_tests.extract_test(RECORD, "    assert add(1, 2) == 3\n    pass\n", hit_budget=True).endswith("pass\n")
 
 
 def test_judge_tells_every_outcome_apart():

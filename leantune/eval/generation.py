@@ -123,7 +123,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
 
     Returns the generated texts (prompt excluded, special tokens skipped), each cut before its
     first stop string, in the order of `prompts`. If `stats` is a dict it receives prompt_tokens,
-    new_tokens (tokens until each row stopped) and seconds.
+    new_tokens (tokens until each row stopped), seconds, and hit_budget: per prompt, whether it ran
+    out of `max_new_tokens` before an end token or stop string (its last line is then unfinished).
     """
     _check_options(prompts, max_new_tokens, temperature, top_p, batch_size)
     prompts = list(prompts)
@@ -132,6 +133,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     texts: list[str] = [""] * len(prompts)
+    budget_hits = [False] * len(prompts)
     counts = {"prompt_tokens": 0, "new_tokens": 0}
     was_training = model.training
     model.eval()
@@ -142,18 +144,21 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
             for first in range(0, len(order), batch_size):
                 rows = order[first:first + batch_size]
                 batch = _encode_batch(tokenizer, [prompts[i] for i in rows], max_prompt_tokens)
-                for row, text in zip(rows, _generate_batch(model, tokenizer, batch, config, stop, end_ids, device, counts)):
+                results = _generate_batch(model, tokenizer, batch, config, stop, end_ids, device, counts)
+                for row, (text, hit_budget) in zip(rows, results):
                     texts[row] = text
+                    budget_hits[row] = hit_budget
     finally:
         model.train(was_training)
     if stats is not None:
-        stats.update(counts, prompts=len(prompts), seconds=time.perf_counter() - start)
+        stats.update(counts, prompts=len(prompts), seconds=time.perf_counter() - start, hit_budget=budget_hits)
     return texts
 
 
 def _generate_batch(model: nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor], config: Any,
                     stop: Sequence[str], end_ids: list[int], device: torch.device,
-                    counts: dict[str, int]) -> list[str]:
+                    counts: dict[str, int]) -> list[tuple[str, bool]]:
+    """(text, ran out of tokens) per row of one left-padded batch."""
     from transformers import StoppingCriteriaList
 
     prompt_length = batch["input_ids"].shape[1]
@@ -164,9 +169,9 @@ def _generate_batch(model: nn.Module, tokenizer: Any, batch: dict[str, torch.Ten
     generated = output[:, prompt_length:].tolist()
     lengths = criterion.lengths or [None] * len(generated)
     counts["prompt_tokens"] += int(batch["attention_mask"].sum())
-    texts = []
+    results = []
     for tokens, length in zip(generated, lengths):
         tokens = tokens[:length] if length is not None else tokens
         counts["new_tokens"] += len(tokens)
-        texts.append(cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop))
-    return texts
+        results.append((cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop), length is None))
+    return results

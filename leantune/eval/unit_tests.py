@@ -28,13 +28,20 @@ END_OF_FUNCTION = tuple("\n" + c for c in string.ascii_letters + string.digits +
 DEFAULT_LIMITS = Limits(wall_seconds=10.0, cpu_seconds=5, memory_bytes=1 << 30)
 
 
-def extract_test(record: dict[str, Any], generated: str) -> str:
-    """`def test_<name>():` plus the indented lines of `generated` up to the first unindented one."""
+def extract_test(record: dict[str, Any], generated: str, hit_budget: bool = False) -> str:
+    """`def test_<name>():` plus the indented lines of `generated` up to the first unindented one.
+
+    A generation that ran out of tokens (`hit_budget`) inside the body loses its unfinished last
+    line: the budget cut it, not the model.
+    """
     body = []
     for line in generated.splitlines():
         if line.strip() and not line[0].isspace():
             break
         body.append(line)
+    else:
+        if hit_budget and not generated.endswith("\n") and len(body) > 1:
+            body.pop()
     while body and not body[-1].strip():
         body.pop()
     return f"def {unit_test_name(record['entry_point'])}():\n" + "".join(line + "\n" for line in body)
@@ -100,7 +107,7 @@ def generate_and_judge(model: nn.Module, tokenizer: Any, records: Sequence[dict[
          f"({stats['new_tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s); running the tests in the sandbox...",
          progress)
     start = time.perf_counter()
-    tests = [extract_test(r, g) for r, g in zip(records, generations)]
+    tests = [extract_test(r, g, hit) for r, g, hit in zip(records, generations, stats["hit_budget"])]
     rows = judge_tests(records, tests, limits, workers)
     for row, generated in zip(rows, generations):
         row["generated"] = generated
