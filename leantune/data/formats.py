@@ -156,7 +156,7 @@ def _chat_example(messages: Any, tokenizer: Any, where: str) -> Example:
     input_ids: list[int] = []
     labels: list[int] = []
     for text, is_assistant in _chat_segments(messages, tokenizer, where):
-        ids = _encode(tokenizer, text, first=not input_ids)
+        ids = _encode(tokenizer, text, first=False)  # the template writes its own BOS where it wants one
         input_ids += ids
         labels += ids if is_assistant else [IGNORE_INDEX] * len(ids)
     return Example(input_ids, labels)
