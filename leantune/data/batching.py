@@ -132,8 +132,3 @@ class BatchStream:
         while True:
             yield self.batch_at(position)
             position += 1
-
-    def in_order(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Each example once, in dataset order (evaluation)."""
-        for start in range(0, len(self.examples), self.batch_size):
-            yield collate(self.examples[start:start + self.batch_size], self.pad_id)

@@ -193,16 +193,16 @@ class Trainer:
 
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(cfg.model)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        train_examples, self.train_fit = prepare_dataset(cfg.data.train, self.tokenizer, cfg.max_length,
+        tokenizer = self.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        train_examples, self.train_fit = prepare_dataset(cfg.data.train, tokenizer, cfg.max_length,
                                                          cfg.overlong, cfg.packing)
-        self.train_stream = BatchStream(train_examples, cfg.batch_size, cfg.seed, pad_id,
+        self.train_stream = BatchStream(train_examples, cfg.batch_size, cfg.seed, self.pad_id,
                                         group_by_length=cfg.group_by_length)
-        self.eval_stream = None
+        self.eval_examples = None
         if cfg.data.eval is not None:
-            eval_examples, self.eval_fit = prepare_dataset(cfg.data.eval, self.tokenizer, cfg.max_length,
-                                                           cfg.overlong, cfg.packing)
-            self.eval_stream = BatchStream(eval_examples, cfg.batch_size, cfg.seed, pad_id, shuffle=False)
+            self.eval_examples, self.eval_fit = prepare_dataset(cfg.data.eval, tokenizer, cfg.max_length,
+                                                                cfg.overlong, cfg.packing)
 
         if self.model is None:
             self.model = load_model(cfg.model)
@@ -302,7 +302,7 @@ class Trainer:
             f"train data {cfg.data.train}: {self.train_fit.describe()}"
             + (f", packed into {len(self.train_stream.examples)} rows" if cfg.packing else ""),
         ]
-        if self.eval_stream is not None:
+        if self.eval_examples is not None:
             lines.append(f"eval data {cfg.data.eval}: {self.eval_fit.describe()}")
         lines.append(f"{self.total_steps} steps of {cfg.batch_size}x{cfg.grad_accum} examples "
                      f"({self.train_stream.batches_per_epoch} batches per epoch), {cfg.precision} on {self.device}, "
@@ -397,28 +397,13 @@ class Trainer:
 
     def evaluate(self) -> float | None:
         """Mean loss per loss token over the eval set (None without eval data)."""
-        if self.eval_stream is None:
+        if self.eval_examples is None:
             return None
-        from ..loss import causal_lm_loss, count_loss_tokens
+        from ..eval.metrics import loss_and_perplexity
 
-        was_training = self.model.training
-        self.model.eval()
-        total, count = 0.0, 0
-        batches = self.eval_stream.in_order()
-        if self.config.progress:
-            from tqdm.auto import tqdm
-
-            batches = tqdm(batches, total=self.eval_stream.batches_per_epoch, desc="eval", unit="batch",
-                           leave=False, file=sys.stderr, dynamic_ncols=True)
-        with torch.no_grad(), autocast(self.config.precision, self.device):
-            for batch in batches:
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                total += float(causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                              chunk_tokens=self.config.loss_chunk_tokens, chunked=self.chunked,
-                                              num_items=1))
-                count += count_loss_tokens(batch["labels"])
-        self.model.train(was_training)
-        return total / max(count, 1)
+        with autocast(self.config.precision, self.device):
+            return loss_and_perplexity(self.model, self.eval_examples, self.pad_id, self.config.batch_size,
+                                       progress=self.config.progress)["loss"]
 
     def save(self, state: dict[str, Any]) -> Path:
         trainer_state = {k: v for k, v in state.items() if k != "finished"}
