@@ -292,6 +292,15 @@ def add_to_weight(module: nn.Module, delta: torch.Tensor) -> None:
         module.weight += delta.to(module.weight.dtype)
 
 
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Overwrite a base linear's weight with a dense tensor (quantized modules requantize it)."""
+    quantize = getattr(module, "quantize_", None)
+    if callable(quantize):
+        quantize(weight)
+    else:
+        module.weight.copy_(weight.to(module.weight.dtype))
+
+
 def adapter_layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[AdapterLayer]:
     for _, layer in named_adapter_layers(model, adapter_name):
         yield layer
