@@ -103,9 +103,8 @@ def generate_and_judge(model: nn.Module, tokenizer: Any, records: Sequence[dict[
     generations = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, stop=END_OF_FUNCTION,
                            batch_size=batch_size, stats=stats)
-    _log(f"[{label}] generated {stats['new_tokens']} tokens in {stats['seconds']:.1f} s "
-         f"({stats['new_tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s); running the tests in the sandbox...",
-         progress)
+    _log(f"[{label}] read {stats['prompt_tokens']} prompt tokens and generated {stats['new_tokens']} tokens "
+         f"in {stats['seconds']:.1f} s; running the tests in the sandbox...", progress)
     start = time.perf_counter()
     tests = [extract_test(r, g, hit) for r, g, hit in zip(records, generations, stats["hit_budget"])]
     rows = judge_tests(records, tests, limits, workers)
@@ -114,6 +113,8 @@ def generate_and_judge(model: nn.Module, tokenizer: Any, records: Sequence[dict[
     summary = summarize(rows)
     summary.update(generation_seconds=stats["seconds"], new_tokens=stats["new_tokens"],
                    sandbox_seconds=time.perf_counter() - start, rows=rows)
+    counts = ", ".join(f"{count} {key}" for key, count in summary["counts"].items())
+    _log(f"[{label}] {counts} ({summary['sandbox_seconds']:.1f} s in the sandbox)", progress)
     return summary
 
 
