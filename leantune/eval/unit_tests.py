@@ -120,7 +120,7 @@ def generate_and_judge(model: nn.Module, tokenizer: Any, records: Sequence[dict[
 
 def before_after(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]],
                  max_new_tokens: int = 192, eval_loss_before: float | None = None,
-                 eval_loss_after: float | None = None, batch_size: int = 8, temperature: float = 0.0,
+                 eval_loss_after: float | None = None, batch_size: int = 16, temperature: float = 0.0,
                  top_p: float = 1.0, limits: Limits | None = None, workers: int = 2,
                  progress: bool = True, print_table: bool = True) -> dict[str, Any]:
     """Generate a test per held-out record with the base model (adapters disabled) and with the
