@@ -151,3 +151,13 @@ def test_attaching_twice_under_one_name_is_an_error(tiny_llama):
     lt.attach(tiny_llama, lt.LoRA())
     with pytest.raises(lt.LeantuneError, match="already attached"):
         lt.attach(tiny_llama, lt.LoRA())
+
+
+def test_bf16_autocast_trains(tiny_llama, tokens):
+    lt.attach(tiny_llama, lt.LoRA(r=4))
+    randomize_adapter(tiny_llama)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = tiny_llama(tokens, labels=tokens).loss
+    loss.backward()
+    grads = [p.grad for p in tiny_llama.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.dtype == torch.float32 for g in grads)

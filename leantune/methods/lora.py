@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LeantuneError
-from .base import AdapterLayer, MethodConfig, adapter_dtype, add_to_weight, register
+from .base import AdapterLayer, MethodConfig, adapter_dtype, add_to_weight, autocast_active, register
 
 INITS = ("kaiming", "gaussian", "pissa")
 
@@ -138,7 +138,8 @@ class LoRALayer(AdapterLayer):
                 and not (self.training and self.dropout > 0))
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._can_fuse() and x.dtype == self.lora_A.dtype == self.base_layer.weight.dtype:
+        if (self._can_fuse() and x.dtype == self.lora_A.dtype == self.base_layer.weight.dtype
+                and not autocast_active(x)):
             return _FusedLoRA.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B, self.scale)
         result = self.base_layer(x)
         h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
