@@ -277,6 +277,11 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
     return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def autocast_active(x: torch.Tensor) -> bool:
+    """Fused autograd functions assume one dtype throughout; under autocast layers take their plain path."""
+    return torch.is_autocast_enabled(x.device.type)
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The weight of a base linear as a dense tensor (quantized modules dequantize on demand)."""
     dequantize = getattr(module, "dequantize_weight", None)
