@@ -185,6 +185,10 @@ def test_run_plan_interleaves_aggregates_and_compares():
                                        "machine": {"device": "cpu", "cpu": "x", "cores": 2, "torch_threads": 2,
                                                    "torch": "t", "transformers": "t", "peft": "p"}})
     assert "| paca | full | 4.200 (3.780–4.620)" in markdown and "0.76×" in markdown
+    # the PaCA targets, judged on these numbers
+    assert "| paca step time × peft-lora <= 0.9 | full | 0.764 | yes |" in markdown
+    assert "| paca step time × floor <= 1.03 | full | 1.050 | **no** |" in markdown
+    assert "| paca saved above floor × peft-lora <= 0.1 | full | 0.090 | yes |" in markdown
     assert "error: LeantuneError: unknown method 'dora'" in markdown
 
 

@@ -147,6 +147,52 @@ def ratio_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return table
 
 
+# The issues' targets: (row, baseline row, metric, bound, "<=" or ">="). Metrics are the keys of a
+# row's ratios; "base_bytes_vs_fp32" is the row's own stored/fp32 base-weight bytes.
+TARGETS = [
+    ("paca", "peft-lora", "step_time", 0.90, "<="),
+    ("paca", "floor", "step_time", 1.03, "<="),
+    ("paca", "peft-lora", "peak_memory", 0.84, "<="),
+    ("paca", "peft-lora", "saved_above_floor", 0.10, "<="),
+    ("paca", "peft-lora", "max_seq_len", 1.2, ">="),
+    ("lora", "peft-lora", "step_time", 0.95, "<="),
+    ("dora", "peft-dora", "step_time", 0.90, "<="),
+    ("dora", "peft-dora", "saved_bytes", 0.6, "<="),
+    ("dora", "lora", "step_time", 1.10, "<="),
+    ("sketchtune", "lora", "step_time", 1.10, "<="),
+    ("sketchtune", "lora", "saved_bytes", 1.0, "<="),
+    ("qpaca", None, "base_bytes_vs_fp32", 0.15, "<="),
+]
+
+
+def target_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Each target whose rows were measured: the measured ratio and whether it is met."""
+    table = []
+    for entry in rows:
+        if entry.get("error"):
+            continue
+        for row, baseline, metric, bound, op in TARGETS:
+            if entry["row"] != row:
+                continue
+            if baseline is None:
+                base = entry.get("adapted_base_bytes") or {}
+                value = base["stored"] / base["fp32"] if base.get("fp32") else None
+            else:
+                value = entry["ratios"].get(baseline, {}).get(metric)
+            if value is None:
+                continue
+            met = value <= bound if op == "<=" else value >= bound
+            against = f" × {baseline}" if baseline else ""
+            table.append([f"{row} {metric.replace('_', ' ')}{against} {op} {bound}", entry["loss"],
+                          f"{value:.3f}", "yes" if met else "**no**"])
+    for entry in rows:
+        pair = entry.get("chunked_vs_full")
+        if pair and pair.get("peak_memory") is not None:
+            table.append([f"{entry['row']} peak memory, chunked loss < full-logits loss", "both",
+                          f"{pair['peak_memory']:.3f}", "yes" if pair["peak_memory"] < 1 else "**no**"])
+    return table
+
+
 def render_markdown(document: dict[str, Any]) -> str:
     rows, settings, machine = document["rows"], document["settings"], document["machine"]
     lines = [
@@ -180,6 +226,10 @@ def render_markdown(document: dict[str, Any]) -> str:
         lines += _table(["row", "peak memory", "saved for backward", "step time"], [
             [e["row"], _x(e["chunked_vs_full"]["peak_memory"]), _x(e["chunked_vs_full"]["saved_bytes"]),
              _x(e["chunked_vs_full"]["step_time"])] for e in pairs])
+    targets = target_rows(rows)
+    if targets:
+        lines += ["", "## Targets from the issues", ""]
+        lines += _table(["target", "loss", "measured", "met"], targets)
     if settings.get("max_seq_len"):
         lines += ["", f"Max seq len: the longest sequence (batch 1, multiples of {settings['seq_step']}, "
                       f"up to {settings['seq_limit']}) whose training step keeps the peak memory under "
