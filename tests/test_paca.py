@@ -378,3 +378,14 @@ def test_trains_and_loss_goes_down(tiny_llama, tokens):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_bf16_autocast_trains_in_full_precision_layers():
+    model = lt.load_model("tiny-llama")
+    lt.attach(model, lt.PaCA(r=4, alpha=8))
+    tokens = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens, labels=tokens).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)

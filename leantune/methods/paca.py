@@ -26,7 +26,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import LeantuneError
 from ..quant import QUANTIZE_CHOICES
-from .base import AdapterLayer, MethodConfig, adapter_dtype, dense_weight, register
+from .base import AdapterLayer, MethodConfig, adapter_dtype, autocast_active, dense_weight, register
 
 
 @register
@@ -138,6 +138,9 @@ class PaCALayer(AdapterLayer):
             update = F.linear(x.index_select(-1, self.paca_index).to(self.paca_delta.dtype), self.paca_delta)
             result = self.base_layer(x, *args, **kwargs)
             return result + (self.scale * update).to(result.dtype)
+        if autocast_active(x):  # the fused matmul keeps one dtype: this layer runs in full precision
+            with torch.autocast(x.device.type, enabled=False):
+                return self.adapted_forward(x.to(self.paca_delta.dtype), *args, **kwargs)
         plan = self._ledger.plan(self)
         bias = self._ledger.base.bias
         trainable = any(d.requires_grad for d in plan.deltas)
