@@ -116,7 +116,7 @@ def error_feedback_sweep(weight: torch.Tensor, tables: torch.Tensor, column_grou
 
 def nearest_entry_codes(weight: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """Plain rounding: every weight to its nearest table entry, no error feedback (the baseline)."""
-    out_features, groups, entries = tables.shape
+    out_features, groups, _ = tables.shape
     grouped = weight.view(out_features, groups, -1)
     return (grouped[..., None] - tables[:, :, None, :]).abs().argmin(dim=-1).view(out_features, -1)
 

@@ -46,7 +46,7 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 
 def rebuild_weight(codes: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """Ŵ[i, j] = tables[i, g(j), codes[i, j]] with g(j) = j // (in / groups); codes unpacked, int64."""
-    out_features, groups, entries = tables.shape
+    out_features, groups, _ = tables.shape
     return tables.gather(2, codes.view(out_features, groups, -1)).view(out_features, -1)
 
 
