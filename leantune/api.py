@@ -100,16 +100,18 @@ def disabled(model: nn.Module, adapter_name: str | None = None) -> Iterator[nn.M
     registry = attached(model)
     layers = _layers_of(model, names)
     was_merged = [layer for layer in layers if layer.merged]
-    for layer in was_merged:
-        layer.unmerge()
-    for layer in layers:
-        layer.disabled = True
-    for name in names:
-        registry[name].set_disabled(model, name, True)
+    switched: list[str] = []
     try:
+        for layer in was_merged:
+            layer.unmerge()
+        for layer in layers:
+            layer.disabled = True
+        for name in names:
+            registry[name].set_disabled(model, name, True)
+            switched.append(name)
         yield model
     finally:
-        for name in names:
+        for name in switched:
             registry[name].set_disabled(model, name, False)
         for layer in layers:
             layer.disabled = False

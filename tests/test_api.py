@@ -99,3 +99,15 @@ def test_cli_help_lists_verbs():
     assert out.returncode == 0
     for verb in ("train", "eval", "generate", "bench", "sketch", "export"):
         assert verb in out.stdout
+
+
+def test_disabled_that_cannot_start_leaves_other_adapters_enabled(plain_module):
+    lt.attach(plain_module, lt.LoRA(r=2), adapter_name="a")
+    randomize_adapter(plain_module)
+    lt.attach(plain_module, lt.Full(), adapter_name="b")
+    x = torch.randn(3, 16)
+    before = plain_module(x)
+    with pytest.raises(lt.LeantuneError):
+        with lt.disabled(plain_module):
+            pass
+    torch.testing.assert_close(plain_module(x), before, rtol=0, atol=0)
