@@ -150,10 +150,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     config: MethodConfig = config_from_dict(document["method"])
     name = adapter_name or document.get("adapter_name", "default")
     tensors = load_tensors(Path(path) / TENSOR_FILE)
-    api.attach(model, config, name)
+    return attach_with_state(model, config, name, tensors)
+
+
+def attach_with_state(model: nn.Module, config: MethodConfig, adapter_name: str,
+                      state: dict[str, torch.Tensor]) -> nn.Module:
+    """Attach `config` and load its tensors; a tensor that does not fit leaves the model as it was."""
+    api.attach(model, config, adapter_name)
     try:
-        config.load_state_dict(model, name, tensors)
+        config.load_state_dict(model, adapter_name, state)
     except LeantuneError:
-        api.detach(model, name)
+        api.detach(model, adapter_name)
         raise
     return model

@@ -27,7 +27,7 @@ from torch import nn
 
 from . import api
 from .errors import LeantuneError
-from .io import _single_adapter_name, atomic_directory, load_tensors, save_tensors
+from .io import _single_adapter_name, atomic_directory, attach_with_state, load_tensors, save_tensors
 from .methods.base import AdapterLayer, MethodConfig, named_adapter_layers
 from .methods.dora import DoRA, DoRALayer
 from .methods.ia3 import IA3, IA3Layer
@@ -175,13 +175,7 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "
     else:
         raise LeantuneError(f"'{path}' holds a PEFT adapter of type {peft_type!r}; leantune imports LORA (with or "
                             "without use_dora) and IA3")
-    api.attach(model, config, adapter_name)
-    try:
-        config.load_state_dict(model, adapter_name, state)
-    except LeantuneError:
-        api.detach(model, adapter_name)
-        raise
-    return model
+    return attach_with_state(model, config, adapter_name, state)
 
 
 def _read_peft_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
