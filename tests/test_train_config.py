@@ -9,8 +9,8 @@ import yaml
 
 from leantune.cli import build_parser, main
 from leantune.errors import LeantuneError
-from leantune.train.config import (DataConfig, TrainConfig, build_config, default_document, documented_keys,
-                                   load_config, method_dict, resolved_dict)
+from leantune.training.config import (DataConfig, TrainConfig, build_config, default_document, documented_keys,
+                                      load_config, method_dict, resolved_dict)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,8 @@ import yaml
 import leantune as lt
 from leantune.errors import LeantuneError
 from leantune.io import load_tensors
-from leantune.train.loop import TrainingDiverged
-from leantune.train.optim import lr_factor, parameter_groups, warmup_steps
+from leantune.training.loop import TrainingDiverged
+from leantune.training.optim import lr_factor, parameter_groups, warmup_steps
 
 
 def write_pairs(path, count=24, seed=0):

@@ -15,7 +15,7 @@ Ctrl-C saves a checkpoint and prints the command that resumes the run.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..train.config import keys_help
+    from ..training.config import keys_help
 
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml",
                         help="training config (YAML); omitted: the embedded default job")
@@ -29,8 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import load_config
-    from ..train.loop import train
+    from ..training import load_config, train
 
     config = load_config(args.config, args.overrides)
     result = train(config, resume=args.resume, overwrite=args.overwrite, command=_rebuild_command(args))
