@@ -6,7 +6,7 @@ The norm never forms the dense update: ‖W0 + sBA‖²_row = ‖W0‖²_row (a 
 
 Gradient convention: n is treated as a constant in backward (detached), as the DoRA paper
 (section 4.3) suggests and as Hugging Face PEFT does, so A and B receive no gradient through n.
-The fused autograd function saves x, x·Aᵀ and one tokens×out tensor for the magnitude
+The fused autograd function saves x, x·Aᵀ (as r × tokens) and one tokens×out tensor for the magnitude
 gradient — the layer's own output when it has no bias (the next op usually keeps that tensor
 anyway; autograd's version check reports a later in-place edit of it) — and never a weight-sized
 tensor: backward fetches W0 again from the base module (quantized bases dequantize again).
@@ -52,9 +52,9 @@ class _FusedDoRA(torch.autograd.Function):
                 get_weight: Callable[[], torch.Tensor], base_sq_norm, scale):
         x2 = x.reshape(-1, x.shape[-1])
         xd2 = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1])
-        xa = xd2 @ lora_a.t()
+        xa_t = lora_a @ xd2.t()  # r × tokens: the fast layout for skinny products (see lora.py)
         z = x2 @ weight.t()
-        z.addmm_(xa, lora_b.t(), alpha=scale)
+        z.addmm_(xa_t.t(), lora_b.t(), alpha=scale)
         norm = row_norms(weight, base_sq_norm, lora_a, lora_b, scale)
         factor = magnitude / norm
         # The magnitude gradient needs z = y / factor (bias-free). Saving y itself costs nothing
@@ -62,11 +62,11 @@ class _FusedDoRA(torch.autograd.Function):
         keep_output = bias is None and not bool((magnitude == 0).any())
         if keep_output:
             out = z.mul_(factor).view(*x.shape[:-1], weight.shape[0])
-            ctx.save_for_backward(x2, xd2, xa, lora_a, lora_b, magnitude, norm, factor, out)
+            ctx.save_for_backward(x2, xd2, xa_t, lora_a, lora_b, magnitude, norm, factor, out)
         else:
             out = torch.addcmul(bias, z, factor) if bias is not None else z * factor
             out = out.view(*x.shape[:-1], weight.shape[0])
-            ctx.save_for_backward(x2, xd2, xa, lora_a, lora_b, magnitude, norm, factor, z)
+            ctx.save_for_backward(x2, xd2, xa_t, lora_a, lora_b, magnitude, norm, factor, z)
         ctx.keep_output = keep_output
         ctx.get_weight = get_weight
         ctx.scale = scale
@@ -75,23 +75,23 @@ class _FusedDoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xd2, xa, lora_a, lora_b, magnitude, norm, factor, kept = ctx.saved_tensors
+        x2, xd2, xa_t, lora_a, lora_b, magnitude, norm, factor, kept = ctx.saved_tensors
         scale = ctx.scale
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         gc = g2 * factor  # gradient at z = x W0ᵀ + s xa Bᵀ
-        gb = gc @ lora_b  # tokens × r, shared by dX, dXd and dA
+        gb_t = lora_b.t() @ gc.t()  # r × tokens, shared by dX, dXd and dA
         grad_x = grad_xd = grad_a = grad_b = grad_m = None
         if ctx.needs_input_grad[1]:
-            grad_xd = (gb @ lora_a).mul_(scale).view(ctx.x_shape)
+            grad_xd = (gb_t.t() @ lora_a).mul_(scale).view(ctx.x_shape)
         if ctx.needs_input_grad[0]:
             grad_x = gc @ ctx.get_weight().to(gc.dtype)
             if grad_xd is None:
-                grad_x.addmm_(gb, lora_a, alpha=scale)
+                grad_x.addmm_(gb_t.t(), lora_a, alpha=scale)
             grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[4]:
-            grad_a = (gb.t() @ xd2).mul_(scale)
+            grad_a = (gb_t @ xd2).mul_(scale)
         if ctx.needs_input_grad[5]:
-            grad_b = (gc.t() @ xa).mul_(scale)
+            grad_b = (xa_t @ gc).mul_(scale).t().contiguous()
         if ctx.needs_input_grad[6]:
             # dL/dm = Σ_t g ⊙ z / n, and z / n = y / m on the bias-free path.
             kept2 = kept.reshape(-1, kept.shape[-1])

@@ -267,15 +267,14 @@ def _accumulate_grad(g2: torch.Tensor, x_cols: torch.Tensor, scale: float, dtype
 
     Computed as (X_Iᵀ G)ᵀ: with r rows the product runs several times faster in that layout."""
     acc = torch.promote_types(dtype, torch.float32)
-    with _one_thread(g2.device):
-        grad = torch.mm(x_cols.to(acc).t(), g2.to(acc)).mul_(scale)
-        return grad.t().contiguous().to(dtype)
+    grad = torch.mm(x_cols.to(acc).t(), g2.to(acc)).mul_(scale)
+    return grad.t().contiguous().to(dtype)
 
 
 @contextlib.contextmanager
 def _one_thread(device: torch.device):
-    """Run a small CPU op on one thread: for products with r columns and O(out × r) writes a
-    parallel region costs more than it saves, and far more when other processes hold the cores."""
+    """Run a small CPU op on one thread: for O(out × r) writes a parallel region costs more than it
+    saves, and far more when other processes hold the cores."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
         yield
