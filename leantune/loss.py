@@ -1,9 +1,9 @@
 """Causal-LM loss that never materialises the full (tokens x vocabulary) logits.
 
 The decoder body runs as usual; the output projection and cross-entropy then run over chunks of
-`chunk_tokens` tokens inside one autograd function. Its forward keeps only the per-token log-sum-exp;
-its backward recomputes each chunk's logits, turns them into the softmax gradient in place and
-folds it straight into the gradients of the hidden states (and of the head weight when it trains).
+`chunk_tokens` tokens inside one autograd function. While a chunk's logits exist, its forward also
+turns them into the softmax gradient in place and folds it straight into the gradients of the
+hidden states (and of the head weight when it trains); backward only scales what was formed.
 Peak extra memory is one chunk of logits instead of all of them plus their gradient.
 
 Only positions whose (shifted) label is not -100 reach the head at all, so masked prompt tokens
@@ -57,7 +57,7 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     targets = targets[keep]
     denominator = _denominator(num_items, targets.numel(), hidden)
     return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_tokens,
-                                            _compute_dtype(hidden)) / denominator
+                                            _compute_dtype(hidden), torch.is_grad_enabled()) / denominator
 
 
 def full_logits_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -113,60 +113,62 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i Wᵀ + b, target_i), chunk by chunk; returns the (unnormalised) sum."""
+    """sum_i CE(hidden_i Wᵀ + b, target_i), chunk by chunk; returns the (unnormalised) sum.
+
+    The gradients are formed in the forward pass, while each chunk's logits are at hand, for an
+    upstream gradient of 1; backward only scales them. That spends no second head matmul on
+    recomputing logits, and what is kept between the passes (the hidden states' gradient) has
+    the size of the hidden states a recomputing backward would have kept instead.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, compute_dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens, compute_dtype, grad_enabled):
+        # needs_input_grad stays set under no_grad: the caller's grad mode says whether to form any.
+        need_hidden, need_weight, need_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         # Softmax statistics stay in at least float32 whatever the matmul dtype.
         stats_dtype = torch.promote_types(compute_dtype, torch.float32)
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
         total = torch.zeros((), dtype=stats_dtype, device=hidden.device)
-        lse = torch.empty(hidden.shape[0], dtype=stats_dtype, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if need_bias else None
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(compute_dtype)
             b = bias.to(compute_dtype) if bias is not None else None
             for start in range(0, hidden.shape[0], chunk_tokens):
                 stop = start + chunk_tokens
-                logits = F.linear(hidden[start:stop].to(compute_dtype), w, b).to(stats_dtype)
+                h = hidden[start:stop].to(compute_dtype)
+                logits = F.linear(h, w, b).to(stats_dtype)
                 chunk_lse = torch.logsumexp(logits, dim=-1)
-                lse[start:stop] = chunk_lse
-                total += (chunk_lse - logits.gather(1, targets[start:stop, None]).squeeze(1)).sum()
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk_tokens = chunk_tokens
-        ctx.compute_dtype = compute_dtype
+                chunk_targets = targets[start:stop, None]
+                total += (chunk_lse - logits.gather(1, chunk_targets).squeeze(1)).sum()
+                if need_hidden or need_weight or need_bias:
+                    _accumulate_chunk_gradients(logits, chunk_lse, chunk_targets, h, w, compute_dtype,
+                                                grad_hidden, grad_weight, grad_bias, start, stop)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        compute_dtype = ctx.compute_dtype
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        accumulate = torch.promote_types(weight.dtype, torch.float32)
-        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if need_bias else None
-        scale = grad_total.to(lse.dtype)
-        with torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(compute_dtype)
-            b = bias.to(compute_dtype) if bias is not None else None
-            for start in range(0, hidden.shape[0], ctx.chunk_tokens):
-                stop = start + ctx.chunk_tokens
-                h = hidden[start:stop].to(compute_dtype)
-                # d(lse - logit_target)/d logits = softmax - onehot, built in place over the chunk's logits.
-                grad_logits = F.linear(h, w, b).to(lse.dtype)
-                grad_logits.sub_(lse[start:stop, None]).exp_()
-                grad_logits.scatter_add_(1, targets[start:stop, None],
-                                         torch.full_like(grad_logits[:, :1], -1.0))
-                grad_logits.mul_(scale)
-                if need_bias:
-                    grad_bias += grad_logits.sum(0)
-                grad_logits = grad_logits.to(compute_dtype)
-                if need_hidden:
-                    grad_hidden[start:stop] = (grad_logits @ w).to(hidden.dtype)
-                if need_weight:
-                    grad_weight.addmm_(grad_logits.t().to(accumulate), h.to(accumulate))
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        if need_bias:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        grads = []
+        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
+            grads.append(None if grad is None else (grad * grad_total.to(grad.dtype)).to(dtype))
+        return (*grads, None, None, None, None)
 
+
+def _accumulate_chunk_gradients(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor,
+                                h: torch.Tensor, w: torch.Tensor, compute_dtype: torch.dtype,
+                                grad_hidden: torch.Tensor | None, grad_weight: torch.Tensor | None,
+                                grad_bias: torch.Tensor | None, start: int, stop: int) -> None:
+    """d(lse - logit_target)/d logits = softmax - onehot, built in place over the chunk's logits,
+    folded into the gradients of the hidden states, the head weight and its bias."""
+    grad_logits = logits.sub_(lse[:, None]).exp_()
+    grad_logits.scatter_add_(1, targets, torch.full_like(grad_logits[:, :1], -1.0))
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0)
+    grad_logits = grad_logits.to(compute_dtype)
+    if grad_hidden is not None:
+        grad_hidden[start:stop] = (grad_logits @ w).to(grad_hidden.dtype)
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.t().to(grad_weight.dtype), h.to(grad_weight.dtype))

@@ -68,7 +68,7 @@ def test_head_with_bias_matches_plain_cross_entropy():
     weight = torch.randn(30, 8, dtype=torch.float64, generator=generator, requires_grad=True)
     bias = torch.randn(30, dtype=torch.float64, generator=generator, requires_grad=True)
     targets = torch.randint(0, 30, (11,), generator=generator)
-    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, 4, torch.float64)
+    total = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, 4, torch.float64, True)
     refs = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
     expected = F.cross_entropy(F.linear(refs[0], refs[1], refs[2]), targets, reduction="sum")
     torch.testing.assert_close(total, expected)
@@ -138,3 +138,18 @@ def test_errors_are_clear(tiny_llama):
         causal_lm_loss(tiny_llama, input_ids, labels, mask, chunked=True, chunk_tokens=0)
     with pytest.raises(LeantuneError, match="plain linear"):
         causal_lm_loss(torch.nn.Linear(3, 3), input_ids, labels, mask, chunked=True)
+
+
+def test_no_gradient_is_formed_without_grad_mode(tiny_llama, monkeypatch):
+    import leantune.loss as loss_module
+
+    calls = []
+    original = loss_module._accumulate_chunk_gradients
+    monkeypatch.setattr(loss_module, "_accumulate_chunk_gradients", lambda *a: calls.append(1) or original(*a))
+    input_ids, labels, mask = random_batch(seed=3)
+    with torch.no_grad():
+        quiet = causal_lm_loss(tiny_llama, input_ids, labels, mask, chunk_tokens=16, chunked=True)
+    assert not calls
+    tracked = causal_lm_loss(tiny_llama, input_ids, labels, mask, chunk_tokens=16, chunked=True)
+    assert calls
+    torch.testing.assert_close(quiet, tracked.detach())
