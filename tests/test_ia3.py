@@ -54,27 +54,6 @@ def test_defaults_on_llama_scale_key_value_outputs_and_down_input(tiny_llama, to
     assert len(trainable) == 6 and all(n.endswith("ia3_l") for n in trainable)
 
 
-def test_merge_unmerge_disabled_detach_are_exact(tokens):
-    model = lt.load_model("tiny-qwen2")  # k/v biases: merge must scale them too
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    base_logits = model(tokens).logits
-    lt.attach(model, lt.IA3())
-    randomize_adapter(model, scale=0.2)
-    adapted = model(tokens).logits
-    assert not torch.allclose(adapted, base_logits, atol=1e-4)
-    with lt.disabled(model):
-        torch.testing.assert_close(model(tokens).logits, base_logits, rtol=0, atol=0)
-    lt.merge(model)
-    torch.testing.assert_close(model(tokens).logits, adapted, rtol=1e-4, atol=1e-5)
-    with lt.disabled(model):
-        torch.testing.assert_close(model(tokens).logits, base_logits, rtol=0, atol=0)
-    lt.unmerge(model)
-    torch.testing.assert_close(model(tokens).logits, adapted, rtol=0, atol=0)
-    lt.detach(model)
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, base_state[key]), key
-
-
 def test_merge_scales_rows_for_outputs_and_columns_for_inputs(tiny_llama):
     k_weight = tiny_llama.model.layers[0].self_attn.k_proj.weight.detach().clone()
     down_weight = tiny_llama.model.layers[0].mlp.down_proj.weight.detach().clone()
@@ -85,16 +64,6 @@ def test_merge_scales_rows_for_outputs_and_columns_for_inputs(tiny_llama):
     lt.merge(tiny_llama)
     torch.testing.assert_close(tiny_llama.model.layers[0].self_attn.k_proj.weight, k_weight * k_vector[:, None])
     torch.testing.assert_close(tiny_llama.model.layers[0].mlp.down_proj.weight, down_weight * down_vector[None, :])
-
-
-def test_save_load_round_trip(tiny_llama, tokens, tmp_path):
-    lt.attach(tiny_llama, lt.IA3(targets=["k_proj", "v_proj", "up_proj", "down_proj"], feedforward=["down_proj"]))
-    randomize_adapter(tiny_llama)
-    expected = tiny_llama(tokens).logits
-    lt.save_adapter(tiny_llama, tmp_path / "ia3")
-    fresh = lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "ia3")
-    assert fresh.model.layers[1].mlp.down_proj.feedforward and not fresh.model.layers[1].mlp.up_proj.feedforward
-    torch.testing.assert_close(fresh(tokens).logits, expected, rtol=0, atol=0)
 
 
 def test_default_names_that_match_nothing_explain_the_defaults(plain_module):

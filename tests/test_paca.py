@@ -130,47 +130,6 @@ def test_backward_restores_columns_replaced_by_a_disabled_forward():
     torch.testing.assert_close(x.grad, reference, rtol=0, atol=0)
 
 
-def test_merge_unmerge_disabled_detach_are_exact(tiny_llama, tokens):
-    base_state = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
-    base_logits = tiny_llama(tokens).logits
-    lt.attach(tiny_llama, lt.PaCA(r=8, alpha=16))
-    randomize_adapter(tiny_llama)
-    adapted = tiny_llama(tokens).logits
-    assert not torch.allclose(adapted, base_logits, atol=1e-4)
-    with lt.disabled(tiny_llama):
-        torch.testing.assert_close(tiny_llama(tokens).logits, base_logits, rtol=0, atol=0)
-    lt.merge(tiny_llama)
-    torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=0, atol=0)  # columns were in place
-    with lt.disabled(tiny_llama):
-        torch.testing.assert_close(tiny_llama(tokens).logits, base_logits, rtol=0, atol=0)
-    lt.unmerge(tiny_llama)
-    for name, layer in ((n, m) for n, m in tiny_llama.named_modules() if isinstance(m, PaCALayer)):
-        assert torch.equal(layer.weight, base_state[f"{name}.base_layer.weight".replace(".base_layer", "")])
-    torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=0, atol=0)
-    lt.detach(tiny_llama)
-    for key, value in tiny_llama.state_dict().items():
-        assert torch.equal(value, base_state[key]), key
-
-
-def test_detach_keep_merged_makes_the_delta_permanent(tokens):
-    model = lt.load_model("tiny-llama")
-    lt.attach(model, lt.PaCA(r=4, targets=["v_proj"]))
-    randomize_adapter(model)
-    adapted = model(tokens).logits
-    lt.detach(model, keep_merged=True)
-    assert not any(isinstance(m, PaCALayer) for m in model.modules())
-    torch.testing.assert_close(model(tokens).logits, adapted, rtol=0, atol=0)
-
-
-def test_save_load_round_trip(tiny_llama, tokens, tmp_path):
-    lt.attach(tiny_llama, lt.PaCA(r=4, alpha=8, seed=5, targets=["q_proj", "down_proj"]))
-    randomize_adapter(tiny_llama)
-    expected = tiny_llama(tokens).logits
-    lt.save_adapter(tiny_llama, tmp_path / "adapter")
-    fresh = lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "adapter")
-    torch.testing.assert_close(fresh(tokens).logits, expected, rtol=0, atol=0)
-
-
 def test_loaded_columns_win_over_the_drawn_ones(tmp_path, tokens):
     from leantune.io import TENSOR_FILE, load_tensors, save_tensors
 
