@@ -1,8 +1,9 @@
 """leantune: parameter-efficient fine-tuning that saves time and memory, not only parameters."""
 from .api import attach, attached, detach, disabled, merge, summary, unmerge
+from .convert import paca_to_lora
 from .errors import LeantuneError
 from .io import load_adapter, save_adapter
-from .methods import IA3, BitFit, DoRA, Full, LoRA, MethodConfig, PaCA, SketchTune, paca_to_lora
+from .methods import IA3, BitFit, DoRA, Full, LoRA, MethodConfig, PaCA, SketchTune
 from .models import load_model, load_tokenizer
 from .peft_format import export_peft, import_peft
 from .training import train

@@ -11,6 +11,7 @@ from .methods.base import AdapterLayer, MethodConfig, adapter_layers, named_adap
 from .targets import replace_module
 
 _REGISTRY_ATTR = "leantune_adapters"
+_DISABLED_ATTR = "leantune_disabled_adapters"  # names switched off by an enclosing lt.disabled block
 
 
 def attached(model: nn.Module) -> dict[str, MethodConfig]:
@@ -95,8 +96,11 @@ def _unfreeze_all(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def disabled(model: nn.Module, adapter_name: str | None = None) -> Iterator[nn.Module]:
-    """Run the exact base model inside the block; merged adapters are unmerged for it and re-merged after."""
-    names = _names(model, adapter_name)
+    """Run the exact base model inside the block; merged adapters are unmerged for it and re-merged after.
+
+    Blocks nest: an adapter an outer block already switched off is left to that block to restore."""
+    already_off = model.__dict__.setdefault(_DISABLED_ATTR, set())
+    names = [name for name in _names(model, adapter_name) if name not in already_off]
     registry = attached(model)
     layers = _layers_of(model, names)
     was_merged = [layer for layer in layers if layer.merged]
@@ -109,10 +113,12 @@ def disabled(model: nn.Module, adapter_name: str | None = None) -> Iterator[nn.M
         for name in names:
             registry[name].set_disabled(model, name, True)
             switched.append(name)
+            already_off.add(name)
         yield model
     finally:
         for name in switched:
             registry[name].set_disabled(model, name, False)
+            already_off.discard(name)
         for layer in layers:
             layer.disabled = False
         for layer in reversed(was_merged):

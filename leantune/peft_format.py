@@ -32,7 +32,7 @@ from .methods.base import AdapterLayer, MethodConfig, named_adapter_layers
 from .methods.dora import DoRA, DoRALayer
 from .methods.ia3 import IA3, IA3Layer
 from .methods.lora import LoRA, LoRALayer
-from .methods.paca import paca_to_lora
+from .convert import paca_to_lora
 from .targets import candidate_modules, resolve_targets
 
 PEFT_CONFIG_FILE = "adapter_config.json"

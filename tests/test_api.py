@@ -111,3 +111,21 @@ def test_disabled_that_cannot_start_leaves_other_adapters_enabled(plain_module):
         with lt.disabled(plain_module):
             pass
     torch.testing.assert_close(plain_module(x), before, rtol=0, atol=0)
+
+
+def test_nested_disabled_blocks_keep_the_base_until_the_outer_one_ends(plain_module):
+    x = torch.randn(3, 16)
+    base = plain_module(x)
+    lt.attach(plain_module, lt.LoRA(r=2), adapter_name="a")
+    lt.attach(plain_module, lt.LoRA(r=3), adapter_name="b")
+    randomize_adapter(plain_module, seed=3)
+    adapted = plain_module(x)
+    with lt.disabled(plain_module, "a"):
+        only_b = plain_module(x)
+        with lt.disabled(plain_module):
+            torch.testing.assert_close(plain_module(x), base, rtol=0, atol=0)
+        torch.testing.assert_close(plain_module(x), only_b, rtol=0, atol=0)  # 'a' is still off
+        with lt.disabled(plain_module, "a"):
+            pass
+        torch.testing.assert_close(plain_module(x), only_b, rtol=0, atol=0)
+    torch.testing.assert_close(plain_module(x), adapted, rtol=0, atol=0)

@@ -117,39 +117,6 @@ def test_qpaca_saves_only_x_columns_and_nothing_dense():
     assert layer_model[0].paca_delta.grad is not None and x.grad is not None
 
 
-def test_qpaca_merge_unmerge_disabled_detach(tiny_llama, tokens):
-    lt.attach(tiny_llama, lt.PaCA(r=8, alpha=16, quantize="nf4"))
-    layers = [layer for layer in tiny_llama.modules() if isinstance(layer, PaCALayer)]
-    packed = [layer.base_layer.weight.clone() for layer in layers]
-    with lt.disabled(tiny_llama):
-        base_logits = tiny_llama(tokens).logits
-    randomize_adapter(tiny_llama, scale=0.02)
-    adapted = tiny_llama(tokens).logits
-    with lt.disabled(tiny_llama):
-        torch.testing.assert_close(tiny_llama(tokens).logits, base_logits, rtol=0, atol=0)
-    lt.merge(tiny_llama)  # dequantize, place the columns, requantize
-    merged = tiny_llama(tokens).logits
-    assert (merged - adapted).abs().max() < (adapted - base_logits).abs().max()
-    with lt.disabled(tiny_llama):
-        torch.testing.assert_close(tiny_llama(tokens).logits, base_logits, rtol=0, atol=0)
-    lt.unmerge(tiny_llama)
-    assert all(torch.equal(layer.base_layer.weight, saved) for layer, saved in zip(layers, packed))
-    torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=0, atol=0)
-    lt.detach(tiny_llama)
-    bases = [m for m in tiny_llama.modules() if isinstance(m, NF4Linear)]
-    assert len(bases) == len(packed)
-    assert all(torch.equal(base.weight, saved) for base, saved in zip(bases, packed))
-
-
-def test_qpaca_save_load_round_trip(tiny_llama, tokens, tmp_path):
-    lt.attach(tiny_llama, lt.PaCA(r=4, quantize="nf4", targets=["q_proj", "down_proj"]))
-    randomize_adapter(tiny_llama)
-    expected = tiny_llama(tokens).logits
-    lt.save_adapter(tiny_llama, tmp_path / "qpaca")
-    fresh = lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "qpaca")
-    torch.testing.assert_close(fresh(tokens).logits, expected, rtol=0, atol=0)
-
-
 def test_qpaca_to_lora(tiny_llama, tokens):
     lt.attach(tiny_llama, lt.PaCA(r=4, alpha=8, quantize="nf4", targets=["v_proj", "up_proj"]))
     randomize_adapter(tiny_llama)
@@ -159,7 +126,8 @@ def test_qpaca_to_lora(tiny_llama, tokens):
     torch.testing.assert_close(tiny_llama(tokens).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_qlora_matches_dequantized_reference_and_merges(tiny_llama, tokens):
+def test_qlora_matches_dequantized_reference(tiny_llama, tokens):
+    torch.manual_seed(0)  # LoRA's A is drawn from the global generator
     config = lt.LoRA(r=4, alpha=8, quantize="nf4")
     lt.attach(tiny_llama, config)
     randomize_adapter(tiny_llama)
@@ -173,18 +141,6 @@ def test_qlora_matches_dequantized_reference_and_merges(tiny_llama, tokens):
             ((n, p) for n, p in tiny_llama.named_parameters() if p.requires_grad),
             ((n, p) for n, p in reference.named_parameters() if p.requires_grad)):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)
-
-    packed = [m.weight.clone() for m in tiny_llama.modules() if isinstance(m, NF4Linear)]
-    adapted = out.logits.detach()
-    lt.merge(tiny_llama)
-    with lt.disabled(tiny_llama):
-        base_logits = tiny_llama(tokens).logits
-    merged = tiny_llama(tokens).logits
-    assert (merged - adapted).abs().max() < 0.5 * (adapted - base_logits).abs().max()
-    lt.unmerge(tiny_llama)
-    assert all(torch.equal(m.weight, p) for m, p in zip(
-        (m for m in tiny_llama.modules() if isinstance(m, NF4Linear)), packed))
-    torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=0, atol=0)
 
 
 def test_qdora_matches_dequantized_reference(tiny_llama, tokens):

@@ -5,10 +5,10 @@ from .dora import DoRA
 from .full import Full
 from .ia3 import IA3
 from .lora import LoRA
-from .paca import PaCA, paca_to_lora
+from .paca import PaCA
 from .sketch import SketchTune
 
 __all__ = [
     "METHODS", "AdapterLayer", "MethodConfig", "config_from_dict", "method_class",
-    "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "paca_to_lora", "SketchTune",
+    "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune",
 ]

@@ -470,37 +470,3 @@ def _packed(module: nn.Module, packed: torch.Tensor):
         yield
     finally:
         module.weight = current
-
-
-def paca_to_lora(model: nn.Module) -> nn.Module:
-    """Replace every PaCA adapter by the rank-r LoRA it equals (A = rows of the identity at I, B = Δ).
-
-    The result serves on any LoRA-capable stack and exports to the PEFT format. Merged PaCA
-    adapters are unmerged first; the model is changed in place and returned.
-    """
-    from .. import api  # the adapter registry lives in the API layer
-    from ..targets import replace_module
-    from .lora import LoRA, LoRALayer
-
-    registry = api.attached(model)
-    for name, config in reversed(list(registry.items())):  # outer adapters first: inner ones stay intact
-        if not isinstance(config, PaCA):
-            continue
-        layers = list(api.named_adapter_layers(model, name))
-        targets = [n.replace(".base_layer", "") for n, _ in layers]  # names as on the bare model
-        lora = LoRA(r=config.r, alpha=config.alpha, quantize=config.quantize, targets=targets)
-        for module_name, layer in reversed(layers):
-            layer.unmerge()
-            delta = layer.paca_delta.detach().clone()
-            index = layer.paca_index
-            layer.release()
-            with torch.random.fork_rng(devices=[]):  # LoRA's init draws numbers we overwrite anyway
-                converted = LoRALayer(layer.base_layer, name, lora)
-            with torch.no_grad():
-                converted.lora_A.zero_()
-                converted.lora_A[torch.arange(config.r, device=index.device), index] = 1
-                converted.lora_B.copy_(delta.to(converted.lora_B.dtype))
-            replace_module(model, module_name, converted)
-        registry[name] = lora
-    api.refreeze(model)
-    return model

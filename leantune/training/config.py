@@ -24,8 +24,9 @@ DEVICES = ("auto", "cpu", "cuda")
 # Keys that decide which batches and which trainable tensors a run has: a resumed run must match them.
 RUN_IDENTITY_KEYS = ("model", "method", "data", "max_length", "overlong", "packing", "group_by_length",
                      "batch_size", "grad_accum", "seed")
-# `method: auto` is the embedded default method, chosen from what is registered when the run starts.
+# `method: auto` is the embedded default method: PaCA, whose parameters `--set method.KEY=...` may change.
 AUTO_METHOD = "auto"
+AUTO_METHOD_SETTINGS = {"name": "paca", "r": 16, "alpha": 32}
 TIME_PLACEHOLDER = "{time}"
 MAPPING_KEYS = ("data", "method")  # the keys dotted overrides may reach into
 
@@ -48,7 +49,8 @@ class DataConfig:
 class TrainConfig:
     model: str = _doc("smollm2-135m", "model: smollm2-135m (embedded), tiny-llama, tiny-qwen2, a Hugging Face folder or hub id")
     method: Any = _doc(AUTO_METHOD, "PEFT method and its parameters, e.g. {name: lora, r: 8, alpha: 16, targets: all-linear}; "
-                                    "auto: PaCA r=16 alpha=32 when available, else LoRA r=8 alpha=16")
+                                    "auto: PaCA r=16 alpha=32 (parameters set on it, e.g. method.r=8, apply to PaCA; "
+                                    "another name starts from that method's own defaults)")
     data: DataConfig = _doc(DataConfig, "data sources: data.train and data.eval")
     max_length: int = _doc(512, "longest sequence in tokens (prompt + completion)")
     overlong: str = _doc("truncate", "examples longer than max_length: truncate or drop (the count is reported)")
@@ -320,15 +322,12 @@ def validate(config: TrainConfig) -> None:
 
 
 def method_dict(config: TrainConfig) -> dict[str, Any]:
-    """The concrete method mapping; `auto` (alone or with parameters) resolves against the methods registered now."""
+    """The concrete method mapping; `auto` (alone or with parameters) is PaCA r=16, alpha=32."""
     given = {"name": config.method} if isinstance(config.method, str) else dict(config.method)
     if given["name"] != AUTO_METHOD:
         return given
-    from ..methods import METHODS
-
-    chosen = {"name": "paca", "r": 16, "alpha": 32} if "paca" in METHODS else {"name": "lora", "r": 8, "alpha": 16}
     given.pop("name")
-    return {**chosen, **given}  # e.g. `--set method.r=4` on the default job
+    return {**AUTO_METHOD_SETTINGS, **given}  # e.g. `--set method.r=4` on the default job
 
 
 def build_method(config: TrainConfig) -> Any:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ...errors import LeantuneError
+from ...loss import causal_lm_loss
 
 BUILTIN = "humaneval-tests"
 
@@ -76,13 +77,9 @@ def calibration_ids(tokenizer: Any, source: str, samples: int, seq_len: int, see
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token negative log-likelihood) over the windows."""
+    """exp(mean next-token negative log-likelihood) over the windows (chunked head: no full logits)."""
     total, count = 0.0, 0
     for batch in windows.split(batch_size):
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        targets = batch[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                 reduction="sum")
-        total += float(loss)
-        count += targets.numel()
+        total += float(causal_lm_loss(model, batch, batch, num_items=1))
+        count += batch[:, 1:].numel()
     return float(torch.exp(torch.tensor(total / count)))
