@@ -5,7 +5,7 @@ import pytest
 
 import leantune as lt
 from leantune.data import humaneval
-from leantune.eval.sandbox import run_many
+from leantune.eval.sandbox import Limits, run_many
 
 
 def _program(record, test_source=None):
@@ -117,7 +117,8 @@ def test_every_reference_test_passes_and_a_wrong_solution_fails():
     jobs = ([(_program(r), f"test_{r['entry_point']}") for r in records]
             + [(_program(r, full), f"test_{r['entry_point']}") for r, full in zip(records, full_tests)]
             + [(b + "\n\n" + r["test"], f"test_{r['entry_point']}") for r, b in zip(records, broken)])
-    outcomes = run_many(jobs)
+    # Correctness, not speed: a generous wall clock so a busy machine cannot fail a slow reference.
+    outcomes = run_many(jobs, Limits(wall_seconds=120.0))
     n = len(records)
     failures = {(kind, r["task_id"]): (o.status, o.detail) for kind, chunk in (("trimmed", outcomes[:n]), ("full", outcomes[n:2 * n]))
                 for r, o in zip(records, chunk) if o.status != "pass"}
