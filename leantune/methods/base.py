@@ -6,6 +6,7 @@ tuning) act on the whole model instead and override `attach_to_model` / `state_d
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
@@ -280,6 +281,22 @@ def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
 def autocast_active(x: torch.Tensor) -> bool:
     """Fused autograd functions assume one dtype throughout; under autocast layers take their plain path."""
     return torch.is_autocast_enabled(x.device.type)
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run small CPU ops on one thread (PaCA's O(out × r) column writes, the sketch's column sweep):
+    for ops this small a parallel region's hand-offs cost more than they buy, and far more when
+    other processes hold the cores. Other devices are left alone."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:

@@ -26,7 +26,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import LeantuneError
 from ..quant import QUANTIZE_CHOICES
-from .base import AdapterLayer, MethodConfig, adapter_dtype, autocast_active, dense_weight, register
+from .base import (AdapterLayer, MethodConfig, adapter_dtype, autocast_active, dense_weight, one_cpu_thread,
+                   register)
 
 
 @register
@@ -271,21 +272,6 @@ def _accumulate_grad(g2: torch.Tensor, x_cols: torch.Tensor, scale: float, dtype
     return grad.t().contiguous().to(dtype)
 
 
-@contextlib.contextmanager
-def _one_thread(device: torch.device):
-    """Run a small CPU op on one thread: for O(out × r) writes a parallel region costs more than it
-    saves, and far more when other processes hold the cores."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 class _ColumnLedger:
     """The PaCA layers stacked on one base linear, the original values of their columns, and
     which contributions those columns hold right now.
@@ -420,7 +406,7 @@ class _ColumnLedger:
         return columns
 
     def place(self, live: list[PaCALayer], merged: list[PaCALayer], key: tuple) -> None:
-        with torch.no_grad(), _one_thread(self.orig.device):
+        with torch.no_grad(), one_cpu_thread(self.orig.device):
             self._match_device()
             columns = self.compose(live, merged)
             if self.quantized:

@@ -10,15 +10,15 @@ columns not yet assigned through the Cholesky factor of H⁻¹, as in GPTQ.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ...errors import LeantuneError
+from ..base import one_cpu_thread
 from .hessian import HessianAccumulator, dead_columns, inverse_cholesky_factor, relative_output_error
 from .pack import MAX_BITS, LayerSketch, Sketch, model_identity, pack_codes, rebuild_weight
 
@@ -126,18 +126,6 @@ def check_group_layout(name: str, in_features: int, groups: int) -> None:
         raise LeantuneError(
             f"'{name}' has in_features={in_features}, which is not divisible by 2 x groups_per_row = {2 * groups} "
             "(codes are packed two per byte within each group)")
-
-
-@contextlib.contextmanager
-def one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """The sweep is thousands of small tensor ops: on a shared CPU, thread hand-offs cost more than they buy."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def fit_weight(weight: torch.Tensor, hessian: torch.Tensor, settings: FitSettings) -> tuple[torch.Tensor, torch.Tensor]:
