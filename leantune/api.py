@@ -69,7 +69,11 @@ def unmerge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
 
 
 def detach(model: nn.Module, adapter_name: str | None = None, keep_merged: bool = False) -> nn.Module:
-    """Remove adapters and return the base model: exact base weights, or merged ones with keep_merged=True."""
+    """Remove adapters and return the base model: exact base weights, or merged ones with keep_merged=True.
+
+    A base quantized at attach time (quantize="nf4") stays an NF4 module: its float weights were
+    not kept, which is what saved the memory. A sketched base becomes a dense nn.Linear of Ŵ.
+    """
     names = _names(model, adapter_name)
     registry = attached(model)
     if keep_merged:

@@ -319,5 +319,6 @@ def test_sketch_command_writes_and_reports(tmp_path, calib_file, capsys):
     report = json.loads((out / "fit_report.json").read_text())
     assert report["perplexity_sketched"] > 1 and report["perplexity_original"] > 1
     assert report["targeted_bytes_sketch"] == load_sketch(out).nbytes()
+    assert 0 < report["calibration_seconds"] + report["table_seconds"] <= report["fit_seconds"]
     assert main(["sketch", "--model", "tiny-llama", "--calib", str(tmp_path / "missing.txt")]) == 2
     assert "neither 'humaneval-tests' nor an existing text file" in capsys.readouterr().err

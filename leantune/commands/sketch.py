@@ -108,7 +108,8 @@ def _summary(report: dict, out: str) -> str:
         f"sketched ({report['sketch_to_float16']:.3f} x float16)",
         f"whole model: {report['model_bytes_float32'] / mib:.1f} MiB -> {report['model_bytes_sketched'] / mib:.1f} MiB "
         "(other tensors kept in float32)",
-        f"fitting time: {report['fit_seconds']:.0f} s",
+        f"fitting time: {report['fit_seconds']:.0f} s ({report['calibration_seconds']:.0f} s of calibration passes "
+        f"and Hessians, {report['table_seconds']:.0f} s of tables and codes)",
     ]
     if "perplexity_sketched" in report:
         lines.append(f"held-out perplexity: original {report['perplexity_original']:.3f}, sketched "

@@ -271,7 +271,7 @@ def fit_sketch(model: nn.Module, input_ids: torch.Tensor, names: list[str], sett
         index = int(name[len(prefix) + 1:].split(".")[0])
         by_block.setdefault(index, {})[name] = model.get_submodule(name)
     layers: dict[str, LayerSketch] = {}
-    report: dict[str, Any] = {"layers": {}}
+    report: dict[str, Any] = {"layers": {}, "calibration_seconds": 0.0}
     was_training = model.training
     model.eval()
     try:
@@ -286,6 +286,7 @@ def fit_sketch(model: nn.Module, input_ids: torch.Tensor, names: list[str], sett
     finally:
         model.train(was_training)
     report["fit_seconds"] = time.perf_counter() - started
+    report["table_seconds"] = sum(info["seconds"] for info in report["layers"].values())
     sketch = Sketch(layers=layers, bits=settings.bits, groups_per_row=settings.groups_per_row,
                     model_name=getattr(getattr(model, "config", None), "_name_or_path", None), model_id=model_id)
     return sketch, report
@@ -295,7 +296,9 @@ def _fit_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targeted: dic
                settings: FitSettings, layers: dict[str, LayerSketch], report: dict[str, Any],
                progress: Callable[[dict[str, Any]], None] | None, need_outputs: bool) -> list[torch.Tensor]:
     """Fit the block's targeted linears, then run it with Ŵ in place of W (restored afterwards)."""
+    started = time.perf_counter()
     shared = _block_hessians(block, inputs, targeted) if targeted else {}
+    report["calibration_seconds"] += time.perf_counter() - started
     originals: dict[str, torch.Tensor] = {}
     try:
         for members, hessian in shared.values():
@@ -304,7 +307,10 @@ def _fit_block(block: nn.Module, inputs: list[tuple[tuple, dict]], targeted: dic
                 layers[name] = sketch_layer
                 originals[name] = targeted[name].weight.detach().clone()
                 targeted[name].weight.copy_(approx.to(targeted[name].weight.dtype))
-        return _run_block(block, inputs) if need_outputs else []
+        started = time.perf_counter()
+        outputs = _run_block(block, inputs) if need_outputs else []
+        report["calibration_seconds"] += time.perf_counter() - started
+        return outputs
     finally:
         for name, weight in originals.items():
             targeted[name].weight.copy_(weight)
