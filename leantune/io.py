@@ -126,22 +126,32 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     return Path(path)
 
 
-def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    config_path = path / CONFIG_FILE
-    if not path.is_dir():
-        raise LeantuneError(f"adapter directory '{path}' does not exist")
-    if not config_path.is_file():
-        raise LeantuneError(f"'{path}' is not a leantune adapter: {CONFIG_FILE} is missing")
+def read_json_file(path: Path) -> Any:
+    """The JSON in `path`; invalid JSON or text is an error naming the file."""
     try:
-        document = json.loads(config_path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LeantuneError(f"'{config_path}' is not valid JSON: {err}") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise LeantuneError(f"'{config_path}' is not a leantune adapter config (format != '{FORMAT}')")
-    if document.get("format_version", 0) > FORMAT_VERSION:
+        raise LeantuneError(f"'{path}' is not valid JSON: {err}") from None
+
+
+def read_format_document(path: str | os.PathLike, file_name: str, fmt: str, version: int, kind: str) -> dict[str, Any]:
+    """The JSON document `file_name` of a leantune `kind` directory (adapter, sketch), format-checked."""
+    path = Path(path)
+    config_path = path / file_name
+    if not path.is_dir():
+        raise LeantuneError(f"{kind} directory '{path}' does not exist")
+    if not config_path.is_file():
+        raise LeantuneError(f"'{path}' is not a leantune {kind}: {file_name} is missing")
+    document = read_json_file(config_path)
+    if not isinstance(document, dict) or document.get("format") != fmt:
+        raise LeantuneError(f"'{config_path}' is not a leantune {kind} config (format != '{fmt}')")
+    if document.get("format_version", 0) > version:
         raise LeantuneError(f"'{config_path}' was written by a newer leantune (format {document['format_version']})")
     return document
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    return read_format_document(path, CONFIG_FILE, FORMAT, FORMAT_VERSION, "adapter")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:

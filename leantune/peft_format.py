@@ -27,7 +27,7 @@ from torch import nn
 
 from . import api
 from .errors import LeantuneError
-from .io import _single_adapter_name, atomic_directory, attach_with_state, load_tensors, save_tensors
+from .io import _single_adapter_name, atomic_directory, attach_with_state, load_tensors, read_json_file, save_tensors
 from .methods.base import AdapterLayer, MethodConfig, named_adapter_layers
 from .methods.dora import DoRA, DoRALayer
 from .methods.ia3 import IA3, IA3Layer
@@ -189,10 +189,7 @@ def _read_peft_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         raise LeantuneError(f"'{path}' is not a PEFT adapter: {PEFT_TENSOR_FILE} is missing")
     if not config_path.is_file():
         raise LeantuneError(f"'{path}' is not a PEFT adapter: {PEFT_CONFIG_FILE} is missing")
-    try:
-        document = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LeantuneError(f"'{config_path}' is not valid JSON: {err}") from None
+    document = read_json_file(config_path)
     if not isinstance(document, dict) or "peft_type" not in document:
         raise LeantuneError(f"'{config_path}' is not a PEFT adapter config (no peft_type)")
     tensors = {}

@@ -154,20 +154,10 @@ def save_sketch(sketch: Sketch, path: str | os.PathLike, report: dict[str, Any] 
 
 
 def read_sketch_config(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    config_path = path / SKETCH_CONFIG_FILE
-    if not path.is_dir():
-        raise LeantuneError(f"sketch directory '{path}' does not exist")
-    if not config_path.is_file():
-        raise LeantuneError(f"'{path}' is not a leantune sketch: {SKETCH_CONFIG_FILE} is missing")
-    try:
-        document = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LeantuneError(f"'{config_path}' is not valid JSON: {err}") from None
-    if not isinstance(document, dict) or document.get("format") != SKETCH_FORMAT:
-        raise LeantuneError(f"'{config_path}' is not a leantune sketch config (format != '{SKETCH_FORMAT}')")
-    if document.get("format_version", 0) > SKETCH_FORMAT_VERSION:
-        raise LeantuneError(f"'{config_path}' was written by a newer leantune (format {document['format_version']})")
+    from ...io import read_format_document  # io imports the method registry
+
+    document = read_format_document(path, SKETCH_CONFIG_FILE, SKETCH_FORMAT, SKETCH_FORMAT_VERSION, "sketch")
+    config_path = Path(path) / SKETCH_CONFIG_FILE
     for key in ("bits", "groups_per_row", "model_id", "sketch_id", "layers"):
         if key not in document:
             raise LeantuneError(f"'{config_path}' lacks the key '{key}'")
