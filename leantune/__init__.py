@@ -2,7 +2,7 @@
 from .api import attach, attached, detach, disabled, merge, summary, unmerge
 from .convert import paca_to_lora
 from .errors import LeantuneError
-from .io import load_adapter, save_adapter
+from .io import load_adapter, save_adapter, save_merged_model
 from .methods import IA3, BitFit, DoRA, Full, LoRA, MethodConfig, PaCA, SketchTune
 from .models import load_model, load_tokenizer
 from .peft_format import export_peft, import_peft
@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attach", "attached", "detach", "disabled", "merge", "summary", "unmerge", "train",
-    "LeantuneError", "load_adapter", "save_adapter", "export_peft", "import_peft",
+    "LeantuneError", "load_adapter", "save_adapter", "save_merged_model", "export_peft", "import_peft",
     "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune", "paca_to_lora", "MethodConfig",
     "load_model", "load_tokenizer",
 ]

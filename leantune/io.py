@@ -7,6 +7,7 @@ renamed into place, so an interrupted save never damages what was there before.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes it private; the result should not be
     try:
         yield tmp
-        _fsync_tree(tmp)
+        _finish_tree(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -60,9 +61,13 @@ def _current_umask() -> int:
     return mask
 
 
-def _fsync_tree(root: Path) -> None:
+def _finish_tree(root: Path) -> None:
+    """Flush every file to disk and give it the permissions the umask asks for (writers such as
+    safetensors create private files)."""
+    mode = 0o666 & ~_current_umask()
     for file in root.rglob("*"):
         if file.is_file():
+            os.chmod(file, mode)
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
 
@@ -72,6 +77,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes it private; the result should not be
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
@@ -161,6 +167,54 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     name = adapter_name or document.get("adapter_name", "default")
     tensors = load_tensors(Path(path) / TENSOR_FILE)
     return attach_with_state(model, config, name, tensors)
+
+
+def save_merged_model(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Fold every adapter into its base and write a plain Hugging Face model folder (atomically).
+
+    Works in place, like PEFT's merge_and_unload: the model ends detached, holding the merged
+    weights. NF4 and sketched bases become dense first (their rounded values), so the merge adds
+    each update in full precision instead of rounding it back into 4 bits.
+    """
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise LeantuneError(f"a merged export needs a Hugging Face model (with save_pretrained), got {type(model).__name__}")
+    _dequantize_bases(model)
+    if api.attached(model):
+        api.detach(model, keep_merged=True)
+    _check_architecture_holds(model)
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
+def _check_architecture_holds(model: nn.Module) -> None:
+    """The merged tensors must be what the model's own config builds (e.g. no biases it lacks)."""
+    with torch.device("meta"):
+        fresh = type(model)(model.config)
+    extra = sorted(set(model.state_dict()) - set(fresh.state_dict()))
+    if extra:
+        raise LeantuneError(f"the merged model holds '{extra[0]}', which the {type(model).__name__} config does not "
+                            "build (e.g. biases added by bitfit add_bias=True); export the adapter instead")
+
+
+def _dequantize_bases(model: nn.Module) -> None:
+    """Swap NF4 bases for dense linears under every adapter, re-attaching the adapters exactly."""
+    from .quant import is_quantized
+    from .targets import replace_module
+
+    if not any(is_quantized(module) for module in model.modules()):
+        return
+    saved = [(name, config, config.state_dict(model, name)) for name, config in api.attached(model).items()]
+    if saved:
+        api.detach(model)  # exact: every base back to what attach found (NF4 stays NF4)
+    for name, module in list(model.named_modules()):
+        if is_quantized(module):
+            replace_module(model, name, module.to_dense())
+    for name, config, state in saved:
+        attach_with_state(model, dataclasses.replace(config, quantize=None) if hasattr(config, "quantize") else config,
+                          name, state)
 
 
 def attach_with_state(model: nn.Module, config: MethodConfig, adapter_name: str,

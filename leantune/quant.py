@@ -161,6 +161,17 @@ class NF4Linear(nn.Module):
         """Parameters a dense nn.Linear of this shape would hold (for base-weight byte reports)."""
         return self.out_features * self.in_features + (self.out_features if self.bias is not None else 0)
 
+    def to_dense(self) -> nn.Linear:
+        """An nn.Linear holding the dequantized weight (the 4-bit values, not the original ones)."""
+        weight = self.dequantize_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=self.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
     # -- module plumbing -----------------------------------------------------------------
     def _apply(self, fn, recurse: bool = True):
         # The packed buffer is uint8, so casts skip it; follow them for the dense dtype we return.

@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 import torch
 
@@ -61,6 +64,20 @@ def test_save_never_damages_existing_adapter_on_failure(plain_module, tmp_path, 
         lt.save_adapter(plain_module, target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp leftovers
+
+
+def test_saved_files_follow_the_umask_not_private_temp_modes(plain_module, tmp_path):
+    from leantune.io import atomic_write_text
+
+    lt.attach(plain_module, lt.LoRA(r=2))
+    old = os.umask(0o027)
+    try:
+        lt.save_adapter(plain_module, tmp_path / "adapter")
+        atomic_write_text(tmp_path / "note.txt", "text")
+    finally:
+        os.umask(old)
+    for path in [*(tmp_path / "adapter").iterdir(), tmp_path / "note.txt"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name
 
 
 @pytest.mark.parametrize("content, culprit", [

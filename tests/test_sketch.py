@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import leantune as lt
+from conftest import randomize_adapter
 from leantune.methods.sketch import SketchTune
 from leantune.methods.sketch.fit import (
     FitSettings, error_feedback_sweep, fit_sketch, fit_weight, nearest_entry_codes, weighted_kmeans)
@@ -236,6 +237,20 @@ def test_saved_adapter_holds_only_the_tables_and_names_its_sketch(tiny_llama, sk
     assert len(saved) == 14 and all(key.endswith(".tables") for key in saved)
     document = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert document["method"]["sketch_id"] == load_sketch(sketch_dir).content_id()
+
+
+def test_merged_export_is_a_plain_model_with_the_trained_tables(tiny_llama, sketch_dir, tokens, tmp_path):
+    from leantune.cli import main
+
+    lt.attach(tiny_llama, SketchTune(sketch=str(sketch_dir)))
+    randomize_adapter(tiny_llama, scale=0.01)
+    expected = tiny_llama(tokens).logits.detach()
+    lt.save_adapter(tiny_llama, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--format", "merged", "--out", str(out)]) == 0
+    merged = lt.load_model(str(out))
+    assert all(type(m) is nn.Linear for n, m in merged.named_modules() if n.endswith("_proj"))
+    torch.testing.assert_close(merged(tokens).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fit_on_attach_equals_saved_sketch(tiny_llama, sketch_dir, calib_file, tokens):

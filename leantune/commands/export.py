@@ -1,4 +1,4 @@
-"""`leantune export`: write a saved leantune adapter in another format (Hugging Face PEFT)."""
+"""`leantune export`: a saved adapter as a Hugging Face PEFT adapter, or merged into a plain model."""
 from __future__ import annotations
 
 import argparse
@@ -6,14 +6,17 @@ from pathlib import Path
 
 from ..errors import LeantuneError
 
-FORMATS = ("peft",)
+FORMATS = ("peft", "merged")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "example: leantune export --adapter out/adapter --format peft --out out/peft"
+    parser.epilog = ("examples: leantune export --adapter out/adapter --format peft --out out/peft; "
+                     "leantune export --adapter out/adapter --format merged --out out/model")
     parser.add_argument("--adapter", required=True, help="a leantune adapter directory (from save_adapter or train)")
     parser.add_argument("--format", default="peft", choices=FORMATS,
-                        help="peft: Hugging Face PEFT adapter_config.json + adapter_model.safetensors (default)")
+                        help="peft: Hugging Face PEFT adapter_config.json + adapter_model.safetensors (default); "
+                             "merged: the base model with the adapter folded in, as a Hugging Face model folder "
+                             "(config.json, model.safetensors, tokenizer) for any method")
     parser.add_argument("--out", required=True, help="the directory to write")
     parser.add_argument("--model", default=None,
                         help="base model the adapter belongs to (default: the one named in the adapter)")
@@ -21,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import load_adapter, read_adapter_config
-    from ..models import load_model
+    from ..io import load_adapter, read_adapter_config, save_merged_model
+    from ..models import load_model, load_tokenizer
     from ..peft_format import export_peft
 
     out = Path(args.out)
@@ -33,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
     if not base:
         raise LeantuneError(f"adapter '{args.adapter}' does not name its base model; pass --model")
     model = load_adapter(load_model(base), args.adapter)
+    method = document["method"]["name"]
+    if args.format == "merged":
+        save_merged_model(model, out, load_tokenizer(base))
+        print(f"wrote {base} with the {method} adapter merged in to {out} (load it as a plain model folder)")
+        return 0
     export_peft(model, out)
-    print(f"wrote a Hugging Face PEFT adapter ({document['method']['name']}) to {out}")
+    print(f"wrote a Hugging Face PEFT adapter ({method}) to {out}")
     return 0

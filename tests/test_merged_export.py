@@ -1,0 +1,78 @@
+"""Merged export: any adapter folded into a plain Hugging Face model folder computes what the adapted model did."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import leantune as lt
+from conftest import randomize_adapter
+from leantune.cli import main
+from leantune.quant import NF4Linear
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+CONFIGS = [
+    lt.LoRA(r=4, alpha=8),
+    lt.DoRA(r=4, alpha=8, targets=["q_proj", "down_proj"]),
+    lt.PaCA(r=4, alpha=8),
+    lt.IA3(),
+    lt.BitFit(),
+    lt.Full(),
+    lt.LoRA(r=4, alpha=8, quantize="nf4"),
+    lt.PaCA(r=4, alpha=8, quantize="nf4"),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["lora", "dora", "paca", "ia3", "bitfit", "full", "qlora", "qpaca"])
+def test_merged_model_folder_gives_the_adapted_logits(config, tokens, tmp_path):
+    tiny_llama = lt.load_model("tiny-qwen2" if isinstance(config, lt.BitFit) else "tiny-llama")  # qwen2 has biases
+    lt.attach(tiny_llama, config)
+    randomize_adapter(tiny_llama)
+    expected = _logits(tiny_llama, tokens)
+    lt.save_merged_model(tiny_llama, tmp_path / "model", lt.load_tokenizer("tiny-llama"))
+    assert lt.attached(tiny_llama) == {}
+    assert not any(isinstance(m, NF4Linear) for m in tiny_llama.modules())  # the update was added in float
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    torch.testing.assert_close(_logits(loaded, tokens), expected, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "model" / "tokenizer.json").is_file()
+
+
+def test_two_stacked_adapters_merge_into_one_model(tiny_llama, tokens, tmp_path):
+    lt.attach(tiny_llama, lt.LoRA(r=4, alpha=8, targets=["q_proj"]), adapter_name="first")
+    lt.attach(tiny_llama, lt.IA3(), adapter_name="second")
+    randomize_adapter(tiny_llama)
+    expected = _logits(tiny_llama, tokens)
+    lt.save_merged_model(tiny_llama, tmp_path / "model")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    torch.testing.assert_close(_logits(loaded, tokens), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_export_command_writes_a_merged_model(tiny_llama, tokens, tmp_path):
+    lt.attach(tiny_llama, lt.PaCA(r=4, alpha=8))
+    randomize_adapter(tiny_llama)
+    expected = _logits(tiny_llama, tokens)
+    lt.save_adapter(tiny_llama, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--format", "merged", "--out", str(out)]) == 0
+    torch.testing.assert_close(_logits(lt.load_model(str(out)), tokens), expected, rtol=1e-5, atol=1e-5)
+    before = (out / "model.safetensors").read_bytes()
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--format", "merged", "--out", str(out)]) == 2
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_biases_the_architecture_lacks_are_refused(tiny_llama, tmp_path):
+    lt.attach(tiny_llama, lt.BitFit(add_bias=True))
+    with pytest.raises(lt.LeantuneError, match="does not build"):
+        lt.save_merged_model(tiny_llama, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_without_save_pretrained_is_refused(tmp_path):
+    from conftest import TwoLayer
+
+    with pytest.raises(lt.LeantuneError, match="needs a Hugging Face model"):
+        lt.save_merged_model(TwoLayer(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
