@@ -19,6 +19,8 @@ class SketchTune(MethodConfig):
     `sketch="DIR"` uses a sketch written by `leantune sketch`; without it, attaching fits one on the
     fly with the fit settings below (bits ... seed). `sketch_id` is filled in at attach time and
     saved with the adapter, so its tables can only be loaded onto the very same sketch.
+    The tables want a learning rate about ten times below LoRA's (3e-4 did best on the demo job,
+    where LoRA did best at 3e-3; see benchmarks/sketchtune.md).
     """
 
     method_name: ClassVar[str] = "sketchtune"
