@@ -7,6 +7,7 @@ renamed into place, so an interrupted save never damages what was there before.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -169,15 +170,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     return attach_with_state(model, config, name, tensors)
 
 
-def save_merged_model(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+def save_merged_model(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
+                      in_place: bool = False) -> Path:
     """Fold every adapter into its base and write a plain Hugging Face model folder (atomically).
 
-    Works in place, like PEFT's merge_and_unload: the model ends detached, holding the merged
-    weights. NF4 and sketched bases become dense first (their rounded values), so the merge adds
-    each update in full precision instead of rounding it back into 4 bits.
+    NF4 and sketched bases become dense first (their rounded values), so the merge adds each
+    update in full precision instead of rounding it back into 4 bits. The model is left as it was
+    (the merge runs on a copy) unless in_place=True, which saves that copy's memory and leaves the
+    model detached with the merged weights, like PEFT's merge_and_unload.
     """
     if not callable(getattr(model, "save_pretrained", None)):
         raise LeantuneError(f"a merged export needs a Hugging Face model (with save_pretrained), got {type(model).__name__}")
+    if not in_place:
+        model = copy.deepcopy(model)
     _dequantize_bases(model)
     if api.attached(model):
         api.detach(model, keep_merged=True)

@@ -33,11 +33,21 @@ def test_merged_model_folder_gives_the_adapted_logits(config, tokens, tmp_path):
     randomize_adapter(tiny_llama)
     expected = _logits(tiny_llama, tokens)
     lt.save_merged_model(tiny_llama, tmp_path / "model", lt.load_tokenizer("tiny-llama"))
-    assert lt.attached(tiny_llama) == {}
-    assert not any(isinstance(m, NF4Linear) for m in tiny_llama.modules())  # the update was added in float
+    assert lt.attached(tiny_llama)["default"] is config  # the merge ran on a copy
+    torch.testing.assert_close(_logits(tiny_llama, tokens), expected, rtol=0, atol=0)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     torch.testing.assert_close(_logits(loaded, tokens), expected, rtol=1e-5, atol=1e-5)
     assert (tmp_path / "model" / "tokenizer.json").is_file()
+
+
+def test_in_place_leaves_the_model_merged_and_detached(tiny_llama, tokens, tmp_path):
+    lt.attach(tiny_llama, lt.LoRA(r=4, alpha=8, quantize="nf4"))
+    randomize_adapter(tiny_llama)
+    expected = _logits(tiny_llama, tokens)
+    lt.save_merged_model(tiny_llama, tmp_path / "model", in_place=True)
+    assert lt.attached(tiny_llama) == {}
+    assert not any(isinstance(m, NF4Linear) for m in tiny_llama.modules())  # the update was added in float
+    torch.testing.assert_close(_logits(tiny_llama, tokens), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_two_stacked_adapters_merge_into_one_model(tiny_llama, tokens, tmp_path):
@@ -68,6 +78,7 @@ def test_biases_the_architecture_lacks_are_refused(tiny_llama, tmp_path):
     with pytest.raises(lt.LeantuneError, match="does not build"):
         lt.save_merged_model(tiny_llama, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    assert "default" in lt.attached(tiny_llama)  # the adapter is still there to save
 
 
 def test_a_model_without_save_pretrained_is_refused(tmp_path):

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_adapter(load_model(base), args.adapter)
     method = document["method"]["name"]
     if args.format == "merged":
-        save_merged_model(model, out, load_tokenizer(base))
+        save_merged_model(model, out, load_tokenizer(base), in_place=True)
         print(f"wrote {base} with the {method} adapter merged in to {out} (load it as a plain model folder)")
         return 0
     export_peft(model, out)
