@@ -163,14 +163,7 @@ class NF4Linear(nn.Module):
 
     def to_dense(self) -> nn.Linear:
         """An nn.Linear holding the dequantized weight (the 4-bit values, not the original ones)."""
-        weight = self.dequantize_weight()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=weight.device, dtype=self.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return dense_linear(self.dequantize_weight(), self.bias, self.dtype)
 
     # -- module plumbing -----------------------------------------------------------------
     def _apply(self, fn, recurse: bool = True):
@@ -188,6 +181,18 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"dtype={self.dtype}, double_quant={self.double_quant}")
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """A plain nn.Linear in `dtype` holding a dense copy of `weight` (out × in) and `bias`: what a
+    packed base (NF4, sketch) becomes when it is unpacked for good."""
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
 
 
 def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

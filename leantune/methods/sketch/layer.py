@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...quant import dense_linear
 from ..base import AdapterLayer
 from .pack import LayerSketch, rebuild_weight, unpack_codes
 
@@ -79,13 +80,7 @@ class SketchedLinear(nn.Module):
         return self.in_features * self.out_features + (self.bias.numel() if self.bias is not None else 0)
 
     def to_dense(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.codes.device, dtype=self.dense_dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.dequantize_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return dense_linear(self.dequantize_weight(), self.bias, self.dense_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.tables.shape[1]}, " \
