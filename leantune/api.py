@@ -28,8 +28,29 @@ def attach(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
         raise LeantuneError(f"an adapter named '{adapter_name}' is already attached; detach it or choose another adapter_name")
     config.attach_to_model(model, adapter_name)
     registry[adapter_name] = config
+    for layer in adapter_layers(model, adapter_name):  # new layers take the mode of what they wrap
+        layer.train(layer.base_layer.training)
     refreeze(model)
+    _refuse_per_row_routing(model)
     return model
+
+
+_ROUTING_GUARD_ATTR = "leantune_routing_guard"
+
+
+def _refuse_per_row_routing(model: nn.Module) -> None:
+    """`adapter_names=` (one adapter per batch row) would otherwise vanish into a model's **kwargs
+    and silently run the stacked adapters; until per-row routing exists, it is an error."""
+    if _ROUTING_GUARD_ATTR in model.__dict__:
+        return
+
+    def refuse(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
+        if "adapter_names" in kwargs:
+            raise LeantuneError("adapter_names= (one adapter per batch row) is not supported yet; run one "
+                                "adapter per call, choosing it with lt.disabled(model, name) around the others")
+        return None
+
+    model.__dict__[_ROUTING_GUARD_ATTR] = model.register_forward_pre_hook(refuse, with_kwargs=True)
 
 
 def refreeze(model: nn.Module) -> None:

@@ -124,7 +124,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         "format_version": FORMAT_VERSION,
         "adapter_name": name,
         "method": config.to_dict(),
-        "base_model": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "base_model": _model_name(model),
         **(extra or {}),
     }
     with atomic_directory(path) as tmp:
@@ -167,7 +167,21 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
     config: MethodConfig = config_from_dict(document["method"])
     name = adapter_name or document.get("adapter_name", "default")
     tensors = load_tensors(Path(path) / TENSOR_FILE)
-    return attach_with_state(model, config, name, tensors)
+    try:
+        return attach_with_state(model, config, name, tensors)
+    except LeantuneError as err:
+        saved_on, this_model = document.get("base_model"), _model_name(model)
+        if saved_on == this_model:
+            raise
+        # Name both models first. The advice after '; ' is for someone choosing a config (e.g.
+        # bitfit's add_bias=True), not for someone loading a saved adapter, so it is left out.
+        reason = str(err).split("; ")[0]
+        raise LeantuneError(f"adapter '{path}' does not fit this model: it was saved on '{saved_on or 'an unnamed model'}', "
+                            f"this model is '{this_model or type(model).__name__}' ({reason})") from None
+
+
+def _model_name(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None)
 
 
 def save_merged_model(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,

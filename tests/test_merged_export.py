@@ -23,10 +23,13 @@ CONFIGS = [
     lt.Full(),
     lt.LoRA(r=4, alpha=8, quantize="nf4"),
     lt.PaCA(r=4, alpha=8, quantize="nf4"),
+    lt.LoRA(r=4, alpha=8, init="pissa"),  # the base holds a residual: the export must hold residual + update
+    lt.DoRA(r=4, alpha=8, init="pissa"),
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["lora", "dora", "paca", "ia3", "bitfit", "full", "qlora", "qpaca"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["lora", "dora", "paca", "ia3", "bitfit", "full", "qlora", "qpaca",
+                                             "lora-pissa", "dora-pissa"])
 def test_merged_model_folder_gives_the_adapted_logits(config, tokens, tmp_path):
     tiny_llama = lt.load_model("tiny-qwen2" if isinstance(config, lt.BitFit) else "tiny-llama")  # qwen2 has biases
     lt.attach(tiny_llama, config)

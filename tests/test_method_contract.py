@@ -39,14 +39,25 @@ class Case:
     init: dict | None = None  # attach vs base: None exact, else a tolerance
     merge: str = "close"  # "exact": columns/weights already in place; "close": float rounding; "quantized"
     merge_tolerance: dict | None = None  # for "close" on float32 (default MERGE_FLOAT32)
-    quantized_error: float = 1.0  # "quantized": max |merged - adapted| < this x max |adapted - base|
+    # "quantized": max |merged - adapted| < this x max |adapted - base|. Requantizing W0 + ΔW rounds
+    # it to the NF4 grid again; on these cases that moves the logits by 0.15-0.20x what the adapter did.
+    quantized_error: float = 0.25
     base: str = "original"  # "original": disabled runs the model as loaded; "attached": the base attach built
     detach: str = "base"  # "base": the exact base comes back; "dense-sketch": Ŵ as nn.Linear; "trained": Full
+    rewrites_base: bool = False  # the init moves part of W0 into the adapter (PiSSA): the base tensors differ
     dtypes: tuple = (torch.float32, torch.float64)
 
 
 CASES = [
     Case("lora", lambda _: lt.LoRA(r=4, alpha=8)),
+    Case("lora-rslora", lambda _: lt.LoRA(r=4, alpha=8, rslora=True)),
+    # dropout > 0 takes the unfused path; in eval mode (load_model's) it must not drop anything
+    Case("lora-dropout", lambda _: lt.LoRA(r=4, alpha=8, dropout=0.3)),
+    # PiSSA: the base holds W0 - s B0 A0, the factors start at B0, A0; detach must give W0 (or the merge) back
+    Case("lora-pissa", lambda _: lt.LoRA(r=4, alpha=8, init="pissa"), init={"rtol": 1e-4, "atol": 1e-5},
+         rewrites_base=True),
+    Case("dora-pissa", lambda _: lt.DoRA(r=4, alpha=8, init="pissa", dropout=0.1), init={"rtol": 1e-4, "atol": 1e-5},
+         rewrites_base=True),
     Case("dora", lambda _: lt.DoRA(r=4, alpha=8), init={"rtol": 1e-5, "atol": 1e-5}),
     # tiny-qwen2: k/v biases, which output scaling merges too; up_proj scales its output, down_proj its input
     Case("ia3", lambda _: lt.IA3(targets=["k_proj", "v_proj", "up_proj", "down_proj"], feedforward=["down_proj"]),
@@ -56,10 +67,10 @@ CASES = [
     Case("full", lambda _: lt.Full(keep_base=True), scale=0.05, merge="exact", detach="trained"),
     Case("paca", lambda _: lt.PaCA(r=8, alpha=16, seed=5), merge="exact"),
     # NF4 bases: merging requantizes, so the merged output is only near the adapted one
-    Case("lora-nf4", lambda _: lt.LoRA(r=4, alpha=8, quantize="nf4"), merge="quantized", quantized_error=0.5,
+    Case("lora-nf4", lambda _: lt.LoRA(r=4, alpha=8, quantize="nf4"), merge="quantized",
          base="attached"),
     Case("dora-nf4", lambda _: lt.DoRA(r=4, alpha=8, quantize="nf4"), init={"rtol": 1e-5, "atol": 1e-5},
-         merge="quantized", quantized_error=0.5, base="attached"),
+         merge="quantized", base="attached"),
     Case("paca-nf4", lambda _: lt.PaCA(r=8, alpha=16, quantize="nf4"), scale=0.02, merge="quantized",
          base="attached"),
     # the base is the fitted sketch; detach turns it into a dense nn.Linear holding Ŵ
@@ -156,7 +167,9 @@ def attach_to_base(case: Case, config: MethodConfig, tokens, dtype=torch.float32
         base = logits(model, tokens)
     if case.base == "original":
         torch.testing.assert_close(base, original, **EXACT)
-        assert_same_tensors(base_state(model), original_state)
+        if not case.rewrites_base:
+            assert_same_tensors(base_state(model), original_state)
+    model.original_state = original_state
     return model, base
 
 
@@ -220,7 +233,7 @@ def test_merge_unmerge_disabled_detach(case, dtype, make_config, tokens):
     assert lt.attached(model) == {} and not any(isinstance(m, AdapterLayer) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
     if case.detach == "base":
-        assert_same_tensors(model.state_dict(), attached_base)
+        assert_same_tensors(model.state_dict(), model.original_state if case.rewrites_base else attached_base)
         torch.testing.assert_close(logits(model, tokens), base, **EXACT)
     elif case.detach == "dense-sketch":
         assert_dense_linears(model, adapted_names)  # holding the fitted Ŵ

@@ -102,16 +102,55 @@ def test_optimizer_step_refreshes_only_the_selected_columns():
     assert out.shape == (6, 16)
 
 
-def test_delta_changed_between_forward_and_backward_is_an_error():
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
-    lt.attach(model, lt.PaCA(r=2, targets=["0"]))
-    x = torch.randn(3, 8, requires_grad=True)
+def test_backward_differentiates_the_columns_its_forward_used():
+    """Δ changed (and a forward placed the new columns) between a forward and its backward: the
+    backward still uses the weight that forward computed with, as autograd on the dense weight would."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 8).double()
+    w0 = base.weight.detach().clone()
+    model = torch.nn.Sequential(base)
+    lt.attach(model, lt.PaCA(r=2, alpha=2, targets=["0"]))
+    layer = model[0]
+    randomize_adapter(model)
+    old_delta = layer.paca_delta.detach().clone()
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     out = model(x)
     with torch.no_grad():
-        model[0].paca_delta.add_(1.0)
+        layer.paca_delta.add_(1.0)
     model(x)  # places the new columns
-    with pytest.raises(RuntimeError, match="changed between forward and backward"):
-        out.sum().backward()
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected, (d,) = dense_reference(x_ref, w0, base.bias.detach(), [(layer.paca_index, old_delta, 1.0)])
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.paca_delta.grad, d.grad[:, layer.paca_index])
+
+
+@pytest.mark.parametrize("write", ["data", "no_grad_copy", "new_tensor"])
+def test_every_change_of_delta_reaches_the_next_forward(write):
+    """A hand-written SGD loop through `.data` (which no version counter sees), an in-place copy, or
+    a whole new tensor: each forward computes with the Δ of that moment (dense reference)."""
+    torch.manual_seed(0)
+    model = TwoLayer().double()
+    w0 = model.up.weight.detach().clone()
+    lt.attach(model, lt.PaCA(r=3, alpha=6, targets=["up"]))
+    layer = model.up
+    x = torch.randn(6, 16, dtype=torch.float64)
+    for _ in range(3):
+        model(x).pow(2).sum().backward()
+        step = 0.05 * layer.paca_delta.grad
+        if write == "data":
+            layer.paca_delta.data -= step
+        elif write == "no_grad_copy":
+            with torch.no_grad():
+                layer.paca_delta.copy_(layer.paca_delta - step)
+        else:
+            layer.paca_delta.data = layer.paca_delta.data - step
+        layer.paca_delta.grad = None
+        expected, _ = dense_reference(x, w0, model.up.bias.detach(), [(layer.paca_index, layer.paca_delta.detach(), 2.0)])
+        torch.testing.assert_close(model.up(x), expected)
+    assert layer.paca_delta.abs().sum() > 0
 
 
 def test_backward_restores_columns_replaced_by_a_disabled_forward():

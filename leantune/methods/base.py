@@ -121,12 +121,18 @@ class MethodConfig:
         from ..quant import quantize_base
         from ..targets import replace_module, resolve_targets  # targets imports this module
 
+        chosen = resolve_targets(model, self)
+        for name, module in chosen:  # check every target before touching any
+            self.check_target(name, module)
         names = []
-        for name, module in resolve_targets(model, self):
+        for name, module in chosen:
             module = quantize_base(name, module, getattr(self, "quantize", None))  # QLoRA, QDoRA, QPaCA
             replace_module(model, name, self.wrap(name, module, adapter_name))
             names.append(name)
         return names
+
+    def check_target(self, name: str, module: nn.Module) -> None:
+        """Refuse a target this config cannot adapt (sizes beyond the layer's), naming it; before any wrap."""
 
     def detach_from_model(self, model: nn.Module, adapter_name: str) -> None:
         """Undo `attach_to_model` (adapter layers are unwrapped by the API; nothing else by default)."""
@@ -177,6 +183,8 @@ class AdapterLayer(nn.Module):
     `merged_base_tensors` (names of base_layer tensors that merging changes). Unmerge restores a
     stored copy of exactly those tensors, so it never drifts.
     """
+
+    method_name: ClassVar[str] = ""  # the config's name, for messages (users know methods, not layer classes)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str):
         super().__init__()
@@ -248,7 +256,7 @@ class AdapterLayer(nn.Module):
     merged_base_tensors: ClassVar[tuple[str, ...]] = ("weight",)
 
     def merge_into_base(self) -> None:
-        raise LeantuneError(f"{type(self).__name__} cannot be merged into the base weights")
+        raise LeantuneError(f"{self.method_name} adapters cannot be merged into the base weights")
 
     def merge(self) -> None:
         if self.merged:

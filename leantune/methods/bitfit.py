@@ -52,6 +52,7 @@ class BitFit(MethodConfig):
 
 
 class BitFitLayer(AdapterLayer):
+    method_name: ClassVar[str] = "bitfit"
     merged_base_tensors: ClassVar[tuple[str, ...]] = ("bias",)
 
     def __init__(self, base_layer: nn.Module, adapter_name: str):

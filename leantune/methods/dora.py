@@ -101,6 +101,8 @@ class _FusedDoRA(torch.autograd.Function):
 
 
 class DoRALayer(LoRALayer):
+    method_name: ClassVar[str] = "dora"
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DoRA):
         super().__init__(base_layer, adapter_name, config)
         self.register_buffer("base_sq_norm", self._base_sq_norm(), persistent=False)

@@ -62,6 +62,7 @@ class IA3(MethodConfig):
 
 
 class IA3Layer(AdapterLayer):
+    method_name: ClassVar[str] = "ia3"
     def __init__(self, base_layer: nn.Module, adapter_name: str, feedforward: bool):
         super().__init__(base_layer, adapter_name)
         weight = dense_weight(self.base_module())

@@ -46,6 +46,13 @@ class LoRA(MethodConfig):
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
+    def check_target(self, name: str, module: nn.Module) -> None:
+        # B A has rank at most min(in, out): a larger r adds memory, never expressiveness.
+        limit = min(module.in_features, module.out_features)
+        if self.r > limit:
+            raise LeantuneError(f"{self.method_name}: 'r' = {self.r} exceeds the rank {limit} that '{name}' "
+                                f"({module.in_features} → {module.out_features} features) can hold; choose r <= {limit}")
+
     def wrap(self, name: str, module: nn.Module, adapter_name: str) -> "LoRALayer":
         return LoRALayer(module, adapter_name, self)
 
@@ -85,6 +92,8 @@ class _FusedLoRA(torch.autograd.Function):
 
 
 class LoRALayer(AdapterLayer):
+    method_name: ClassVar[str] = "lora"
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoRA):
         super().__init__(base_layer, adapter_name)
         weight = self.base_module().weight
@@ -126,7 +135,9 @@ class LoRALayer(AdapterLayer):
             self._apply_pissa_residual()
 
     def release(self) -> None:
-        if self._original_weight is not None:
+        """Detach: unmerged, the original W0 comes back; merged, the base already holds the adapted
+        weight (residual + s B A), which is what keep_merged asks for."""
+        if self._original_weight is not None and not self.merged:
             with torch.no_grad():
                 self.base_module().weight.copy_(self._original_weight)
 

@@ -22,7 +22,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import LeantuneError
 from ..quant import QUANTIZE_CHOICES
@@ -51,14 +50,9 @@ class PaCA(MethodConfig):
     def scale(self) -> float:
         return self.alpha / self.r
 
-    def attach_to_model(self, model: nn.Module, adapter_name: str) -> list[str]:
-        from ..targets import resolve_targets
-
-        for name, module in resolve_targets(model, self):  # check every target before touching any
-            in_features = module.in_features
-            if self.r > in_features:
-                raise LeantuneError(f"paca: 'r' = {self.r} is larger than the {in_features} input features of '{name}'")
-        return super().attach_to_model(model, adapter_name)
+    def check_target(self, name: str, module: nn.Module) -> None:
+        if self.r > module.in_features:
+            raise LeantuneError(f"paca: 'r' = {self.r} is larger than the {module.in_features} input features of '{name}'")
 
     def wrap(self, name: str, module: nn.Module, adapter_name: str) -> "PaCALayer":
         return PaCALayer(module, adapter_name, self, name)
@@ -71,23 +65,11 @@ def choose_columns(in_features: int, r: int, seed: int, module_name: str, device
     return torch.randperm(in_features, generator=generator)[:r].sort().values.to(device)
 
 
-# Optimizer steps seen so far: a step that updates Δ through `.data` (which bypasses the tensor's
-# version counter) still refreshes the columns.
-_optimizer_steps = [0]
-_step_hook: list = []
 _merge_generations = itertools.count(1)  # tells one merge's snapshot of Δ from the next
 
 
-def _count_optimizer_step(*_args) -> None:
-    _optimizer_steps[0] += 1
-
-
-def _install_step_hook() -> None:
-    if not _step_hook:
-        _step_hook.append(register_optimizer_step_post_hook(_count_optimizer_step))
-
-
 class PaCALayer(AdapterLayer):
+    method_name: ClassVar[str] = "paca"
     merged_base_tensors: ClassVar[tuple[str, ...]] = ("weight",)  # used only when stacked on another method
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: PaCA, module_name: str):
@@ -111,7 +93,6 @@ class PaCALayer(AdapterLayer):
             self._ledger = _ColumnLedger(base_layer)
         if self._ledger is not None:
             self._ledger.join(self)
-        _install_step_hook()
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -199,14 +180,16 @@ class PaCALayer(AdapterLayer):
 
 
 class _Plan:
-    """What one adapted forward used: the contributions in the weight, and the live deltas to train."""
+    """What one adapted forward used: the contributions in the weight (the live deltas' values as
+    placed), and the live deltas to train."""
 
-    __slots__ = ("ledger", "key", "live", "merged", "deltas", "gather", "positions", "scales")
+    __slots__ = ("ledger", "key", "values", "live", "merged", "deltas", "gather", "positions", "scales")
 
-    def __init__(self, ledger: "_ColumnLedger", live: list[PaCALayer], merged: list[PaCALayer]):
+    def __init__(self, ledger: "_ColumnLedger", live: list[PaCALayer], merged: list[PaCALayer], key: tuple,
+                 values: tuple[torch.Tensor, ...]):
         self.ledger = ledger
         self.live, self.merged = live, merged
-        self.key = ledger.state_key(live, merged)
+        self.key, self.values = key, values
         self.deltas = [layer.paca_delta for layer in live]
         self.scales = [layer.scale for layer in live]
         if len(live) == 1:  # the common case: save exactly X[..., I]
@@ -216,11 +199,10 @@ class _Plan:
             self.positions = [ledger.positions(layer) for layer in live]
 
     def ensure(self) -> None:
-        """Put this plan's columns back if something (a disabled forward, say) replaced them."""
-        if self.ledger.placed_key != self.key:
-            if self.ledger.state_key(self.live, self.merged) != self.key:
-                raise RuntimeError("a PaCA delta changed between forward and backward; run backward before the optimizer step")
-            self.ledger.place(self.live, self.merged, self.key)
+        """Put back the columns this plan's forward used if anything (a disabled forward, a changed
+        Δ and the forward that followed) replaced them: backward differentiates that forward."""
+        if self.ledger.placed_key != self.key or self.ledger.placed_values is not self.values:
+            self.ledger.place(self.live, self.merged, self.key, self.values)
 
     def weight(self) -> torch.Tensor:
         return self.ledger.effective_weight()
@@ -289,6 +271,7 @@ class _ColumnLedger:
         self.index = torch.empty(0, dtype=torch.long)
         self.orig = torch.empty(0)
         self.placed_key: tuple | None = ()  # () = the base columns hold no contribution
+        self.placed_values: tuple[torch.Tensor, ...] = ()  # copies of the live deltas as placed
         self.columns: torch.Tensor | None = None  # NF4 base: the placed columns
         self.base_key: tuple = ()  # NF4 base: the merged contributions requantized into the packed weight
         self.pristine: torch.Tensor | None = None  # NF4 base: packed weight before any merge
@@ -365,20 +348,25 @@ class _ColumnLedger:
         return torch.searchsorted(self.index, layer.paca_index)
 
     # -- which contributions, and writing them ------------------------------------------
-    def state_key(self, live: list[PaCALayer], merged: list[PaCALayer]) -> tuple:
-        return (tuple((id(m), m.paca_delta._version) for m in live),
-                tuple(m._merge_generation for m in merged), _optimizer_steps[0] if live else 0)
+    @staticmethod
+    def state_key(live: list[PaCALayer], merged: list[PaCALayer]) -> tuple:
+        """Which contributions: the live members and the merge snapshots (Δ's values are compared apart)."""
+        return tuple(id(m) for m in live), tuple(m._merge_generation for m in merged)
 
     def plan(self, layer: PaCALayer) -> _Plan:
         """Place the columns `layer`'s adapted forward needs: every merged member, plus the live
-        (not merged, not disabled) members at or below `layer`."""
+        (not merged, not disabled) members at or below `layer`.
+
+        Δ's values are compared with the placed copy at every forward (O(out × r), next to the
+        matmul's O(tokens × in × out)): writes through `.data`, `copy_` under no_grad or a whole
+        new tensor all bypass what a version counter or an optimizer hook would see."""
         below = self.members[:self.members.index(layer) + 1]
         live = [m for m in below if not (m.merged or m.disabled)]
         merged = [m for m in self.members if m.merged]
-        plan = _Plan(self, live, merged)
-        if self.placed_key != plan.key:
-            self.place(live, merged, plan.key)
-        return plan
+        key = self.state_key(live, merged)
+        if self.placed_key != key or not _same_values(self.placed_values, live):
+            self.place(live, merged, key, tuple(m.paca_delta.detach().clone() for m in live))
+        return _Plan(self, live, merged, key, self.placed_values)
 
     def sync_base(self) -> None:
         """Make the base module itself hold exactly W0 plus the merged contributions."""
@@ -391,11 +379,12 @@ class _ColumnLedger:
             return
         key = self.state_key([], merged)
         if self.placed_key != key:
-            self.place([], merged, key)
+            self.place([], merged, key, ())
 
-    def compose(self, live: list[PaCALayer], merged: list[PaCALayer]) -> torch.Tensor:
-        """orig + the scaled contributions, for all columns at `index`."""
-        parts = [(m, m.paca_delta.detach()) for m in live] + [(m, m.contribution()) for m in merged]
+    def compose(self, live: list[PaCALayer], merged: list[PaCALayer],
+                values: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """orig + the scaled contributions (live members at `values`), for all columns at `index`."""
+        parts = list(zip(live, values)) + [(m, m.contribution()) for m in merged]
         acc = torch.promote_types(self.orig.dtype, torch.float32)
         if len(parts) == 1 and parts[0][0].r == self.index.numel():  # one member owns every column
             layer, delta = parts[0]
@@ -405,15 +394,16 @@ class _ColumnLedger:
             columns.index_add_(1, self.positions(layer), delta.to(acc), alpha=layer.scale)
         return columns
 
-    def place(self, live: list[PaCALayer], merged: list[PaCALayer], key: tuple) -> None:
+    def place(self, live: list[PaCALayer], merged: list[PaCALayer], key: tuple,
+              values: tuple[torch.Tensor, ...]) -> None:
         with torch.no_grad(), one_cpu_thread(self.orig.device):
             self._match_device()
-            columns = self.compose(live, merged)
+            columns = self.compose(live, merged, values)
             if self.quantized:
                 self.columns = columns.to(self.base.dtype)
             else:
                 self.base.weight.index_copy_(1, self.index, columns.to(self.base.weight.dtype))
-        self.placed_key = key
+        self.placed_key, self.placed_values = key, values
 
     def _requantize(self, merged: list[PaCALayer]) -> None:
         """NF4 base: merged contributions are requantized into the packed weight; none merged: the exact original."""
@@ -426,7 +416,7 @@ class _ColumnLedger:
             if self.pristine is None:
                 self.pristine = self.base.weight.detach().clone()
             dense = self._pristine_dense()
-            dense.index_copy_(1, self.index, self.compose([], merged).to(dense.dtype))
+            dense.index_copy_(1, self.index, self.compose([], merged, ()).to(dense.dtype))
             self.base.quantize_(dense)
 
     def _match_device(self) -> None:
@@ -445,6 +435,18 @@ class _ColumnLedger:
         if self.columns is not None:
             dense.index_copy_(1, self.index, self.columns)
         return dense
+
+
+def _same_values(placed: tuple[torch.Tensor, ...], live: list[PaCALayer]) -> bool:
+    """Whether the placed copies still equal the live deltas, value for value."""
+    if len(placed) != len(live):
+        return False
+    for value, layer in zip(placed, live):
+        delta = layer.paca_delta
+        if (value.shape != delta.shape or value.dtype != delta.dtype or value.device != delta.device
+                or not torch.equal(value, delta)):
+            return False
+    return True
 
 
 @contextlib.contextmanager

@@ -88,6 +88,7 @@ class SketchedLinear(nn.Module):
 
 
 class SketchLayer(AdapterLayer):
+    method_name: ClassVar[str] = "sketchtune"
     """Trainable tables over a `SketchedLinear`; disabled = the fitted tables, merge = tables into the base."""
 
     merged_base_tensors = ("tables",)
