@@ -1,5 +1,5 @@
 """leantune: parameter-efficient fine-tuning that saves time and memory, not only parameters."""
-from .api import attach, attached, detach, disabled, merge, summary, unmerge
+from .api import attach, attached, detach, disabled, merge, summary, unmerge, use
 from .convert import paca_to_lora
 from .errors import LeantuneError
 from .io import load_adapter, save_adapter, save_merged_model
@@ -11,7 +11,7 @@ from .training import train
 __version__ = "0.1.0"
 
 __all__ = [
-    "attach", "attached", "detach", "disabled", "merge", "summary", "unmerge", "train",
+    "attach", "attached", "detach", "disabled", "merge", "summary", "unmerge", "use", "train",
     "LeantuneError", "load_adapter", "save_adapter", "save_merged_model", "export_peft", "import_peft",
     "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune", "paca_to_lora", "MethodConfig",
     "load_model", "load_tokenizer",

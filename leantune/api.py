@@ -1,4 +1,4 @@
-"""attach / detach / merge / unmerge / disabled / summary: the adapter API on any nn.Module."""
+"""attach / detach / merge / unmerge / disabled / use / summary: the adapter API on any nn.Module."""
 from __future__ import annotations
 
 import contextlib
@@ -7,11 +7,12 @@ from typing import Any, Iterator
 from torch import nn
 
 from .errors import LeantuneError
-from .methods.base import AdapterLayer, MethodConfig, adapter_layers, named_adapter_layers
-from .targets import replace_module
+from .methods.base import MethodConfig
+from .methods.layer import AdapterLayer, Router, adapter_layers, named_adapter_layers
+from .methods.targets import replace_module
 
 _REGISTRY_ATTR = "leantune_adapters"
-_DISABLED_ATTR = "leantune_disabled_adapters"  # names switched off by an enclosing lt.disabled block
+_ROUTER_ATTR = "leantune_router"
 
 
 def attached(model: nn.Module) -> dict[str, MethodConfig]:
@@ -30,6 +31,10 @@ def attach(model: nn.Module, config: MethodConfig, adapter_name: str = "default"
     registry[adapter_name] = config
     for layer in adapter_layers(model, adapter_name):  # new layers take the mode of what they wrap
         layer.train(layer.base_layer.training)
+    bind_layers(model)
+    chosen = router(model).selected
+    if chosen is not None:  # a new adapter runs, next to what lt.use chose
+        router(model).select([*chosen, adapter_name])
     refreeze(model)
     _refuse_per_row_routing(model)
     return model
@@ -51,6 +56,18 @@ def _refuse_per_row_routing(model: nn.Module) -> None:
         return None
 
     model.__dict__[_ROUTING_GUARD_ATTR] = model.register_forward_pre_hook(refuse, with_kwargs=True)
+
+
+def router(model: nn.Module) -> Router:
+    """The model's router: which adapters its forwards run (methods/layer.py)."""
+    return model.__dict__.setdefault(_ROUTER_ATTR, Router())
+
+
+def bind_layers(model: nn.Module) -> None:
+    """Every adapter layer of `model` reads the model's router (after attach or a conversion)."""
+    shared = router(model)
+    for layer in adapter_layers(model):
+        layer.router = shared
 
 
 def refreeze(model: nn.Module) -> None:
@@ -107,6 +124,9 @@ def detach(model: nn.Module, adapter_name: str | None = None, keep_merged: bool 
             replace_module(model, module_name, layer.base_layer)
         registry[name].detach_from_model(model, name)
         del registry[name]
+        chosen = router(model).selected
+        if chosen is not None:
+            router(model).select(chosen - {name})
     if registry:
         refreeze(model)
     else:
@@ -124,30 +144,51 @@ def disabled(model: nn.Module, adapter_name: str | None = None) -> Iterator[nn.M
     """Run the exact base model inside the block; merged adapters are unmerged for it and re-merged after.
 
     Blocks nest: an adapter an outer block already switched off is left to that block to restore."""
-    already_off = model.__dict__.setdefault(_DISABLED_ATTR, set())
-    names = [name for name in _names(model, adapter_name) if name not in already_off]
+    routes = router(model)
+    names = [name for name in _names(model, adapter_name) if routes.runs(name)]
     registry = attached(model)
-    layers = _layers_of(model, names)
-    was_merged = [layer for layer in layers if layer.merged]
+    was_merged = [layer for layer in _layers_of(model, names) if layer.merged]
+    off: list[str] = []
     switched: list[str] = []
     try:
         for layer in was_merged:
             layer.unmerge()
-        for layer in layers:
-            layer.disabled = True
         for name in names:
+            routes.switched_off.add(name)
+            off.append(name)
             registry[name].set_disabled(model, name, True)
             switched.append(name)
-            already_off.add(name)
         yield model
     finally:
         for name in switched:
             registry[name].set_disabled(model, name, False)
-            already_off.discard(name)
-        for layer in layers:
-            layer.disabled = False
+        routes.switched_off.difference_update(off)
         for layer in reversed(was_merged):
             layer.merge()
+
+
+def use(model: nn.Module, adapter_names: str | list[str] | None) -> nn.Module:
+    """Choose what a plain forward runs: one adapter, a list (stacked), or None for the base model.
+
+    Until the first call every attached adapter runs, stacked in attach order; an adapter attached
+    later runs too, next to the chosen ones. Left-out adapters must not be merged (their update
+    would stay in the base weights)."""
+    registry = attached(model)
+    names = [] if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    for name in names:
+        _names(model, name)  # an unknown name is an error that lists the attached ones
+    routes = router(model)
+    if routes.switched_off:
+        raise LeantuneError("lt.use cannot change which adapters run inside an lt.disabled block")
+    left_out = [name for name in registry if name not in names]
+    merged = [layer.adapter_name for layer in _layers_of(model, left_out) if layer.merged]
+    if merged:
+        raise LeantuneError(f"adapter '{merged[0]}' is merged into the base weights; lt.unmerge it before "
+                            "lt.use leaves it out")
+    for name, config in registry.items():  # model methods switch themselves
+        config.set_disabled(model, name, name not in names)
+    routes.select(names)
+    return model
 
 
 def summary(model: nn.Module, print_table: bool = False) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from torch import nn
 from . import api
 from .methods.lora import LoRA, LoRALayer
 from .methods.paca import PaCA
-from .targets import replace_module
+from .methods.targets import replace_module
 
 
 def paca_to_lora(model: nn.Module) -> nn.Module:
@@ -40,5 +40,6 @@ def paca_to_lora(model: nn.Module) -> nn.Module:
                 converted.lora_B.copy_(delta.to(converted.lora_B.dtype))
             replace_module(model, module_name, converted)
         registry[name] = lora
+    api.bind_layers(model)
     api.refreeze(model)
     return model

@@ -221,7 +221,7 @@ def _check_architecture_holds(model: nn.Module) -> None:
 def _dequantize_bases(model: nn.Module) -> None:
     """Swap NF4 bases for dense linears under every adapter, re-attaching the adapters exactly."""
     from .quant import is_quantized
-    from .targets import replace_module
+    from .methods.targets import replace_module
 
     if not any(is_quantized(module) for module in model.modules()):
         return

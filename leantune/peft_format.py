@@ -28,12 +28,13 @@ from torch import nn
 from . import api
 from .errors import LeantuneError
 from .io import _single_adapter_name, atomic_directory, attach_with_state, load_tensors, read_json_file, save_tensors
-from .methods.base import AdapterLayer, MethodConfig, named_adapter_layers
+from .methods.base import MethodConfig
+from .methods.layer import AdapterLayer, named_adapter_layers
 from .methods.dora import DoRA, DoRALayer
 from .methods.ia3 import IA3, IA3Layer
 from .methods.lora import LoRA, LoRALayer
 from .convert import paca_to_lora
-from .targets import candidate_modules, resolve_targets
+from .methods.targets import candidate_modules, resolve_targets
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_TENSOR_FILE = "adapter_model.safetensors"

@@ -7,7 +7,7 @@ import torch
 import leantune as lt
 from conftest import TwoLayer, randomize_adapter
 from leantune.errors import LeantuneError
-from leantune.methods.base import AdapterLayer
+from leantune.methods.layer import AdapterLayer
 
 
 def test_summary_counts_and_table(plain_module, capsys):
@@ -211,3 +211,74 @@ def test_bitfit_adapter_on_a_model_without_biases_names_both_models(tmp_path):
     message = str(caught.value)
     assert "saved on 'tiny-qwen2', this model is 'tiny-llama'" in message and "add_bias" not in message
     assert lt.attached(llama) == {}
+
+
+def _out(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def test_use_chooses_what_a_plain_forward_runs():
+    """lt.use(model, "a") runs adapter a alone, exactly as a model that only ever had a; None is the base."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    model = TwoLayer()
+    base = _out(model, x)
+    only_a = TwoLayer()
+    only_a.load_state_dict(model.state_dict())
+    lt.attach(model, lt.LoRA(r=2), adapter_name="a")
+    lt.attach(model, lt.PaCA(r=3), adapter_name="b")
+    randomize_adapter(model)
+    stacked = _out(model, x)
+    lt.attach(only_a, lt.LoRA(r=2), adapter_name="a")
+    with torch.no_grad():
+        only_a.up.lora_A.copy_(model.up.base_layer.lora_A)
+        only_a.up.lora_B.copy_(model.up.base_layer.lora_B)
+        only_a.down.lora_A.copy_(model.down.base_layer.lora_A)
+        only_a.down.lora_B.copy_(model.down.base_layer.lora_B)
+
+    lt.use(model, "a")
+    torch.testing.assert_close(_out(model, x), _out(only_a, x), rtol=0, atol=0)
+    lt.use(model, None)
+    torch.testing.assert_close(_out(model, x), base, rtol=0, atol=0)
+    lt.use(model, ["a", "b"])
+    torch.testing.assert_close(_out(model, x), stacked, rtol=0, atol=0)
+    with pytest.raises(LeantuneError, match="no adapter named 'c' is attached"):
+        lt.use(model, "c")
+
+
+def test_use_refuses_to_leave_out_a_merged_adapter_and_to_run_inside_disabled(plain_module):
+    lt.attach(plain_module, lt.LoRA(r=2), adapter_name="a")
+    lt.attach(plain_module, lt.LoRA(r=2), adapter_name="b")
+    lt.merge(plain_module, "a")
+    with pytest.raises(LeantuneError, match="adapter 'a' is merged into the base weights; lt.unmerge it"):
+        lt.use(plain_module, "b")
+    lt.unmerge(plain_module)
+    with lt.disabled(plain_module), pytest.raises(LeantuneError, match="inside an lt.disabled block"):
+        lt.use(plain_module, "b")
+
+
+def test_an_adapter_attached_after_use_runs_and_a_detached_one_leaves_the_choice(plain_module):
+    torch.manual_seed(0)
+    x = torch.randn(3, 16)
+    lt.attach(plain_module, lt.LoRA(r=2), adapter_name="a")
+    lt.use(plain_module, None)
+    base = _out(plain_module, x)
+    lt.attach(plain_module, lt.BitFit(), adapter_name="b")
+    randomize_adapter(plain_module)
+    with lt.disabled(plain_module, "b"):
+        torch.testing.assert_close(_out(plain_module, x), base, rtol=0, atol=0)  # a stays out
+    assert not torch.allclose(_out(plain_module, x), base)  # b runs
+    lt.detach(plain_module, "b")
+    torch.testing.assert_close(_out(plain_module, x), base, rtol=0, atol=0)
+
+
+def test_use_switches_full_fine_tuning_like_disabled(tiny_llama, tokens):
+    before = tiny_llama(tokens).logits.detach()
+    lt.attach(tiny_llama, lt.Full(keep_base=True))
+    randomize_adapter(tiny_llama, scale=0.05)
+    tuned = tiny_llama(tokens).logits.detach()
+    lt.use(tiny_llama, None)
+    torch.testing.assert_close(tiny_llama(tokens).logits, before, rtol=0, atol=0)
+    lt.use(tiny_llama, "default")
+    torch.testing.assert_close(tiny_llama(tokens).logits, tuned, rtol=0, atol=0)

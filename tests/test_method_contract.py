@@ -20,7 +20,8 @@ import torch
 
 import leantune as lt
 from conftest import randomize_adapter
-from leantune.methods.base import AdapterLayer, MethodConfig, named_adapter_layers
+from leantune.methods.base import MethodConfig
+from leantune.methods.layer import AdapterLayer, named_adapter_layers
 from leantune.methods.sketch import SketchTune
 from leantune.methods.sketch.layer import SketchedLinear
 from test_sketch import CALIB_TEXT, sketch_config

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import leantune as lt
 from conftest import randomize_adapter
-from leantune.methods.base import dense_weight
+from leantune.methods.layer import dense_weight
 from leantune.methods.paca import PaCALayer
 from leantune.quant import NF4Linear
 

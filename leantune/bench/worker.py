@@ -74,7 +74,7 @@ def build_model(spec: WorkerSpec):
 def _attach_peft(model, settings: dict[str, Any]):
     import peft
 
-    from leantune.targets import resolve_targets
+    from leantune.methods.targets import resolve_targets
     from leantune.methods import LoRA
 
     kind = settings.pop("peft")

@@ -1,5 +1,6 @@
 """Method configs, one file each; importing this package registers them all."""
-from .base import METHODS, AdapterLayer, MethodConfig, config_from_dict, method_class
+from .base import METHODS, MethodConfig, ModelMethod, ModuleMethod, config_from_dict, method_class
+from .layer import AdapterLayer
 from .bitfit import BitFit
 from .dora import DoRA
 from .full import Full
@@ -9,6 +10,6 @@ from .paca import PaCA
 from .sketch import SketchTune
 
 __all__ = [
-    "METHODS", "AdapterLayer", "MethodConfig", "config_from_dict", "method_class",
+    "METHODS", "AdapterLayer", "MethodConfig", "ModelMethod", "ModuleMethod", "config_from_dict", "method_class",
     "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune",
 ]

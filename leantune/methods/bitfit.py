@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 from ..errors import LeantuneError
-from .base import AdapterLayer, MethodConfig, adapter_dtype, dense_weight, register
+from .base import ModuleMethod, register
+from .layer import AdapterLayer, adapter_dtype, dense_weight
+from .targets import ALL_LINEAR, resolve_targets, unwrap
 
 
 @register
 @dataclass
-class BitFit(MethodConfig):
+class BitFit(ModuleMethod):
     """With targets="all-linear", only the linears that have a bias are adapted (all of them with add_bias)."""
 
     method_name: ClassVar[str] = "bitfit"
@@ -29,26 +31,24 @@ class BitFit(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.add_bias, bool):
-            raise LeantuneError(f"bitfit: 'add_bias' must be true or false, got {self.add_bias!r}")
+        self._require_bool("add_bias")
 
-    def attach_to_model(self, model: nn.Module, adapter_name: str) -> list[str]:
-        from ..targets import ALL_LINEAR, replace_module, resolve_targets, unwrap
-
+    def chosen_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         chosen = resolve_targets(model, self)
-        if not self.add_bias:
-            biased = [(n, m) for n, m in chosen if unwrap(m).bias is not None]
-            if not biased:
-                raise LeantuneError("bitfit: none of the targeted linear layers has a bias; "
-                                    "pass add_bias=True to train zero-initialised biases")
-            if self.targets != ALL_LINEAR and len(biased) < len(chosen):
-                missing = next(n for n, m in chosen if unwrap(m).bias is None)
-                raise LeantuneError(f"bitfit: target module '{missing}' has no bias; "
-                                    "drop it from targets or pass add_bias=True")
-            chosen = biased
-        for name, module in chosen:
-            replace_module(model, name, BitFitLayer(module, adapter_name))
-        return [name for name, _ in chosen]
+        if self.add_bias:
+            return chosen
+        biased = [(n, m) for n, m in chosen if unwrap(m).bias is not None]
+        if not biased:
+            raise LeantuneError("bitfit: none of the targeted linear layers has a bias; "
+                                "pass add_bias=True to train zero-initialised biases")
+        if self.targets != ALL_LINEAR and len(biased) < len(chosen):
+            missing = next(n for n, m in chosen if unwrap(m).bias is None)
+            raise LeantuneError(f"bitfit: target module '{missing}' has no bias; "
+                                "drop it from targets or pass add_bias=True")
+        return biased
+
+    def wrap(self, name: str, module: nn.Module, adapter_name: str) -> "BitFitLayer":
+        return BitFitLayer(module, adapter_name)
 
 
 class BitFitLayer(AdapterLayer):

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, dense_weight, register
+from .base import register
+from .layer import AdapterLayer, dense_weight
 from .lora import LoRA, LoRALayer
 
 

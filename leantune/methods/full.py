@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import LeantuneError
-from .base import MethodConfig, register
+from .base import ModelMethod, register
 
 # Copies of the starting weights live in the model's __dict__: outside parameters and state_dict.
 _BASE_COPY_ATTR = "leantune_full_base"
@@ -34,15 +34,21 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @register
 @dataclass
-class Full(MethodConfig):
+class Full(ModelMethod):
     method_name: ClassVar[str] = "full"
 
     keep_base: bool = False
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.keep_base, bool):
-            raise LeantuneError(f"full: 'keep_base' must be true or false, got {self.keep_base!r}")
+        self._require_bool("keep_base")
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "Full":
+        # Full adapters saved before the module/model method split carry the targeting keys at
+        # their defaults; they never selected anything for this method.
+        legacy = {"targets": "all-linear", "exclude": [], "layers": None}
+        return super().from_dict({k: v for k, v in fields.items() if legacy.get(k, object()) != v})
 
     def attach_to_model(self, model: nn.Module, adapter_name: str) -> list[str]:
         if self.keep_base:

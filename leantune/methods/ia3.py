@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from ..errors import LeantuneError
-from .base import AdapterLayer, MethodConfig, adapter_dtype, dense_weight, register
+from .base import ModuleMethod, register
+from .layer import AdapterLayer, adapter_dtype, dense_weight
+from .targets import resolve_targets
 
 DEFAULT_TARGETS = ["k_proj", "v_proj", "down_proj"]
 DEFAULT_FEEDFORWARD = ["down_proj"]
@@ -21,7 +23,7 @@ DEFAULT_FEEDFORWARD = ["down_proj"]
 
 @register
 @dataclass
-class IA3(MethodConfig):
+class IA3(ModuleMethod):
     """`targets` get a vector; those among them whose names end in a `feedforward` entry scale their input."""
 
     method_name: ClassVar[str] = "ia3"
@@ -41,9 +43,7 @@ class IA3(MethodConfig):
     def is_feedforward(self, module_name: str) -> bool:
         return any(module_name == f or module_name.endswith("." + f) for f in self.feedforward)
 
-    def attach_to_model(self, model: nn.Module, adapter_name: str) -> list[str]:
-        from ..targets import replace_module, resolve_targets
-
+    def chosen_targets(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         try:
             chosen = resolve_targets(model, self)
         except LeantuneError as err:
@@ -56,9 +56,10 @@ class IA3(MethodConfig):
             if not any(name == entry or name.endswith("." + entry) for name in names):
                 raise LeantuneError(f"ia3: feedforward entry '{entry}' matches none of the targeted modules; "
                                     "feedforward names must be among the targets")
-        for name, module in chosen:
-            replace_module(model, name, IA3Layer(module, adapter_name, self.is_feedforward(name)))
-        return names
+        return chosen
+
+    def wrap(self, name: str, module: nn.Module, adapter_name: str) -> "IA3Layer":
+        return IA3Layer(module, adapter_name, self.is_feedforward(name))
 
 
 class IA3Layer(AdapterLayer):

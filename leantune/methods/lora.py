@@ -15,14 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LeantuneError
-from .base import AdapterLayer, MethodConfig, adapter_dtype, add_to_weight, autocast_active, register
+from .base import ModuleMethod, register
+from .layer import AdapterLayer, adapter_dtype, add_to_weight, autocast_active
 
 INITS = ("kaiming", "gaussian", "pissa")
 
 
 @register
 @dataclass
-class LoRA(MethodConfig):
+class LoRA(ModuleMethod):
     method_name: ClassVar[str] = "lora"
 
     r: int = 8

@@ -7,13 +7,19 @@ from typing import ClassVar
 from torch import nn
 
 from ...errors import LeantuneError
-from ..base import MethodConfig, adapter_dtype, register
+from ...models import load_tokenizer
+from ..base import ModuleMethod, register
+from ..layer import adapter_dtype
+from ..targets import replace_module, resolve_targets
+from .calib import calibration_ids
+from .fit import FitSettings, fit_sketch
+from .layer import SketchedLinear, SketchLayer
 from .pack import MAX_BITS, TABLE_DTYPES, Sketch, load_sketch, model_identity
 
 
 @register
 @dataclass
-class SketchTune(MethodConfig):
+class SketchTune(ModuleMethod):
     """Fine-tune the per-row tables of a sketched model.
 
     `sketch="DIR"` uses a sketch written by `leantune sketch`; without it, attaching fits one on the
@@ -68,20 +74,13 @@ class SketchTune(MethodConfig):
             return sketch
         return self.fit(model)[0]
 
-    def fit_settings(self):
-        from .fit import FitSettings
-
+    def fit_settings(self) -> FitSettings:
         return FitSettings(bits=self.bits, groups_per_row=self.groups_per_row, damp=self.damp,
                            block_size=self.block_size, act_order=self.act_order, kmeans_iters=self.kmeans_iters,
                            table_dtype=TABLE_DTYPES[self.table_dtype])
 
     def fit(self, model: nn.Module, tokenizer=None, progress=None):
         """Fit a sketch of the targeted linears on the calibration text: (sketch, report)."""
-        from ...models import load_tokenizer
-        from ...targets import resolve_targets
-        from .calib import calibration_ids
-        from .fit import fit_sketch
-
         if tokenizer is None:
             name = getattr(getattr(model, "config", None), "_name_or_path", None)
             if not name:
@@ -96,9 +95,6 @@ class SketchTune(MethodConfig):
 
     # -- attaching ------------------------------------------------------------------------------
     def attach_to_model(self, model: nn.Module, adapter_name: str) -> list[str]:
-        from ...targets import replace_module
-        from .layer import SketchedLinear, SketchLayer
-
         sketch = self.obtain_sketch(model)
         names = self._sketched_names(model, sketch)
         if self.sketch_id is None:
@@ -116,8 +112,6 @@ class SketchTune(MethodConfig):
 
     def _sketched_names(self, model: nn.Module, sketch: Sketch) -> list[str]:
         """Every linear of the sketch, checked against the model (and against explicit targets)."""
-        from ...targets import resolve_targets
-
         names = sorted(sketch.layers)
         for name in names:
             try:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ...errors import LeantuneError
-from ..base import one_cpu_thread
+from ..layer import one_cpu_thread
 from .hessian import HessianAccumulator, dead_columns, inverse_cholesky_factor, relative_output_error
 from .pack import MAX_BITS, LayerSketch, Sketch, model_identity, pack_codes, rebuild_weight
 

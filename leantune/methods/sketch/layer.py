@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ...quant import dense_linear
-from ..base import AdapterLayer
+from ..layer import AdapterLayer
 from .pack import LayerSketch, rebuild_weight, unpack_codes
 
 

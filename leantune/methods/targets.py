@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from .errors import LeantuneError
-from .methods.base import AdapterLayer
+from ..errors import LeantuneError
+from .layer import AdapterLayer
 
-if TYPE_CHECKING:
-    from .methods.base import MethodConfig
+if TYPE_CHECKING:  # the configs import this module to resolve their targets
+    from .base import ModuleMethod
 
 ALL_LINEAR = "all-linear"
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
@@ -61,7 +61,7 @@ def _matches_suffix(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
-def resolve_targets(model: nn.Module, config: "MethodConfig") -> list[tuple[str, nn.Module]]:
+def resolve_targets(model: nn.Module, config: "ModuleMethod") -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs `config` touches, in model order; errors if a target matches nothing."""
     modules = candidate_modules(model)
     targets, kinds = config.targets, config.target_types

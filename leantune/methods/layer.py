@@ -1,0 +1,203 @@
+"""AdapterLayer: the wrapper every module method puts around a targeted module, the router that
+decides per forward which adapters run, and the small weight helpers layers share."""
+from __future__ import annotations
+
+import contextlib
+from typing import ClassVar, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import LeantuneError
+
+
+class Router:
+    """Which adapters a forward of one model runs; one per model, read by all of its adapter layers.
+
+    `selected` is what `lt.use` chose (None: every attached adapter, stacked); `switched_off` holds
+    the adapters an enclosing `lt.disabled` block turned off. The decision lives here, once, so a
+    layer never keeps an on/off flag of its own."""
+
+    def __init__(self) -> None:
+        self.selected: frozenset[str] | None = None
+        self.switched_off: set[str] = set()
+
+    def runs(self, adapter_name: str) -> bool:
+        if adapter_name in self.switched_off:
+            return False
+        return self.selected is None or adapter_name in self.selected
+
+    def select(self, names: Iterable[str] | None) -> None:
+        self.selected = None if names is None else frozenset(names)
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one module of the base model.
+
+    Subclasses implement `adapted_forward` and, if they can be merged, `merge_into_base` plus
+    `merged_base_tensors` (names of base_layer tensors that merging changes). Unmerge restores a
+    stored copy of exactly those tensors, so it never drifts.
+    """
+
+    method_name: ClassVar[str] = ""  # the config's name, for messages (users know methods, not layer classes)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapter_name = adapter_name
+        self.merged = False
+        self.router = Router()  # the model's own router replaces this one at attach (api.bind_layers)
+        self._merge_backup: dict[str, torch.Tensor] = {}
+
+    @property
+    def disabled(self) -> bool:
+        """Whether this forward runs without this adapter (the model's router decides)."""
+        return not self.router.runs(self.adapter_name)
+
+    # Module attributes code often reads (in_features, weight...) come from the wrapped module.
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def base_module(self) -> nn.Module:
+        """The innermost original module (adapters may be stacked under different names)."""
+        module = self.base_layer
+        while isinstance(module, AdapterLayer):
+            module = module.base_layer
+        return module
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            return self.disabled_forward(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapted_forward(x, *args, **kwargs)
+
+    def adapted_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def disabled_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Exactly the original module; layers that edit base weights in place override this."""
+        return self.base_layer(x, *args, **kwargs)
+
+    def release(self) -> None:
+        """Called by `detach` (after unmerge) before the layer is unwrapped: undo in-place base edits."""
+
+    # -- adapter tensors ------------------------------------------------------------------
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        for name, param in self.named_parameters():
+            if not name.startswith("base_layer."):
+                yield param
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Own parameters and persistent buffers (never the base layer's)."""
+        return {k: v for k, v in self.state_dict(keep_vars=True).items() if not k.startswith("base_layer.")}
+
+    def adapter_state_loaded(self) -> None:
+        """Hook after `load_state_dict` (e.g. PaCA re-places its columns)."""
+
+    def extra_repr(self) -> str:
+        return f"adapter_name={self.adapter_name!r}, merged={self.merged}"
+
+    # -- merge / unmerge ------------------------------------------------------------------
+    merged_base_tensors: ClassVar[tuple[str, ...]] = ("weight",)
+
+    def merge_into_base(self) -> None:
+        raise LeantuneError(f"{self.method_name} adapters cannot be merged into the base weights")
+
+    def merge(self) -> None:
+        if self.merged:
+            return
+        base = self.base_module()
+        self._merge_backup = {
+            name: getattr(base, name).detach().clone() for name in self.merged_base_tensors
+            if getattr(base, name, None) is not None
+        }
+        with torch.no_grad():
+            self.merge_into_base()
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        base = self.base_module()
+        with torch.no_grad():
+            for name, saved in self._merge_backup.items():
+                getattr(base, name).copy_(saved)
+        self._merge_backup = {}
+        self.merged = False
+
+
+def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in float32 (float64 for float64 bases); half and quantized bases get float32."""
+    return base_weight.dtype if base_weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def autocast_active(x: torch.Tensor) -> bool:
+    """Fused autograd functions assume one dtype throughout; under autocast layers take their plain path."""
+    return torch.is_autocast_enabled(x.device.type)
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run small CPU ops on one thread (PaCA's O(out × r) column writes, the sketch's column sweep):
+    for ops this small a parallel region's hand-offs cost more than they buy, and far more when
+    other processes hold the cores. Other devices are left alone."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a base linear as a dense tensor (quantized modules dequantize on demand)."""
+    dequantize = getattr(module, "dequantize_weight", None)
+    return dequantize() if callable(dequantize) else module.weight
+
+
+def add_to_weight(module: nn.Module, delta: torch.Tensor) -> None:
+    """Merge `delta` into a base linear's weight (quantized modules dequantize, add and requantize)."""
+    add = getattr(module, "add_to_weight_", None)
+    if callable(add):
+        add(delta)
+    else:
+        module.weight += delta.to(module.weight.dtype)
+
+
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Overwrite a base linear's weight with a dense tensor (quantized modules requantize it)."""
+    quantize = getattr(module, "quantize_", None)
+    if callable(quantize):
+        quantize(weight)
+    else:
+        module.weight.copy_(weight.to(module.weight.dtype))
+
+
+def adapter_layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[AdapterLayer]:
+    for _, layer in named_adapter_layers(model, adapter_name):
+        yield layer
+
+
+def named_adapter_layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, AdapterLayer]]:
+    """Adapter layers in pre-order (an outer, later-attached layer comes before the one it wraps)."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer) and (adapter_name is None or module.adapter_name == adapter_name):
+            yield name, module

@@ -1,0 +1,256 @@
+"""The columns PaCA writes into a base weight: their original values, and which contributions they hold.
+
+Several PaCA adapters may sit on one linear, with overlapping column sets. One `ColumnLedger`
+per base linear keeps the original values of every column any of them selected (exact restore
+for unmerge / disabled / detach) and knows which contributions the weight holds right now; a
+`ColumnPlan` records what one forward placed, so its backward differentiates exactly that. On
+an NF4 base (QPaCA) the ledger keeps the adapted columns in full precision and places them into
+the freshly dequantized weight at every use.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .layer import one_cpu_thread
+
+if TYPE_CHECKING:  # the layers own a ledger; the ledger only reads their fields
+    from .paca import PaCALayer
+
+
+class ColumnPlan:
+    """What one adapted forward used: the contributions in the weight (the live deltas' values as
+    placed), and the live deltas to train."""
+
+    __slots__ = ("ledger", "key", "values", "live", "merged", "deltas", "gather", "positions", "scales")
+
+    def __init__(self, ledger: "ColumnLedger", live: list[PaCALayer], merged: list[PaCALayer], key: tuple,
+                 values: tuple[torch.Tensor, ...]):
+        self.ledger = ledger
+        self.live, self.merged = live, merged
+        self.key, self.values = key, values
+        self.deltas = [layer.paca_delta for layer in live]
+        self.scales = [layer.scale for layer in live]
+        if len(live) == 1:  # the common case: save exactly X[..., I]
+            self.gather, self.positions = live[0].paca_index, None
+        else:
+            self.gather = ledger.index
+            self.positions = [ledger.positions(layer) for layer in live]
+
+    def ensure(self) -> None:
+        """Put back the columns this plan's forward used if anything (a disabled forward, a changed
+        Δ and the forward that followed) replaced them: backward differentiates that forward."""
+        if self.ledger.placed_key != self.key or self.ledger.placed_values is not self.values:
+            self.ledger.place(self.live, self.merged, self.key, self.values)
+
+    def weight(self) -> torch.Tensor:
+        return self.ledger.effective_weight()
+
+
+class ColumnLedger:
+    """The PaCA layers stacked on one base linear, the original values of their columns, and
+    which contributions those columns hold right now.
+
+    `orig` holds the base columns at `index` (the sorted union of the members' columns) without
+    any PaCA contribution. A dense base holds W0 + the placed contributions in its weight; an NF4
+    base keeps its packed weight (with merged contributions requantized into it) and the ledger
+    keeps the adapted columns in `columns`, placed into each dequantized copy.
+    """
+
+    def __init__(self, base: nn.Module):
+        self.base = base
+        self.quantized = callable(getattr(base, "dequantize_weight", None))
+        self.members: list[PaCALayer] = []
+        self.index = torch.empty(0, dtype=torch.long)
+        self.orig = torch.empty(0)
+        self.placed_key: tuple | None = ()  # () = the base columns hold no contribution
+        self.placed_values: tuple[torch.Tensor, ...] = ()  # copies of the live deltas as placed
+        self.columns: torch.Tensor | None = None  # NF4 base: the placed columns
+        self.base_key: tuple = ()  # NF4 base: the merged contributions requantized into the packed weight
+        self.pristine: torch.Tensor | None = None  # NF4 base: packed weight before any merge
+
+    # -- membership -----------------------------------------------------------------------
+    def join(self, layer: PaCALayer) -> None:
+        self._restore_base()
+        self.members.append(layer)
+        self._capture()
+
+    def leave(self, layer: PaCALayer, keep: bool) -> None:
+        """Remove `layer`; with keep, its merged contribution becomes part of the base."""
+        if keep and layer.contribution() is not None:
+            self._bake(layer)
+        self._restore_base()
+        self.members.remove(layer)
+        self._capture()
+
+    def reindex(self) -> None:
+        """A member's columns changed (adapter load): recapture the originals."""
+        self._restore_base()
+        self._capture()
+
+    def _capture(self) -> None:
+        """Read the original columns for the union of the members' indices (base holds no contribution)."""
+        weight_device = self.base.weight.device
+        if self.members:
+            self.index = torch.unique(torch.cat([m.paca_index for m in self.members])).to(weight_device)
+        else:
+            self.index = torch.empty(0, dtype=torch.long, device=weight_device)
+        with torch.no_grad():
+            dense = self._pristine_dense()
+            self.orig = dense.index_select(1, self.index).clone()
+        self.placed_key, self.columns = (), None
+        self.sync_base()
+
+    def _pristine_dense(self) -> torch.Tensor:
+        if not self.quantized:
+            return self.base.weight.detach()
+        if self.pristine is not None:
+            with _packed(self.base, self.pristine):
+                return self.base.dequantize_weight()
+        return self.base.dequantize_weight()
+
+    def _restore_base(self) -> None:
+        """Remove every contribution, merged ones included: the base is exactly W0 again."""
+        with torch.no_grad():
+            if self.quantized:
+                if self.pristine is not None:
+                    self.base.weight.copy_(self.pristine)
+                    self.pristine = None
+                self.base_key = ()
+            elif self.index.numel():
+                self._match_device()
+                self.base.weight.index_copy_(1, self.index, self.orig.to(self.base.weight.dtype))
+        self.placed_key, self.columns = (), None
+
+    def _bake(self, layer: PaCALayer) -> None:
+        """Make `layer`'s merged contribution part of the original columns (detach keep_merged)."""
+        with torch.no_grad():
+            positions = self.positions(layer)
+            self.orig = self.orig.clone()
+            self.orig.index_add_(1, positions, (layer.scale * layer.contribution()).to(self.orig.dtype))
+            if self.quantized:
+                dense = self._pristine_dense()
+                dense.index_copy_(1, self.index, self.orig.to(dense.dtype))
+                self.pristine = None
+                self.base.quantize_(dense)
+            else:
+                self.base.weight.index_copy_(1, self.index, self.orig.to(self.base.weight.dtype))
+        self.placed_key, self.base_key, self.columns = (), (), None
+
+    def positions(self, layer: PaCALayer) -> torch.Tensor:
+        return torch.searchsorted(self.index, layer.paca_index)
+
+    # -- which contributions, and writing them ------------------------------------------
+    @staticmethod
+    def state_key(live: list[PaCALayer], merged: list[PaCALayer]) -> tuple:
+        """Which contributions: the live members and the merge snapshots (Δ's values are compared apart)."""
+        return tuple(id(m) for m in live), tuple(m._merge_generation for m in merged)
+
+    def plan(self, layer: PaCALayer) -> ColumnPlan:
+        """Place the columns `layer`'s adapted forward needs: every merged member, plus the live
+        (not merged, not disabled) members at or below `layer`.
+
+        Δ's values are compared with the placed copy at every forward (O(out × r), next to the
+        matmul's O(tokens × in × out)): writes through `.data`, `copy_` under no_grad or a whole
+        new tensor all bypass what a version counter or an optimizer hook would see."""
+        below = self.members[:self.members.index(layer) + 1]
+        live = [m for m in below if not (m.merged or m.disabled)]
+        merged = [m for m in self.members if m.merged]
+        key = self.state_key(live, merged)
+        if self.placed_key != key or not _same_values(self.placed_values, live):
+            self.place(live, merged, key, tuple(m.paca_delta.detach().clone() for m in live))
+        return ColumnPlan(self, live, merged, key, self.placed_values)
+
+    def sync_base(self) -> None:
+        """Make the base module itself hold exactly W0 plus the merged contributions."""
+        merged = [m for m in self.members if m.merged]
+        if self.quantized:
+            key = tuple(m._merge_generation for m in merged)
+            if key != self.base_key:
+                self._requantize(merged)
+                self.base_key = key
+            return
+        key = self.state_key([], merged)
+        if self.placed_key != key:
+            self.place([], merged, key, ())
+
+    def compose(self, live: list[PaCALayer], merged: list[PaCALayer],
+                values: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """orig + the scaled contributions (live members at `values`), for all columns at `index`."""
+        parts = list(zip(live, values)) + [(m, m.contribution()) for m in merged]
+        acc = torch.promote_types(self.orig.dtype, torch.float32)
+        if len(parts) == 1 and parts[0][0].r == self.index.numel():  # one member owns every column
+            layer, delta = parts[0]
+            return torch.add(self.orig.to(acc), delta.to(acc), alpha=layer.scale)
+        columns = self.orig.to(acc, copy=True)
+        for layer, delta in parts:
+            columns.index_add_(1, self.positions(layer), delta.to(acc), alpha=layer.scale)
+        return columns
+
+    def place(self, live: list[PaCALayer], merged: list[PaCALayer], key: tuple,
+              values: tuple[torch.Tensor, ...]) -> None:
+        with torch.no_grad(), one_cpu_thread(self.orig.device):
+            self._match_device()
+            columns = self.compose(live, merged, values)
+            if self.quantized:
+                self.columns = columns.to(self.base.dtype)
+            else:
+                self.base.weight.index_copy_(1, self.index, columns.to(self.base.weight.dtype))
+        self.placed_key, self.placed_values = key, values
+
+    def _requantize(self, merged: list[PaCALayer]) -> None:
+        """NF4 base: merged contributions are requantized into the packed weight; none merged: the exact original."""
+        with torch.no_grad():
+            if not merged:
+                if self.pristine is not None:
+                    self.base.weight.copy_(self.pristine)
+                    self.pristine = None
+                return
+            if self.pristine is None:
+                self.pristine = self.base.weight.detach().clone()
+            dense = self._pristine_dense()
+            dense.index_copy_(1, self.index, self.compose([], merged, ()).to(dense.dtype))
+            self.base.quantize_(dense)
+
+    def _match_device(self) -> None:
+        """Follow the base if the model was moved or cast after attaching."""
+        weight = self.base.weight
+        dtype = self.base.dtype if self.quantized else weight.dtype
+        if self.orig.device != weight.device or self.orig.dtype != dtype:
+            self.orig = self.orig.to(device=weight.device, dtype=dtype)
+            self.index = self.index.to(weight.device)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The dense weight of the current placement (a dense base's own weight; a fresh copy for NF4)."""
+        if not self.quantized:
+            return self.base.weight
+        dense = self.base.dequantize_weight()
+        if self.columns is not None:
+            dense.index_copy_(1, self.index, self.columns)
+        return dense
+
+
+def _same_values(placed: tuple[torch.Tensor, ...], live: list[PaCALayer]) -> bool:
+    """Whether the placed copies still equal the live deltas, value for value."""
+    if len(placed) != len(live):
+        return False
+    for value, layer in zip(placed, live):
+        delta = layer.paca_delta
+        if (value.shape != delta.shape or value.dtype != delta.dtype or value.device != delta.device
+                or not torch.equal(value, delta)):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _packed(module: nn.Module, packed: torch.Tensor):
+    """Temporarily swap an NF4 module's packed buffer (to dequantize a saved copy)."""
+    current = module.weight
+    module.weight = packed
+    try:
+        yield
+    finally:
+        module.weight = current
