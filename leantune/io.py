@@ -137,8 +137,18 @@ def read_json_file(path: Path) -> Any:
     """The JSON in `path`; invalid JSON or text is an error naming the file."""
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LeantuneError(f"'{path}' is not valid JSON: {err}") from None
+    except json.JSONDecodeError as err:
+        raise LeantuneError(f"'{path}' is not valid JSON: {_json_error_text(err)}") from None
+    except UnicodeDecodeError as err:
+        raise LeantuneError(f"'{path}' is not UTF-8 text: {err}") from None
+
+
+def _json_error_text(err: json.JSONDecodeError) -> str:
+    """The parser's complaint and where, as one phrase: "expecting ',' delimiter at line 3, column 5"
+    (some complaints, e.g. "Unterminated string starting at", end in the position they refer to)."""
+    what = err.msg[:1].lower() + err.msg[1:]
+    where = f"line {err.lineno}, column {err.colno}"
+    return f"{what} {where}" if what.endswith(" at") else f"{what} at {where}"
 
 
 def read_format_document(path: str | os.PathLike, file_name: str, fmt: str, version: int, kind: str) -> dict[str, Any]:
@@ -152,8 +162,12 @@ def read_format_document(path: str | os.PathLike, file_name: str, fmt: str, vers
     document = read_json_file(config_path)
     if not isinstance(document, dict) or document.get("format") != fmt:
         raise LeantuneError(f"'{config_path}' is not a leantune {kind} config (format != '{fmt}')")
-    if document.get("format_version", 0) > version:
-        raise LeantuneError(f"'{config_path}' was written by a newer leantune (format {document['format_version']})")
+    found = document.get("format_version", 0)
+    if isinstance(found, bool) or not isinstance(found, int):
+        raise LeantuneError(f"'{config_path}' has format_version {found!r}, which must be an integer (this leantune "
+                            f"writes {version})")
+    if found > version:
+        raise LeantuneError(f"'{config_path}' was written by a newer leantune (format {found})")
     return document
 
 

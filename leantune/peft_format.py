@@ -11,6 +11,10 @@ extra rank). Methods whose adapters are exactly a LoRA update export as LoRA in 
 ways: their layers define `lora_factors() -> (A, B, scale)` with W = W0 + scale · B A, or the
 method has a whole-model converter in `LORA_CONVERSIONS` (PaCA: `paca_to_lora`), which export
 applies to a copy of the model.
+
+`import_peft` attaches what PEFT's own loader would apply to the same base, or refuses, naming the
+key: other PEFT types, options leantune has no equivalent for, inits that rewrote the base weights
+(PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ), and configs that disagree with their tensors.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import copy
 import json
 import math
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +39,7 @@ from .methods.dora import DoRA, DoRALayer
 from .methods.ia3 import IA3, IA3Layer
 from .methods.lora import LoRA, LoRALayer
 from .convert import paca_to_lora
-from .methods.targets import candidate_modules, resolve_targets
+from .methods.targets import ALL_LINEAR, candidate_modules, closest_names, output_head_names, resolve_targets, unwrap
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_TENSOR_FILE = "adapter_model.safetensors"
@@ -85,7 +90,7 @@ def lora_factors(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor, float
     hook = getattr(layer, "lora_factors", None)
     if callable(hook):
         return hook()
-    raise LeantuneError(f"{type(layer).__name__} cannot be written in Hugging Face PEFT format; exportable: {EXPORTABLE}")
+    raise LeantuneError(f"{layer.method_name} adapters cannot be written in Hugging Face PEFT format; exportable: {EXPORTABLE}")
 
 
 def _lora_export(model: nn.Module, config: MethodConfig,
@@ -165,21 +170,58 @@ def _module_patterns(model: nn.Module, names: list[str]) -> list[str]:
 
 # -- import ---------------------------------------------------------------------------------
 
+# Config keys that say where an adapter came from or how PEFT holds it, never what it computes.
+PEFT_METADATA_KEYS = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                                "revision", "inference_mode"})
+# Per importable PEFT type, the config keys import_peft reads.
+PEFT_READ_KEYS = {
+    "LORA": frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights",
+                       "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                       # settings that only act through init_lora_weights, use_qalora or megatron_config
+                       "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
+                       "megatron_core"}),
+    "IA3": frozenset({"target_modules", "exclude_modules", "feedforward_modules", "init_ia3_weights"}),
+}
+# PEFT options leantune has no equivalent for, each at the value where it changes nothing. Any other
+# key is unknown to import_peft and must be empty (null, false, [], {}, "").
+PEFT_NEUTRAL_OPTIONS = {
+    "LORA": {"bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "lora_bias": False,
+             "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None, "use_qalora": False,
+             "megatron_config": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
+             "target_parameters": None, "ensure_weight_tying": False, "velora_config": None,
+             "monteclora_config": None, "kasa_config": None, "use_bdlora": None, "arrow_config": None},
+    "IA3": {"fan_in_fan_out": False, "modules_to_save": None},
+}
+# init_lora_weights values (lower-cased) whose init leaves the base weights alone: the saved factors are the
+# whole adapter.
+BASE_KEEPING_INITS = ("true", "false", "gaussian", "orthogonal", "eva", "mica")
+# Inits that subtract the initial adapter from the base weights (pissa also as pissa_niter_<n>); PEFT redoes
+# that on load from the base it is given, import_peft does not.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga")
+SELECTION_KEYS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+
+
 def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
     """Attach the Hugging Face PEFT adapter (LoRA, DoRA or IA3) in directory `path` to `model`."""
-    document, tensors = _read_peft_adapter(Path(path))
-    peft_type = document.get("peft_type")
+    path = Path(path)
+    document = _read_peft_config(path)
+    source = path / PEFT_CONFIG_FILE
+    peft_type = document["peft_type"]
+    # checked before the tensors are read: prompt-learning files hold no per-module tensors
+    if not isinstance(peft_type, str) or peft_type not in PEFT_READ_KEYS:
+        raise LeantuneError(f"'{path}' holds a PEFT adapter of type {peft_type!r}, which import_peft does not support "
+                            "yet (it imports LORA, with or without use_dora, and IA3)")
+    _refuse_unsupported(document, source, PEFT_READ_KEYS[peft_type], PEFT_NEUTRAL_OPTIONS[peft_type])
     if peft_type == "LORA":
-        config, state = _lora_import(model, document, tensors)
-    elif peft_type == "IA3":
-        config, state = _ia3_import(model, document, tensors)
-    else:
-        raise LeantuneError(f"'{path}' holds a PEFT adapter of type {peft_type!r}; leantune imports LORA (with or "
-                            "without use_dora) and IA3")
+        _refuse_base_rewriting_init(document.get("init_lora_weights", True), source)
+    tensors = _read_peft_tensors(path)
+    importer = _lora_import if peft_type == "LORA" else _ia3_import
+    config, state = importer(model, document, tensors)
+    _check_config_selects(model, document, source, {key.rpartition(".")[0] for key in state})
     return attach_with_state(model, config, adapter_name, state)
 
 
-def _read_peft_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _read_peft_config(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise LeantuneError(f"PEFT adapter directory '{path}' does not exist")
     config_path, tensor_path = path / PEFT_CONFIG_FILE, path / PEFT_TENSOR_FILE
@@ -193,20 +235,55 @@ def _read_peft_adapter(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     document = read_json_file(config_path)
     if not isinstance(document, dict) or "peft_type" not in document:
         raise LeantuneError(f"'{config_path}' is not a PEFT adapter config (no peft_type)")
+    return document
+
+
+def _read_peft_tensors(path: Path) -> dict[str, torch.Tensor]:
     tensors = {}
-    for key, tensor in load_tensors(tensor_path).items():
+    for key, tensor in load_tensors(path / PEFT_TENSOR_FILE).items():
         if not key.startswith(PEFT_PREFIX):
             raise LeantuneError(f"PEFT tensor '{key}' does not start with '{PEFT_PREFIX}'")
         tensors[key[len(PEFT_PREFIX):]] = tensor
-    return document, tensors
+    return tensors
 
 
-def _refuse_unsupported(document: dict[str, Any], defaults: dict[str, Any]) -> None:
-    """PEFT options leantune has no equivalent for must be at their neutral value."""
-    for key, neutral in defaults.items():
-        value = document.get(key, neutral)
-        if value != neutral and not (neutral is None and value in ([], {}, "")):
-            raise LeantuneError(f"PEFT option {key}={value!r} is not supported by import_peft (only {neutral!r})")
+def _is_empty(value: Any) -> bool:
+    return value is None or value is False or value in ([], {}, "")
+
+
+def _refuse_unsupported(document: dict[str, Any], source: Path, read: frozenset[str],
+                        neutral_options: dict[str, Any]) -> None:
+    """Every PEFT option import_peft does not read must be at its neutral value; unknown ones must be empty."""
+    for key, value in document.items():
+        if key in PEFT_METADATA_KEYS or key in read:
+            continue
+        neutral = neutral_options.get(key)
+        if value == neutral or (_is_empty(value) and _is_empty(neutral)):
+            continue
+        if key in neutral_options:
+            raise LeantuneError(f"PEFT option {key}={value!r} in '{source}' is not supported by import_peft "
+                                f"(only {neutral!r})")
+        raise LeantuneError(f"PEFT option {key}={value!r} in '{source}' is unknown to import_peft, which therefore "
+                            "cannot tell whether it changes what the adapter computes")
+
+
+def _refuse_base_rewriting_init(init: Any, source: Path) -> None:
+    """The saved factors must apply to the original base: some inits move part of the base into them."""
+    kind = str(init).lower()
+    if kind in BASE_KEEPING_INITS:
+        return
+    if kind.startswith(BASE_REWRITING_INITS):
+        raise LeantuneError(
+            f"'{source}' has init_lora_weights={init!r}, an init that rewrites the base weights, so its factors do "
+            "not apply to the original base; re-save it as a plain LoRA adapter for the original base with PEFT's "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved right after init>)")
+    if kind == "loftq":
+        raise LeantuneError(
+            f"'{source}' has init_lora_weights='loftq', so its factors apply to the quantized residual LoftQ makes "
+            "of the base weights, which import_peft cannot rebuild; merge it into its base with PEFT "
+            "(merge_and_unload) and load the merged model instead")
+    raise LeantuneError(f"'{source}' has init_lora_weights={init!r}, which import_peft does not know, so it cannot "
+                        f"tell whether the init rewrote the base (known: {', '.join(BASE_KEEPING_INITS)})")
 
 
 def _split_keys(tensors: dict[str, torch.Tensor], suffixes: dict[str, str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -224,9 +301,6 @@ def _split_keys(tensors: dict[str, torch.Tensor], suffixes: dict[str, str]) -> d
 
 def _lora_import(model: nn.Module, document: dict[str, Any],
                  tensors: dict[str, torch.Tensor]) -> tuple[MethodConfig, dict[str, torch.Tensor]]:
-    _refuse_unsupported(document, {"bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
-                                   "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
-                                   "layer_replication": None, "use_qalora": False})
     use_dora = bool(document.get("use_dora", False))
     suffixes = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B"}
     if use_dora:
@@ -245,13 +319,15 @@ def _lora_import(model: nn.Module, document: dict[str, Any],
 
 def _ia3_import(model: nn.Module, document: dict[str, Any],
                 tensors: dict[str, torch.Tensor]) -> tuple[MethodConfig, dict[str, torch.Tensor]]:
-    _refuse_unsupported(document, {"fan_in_fan_out": False, "modules_to_save": None})
     modules = _split_keys(tensors, {".ia3_l": "ia3_l"})
     names = list(modules)
     hint = document.get("feedforward_modules") or []
-    hint = [hint] if isinstance(hint, str) else list(hint)
-    # PEFT marks a module as feed-forward when its name ends with a feedforward_modules entry.
-    feedforward = [n for n in names if any(n.endswith(entry) for entry in hint)]
+    if isinstance(hint, str):  # PEFT reads a string as a regex over the full module name
+        feedforward = [n for n in names if _peft_regex(hint, "feedforward_modules").fullmatch(n)]
+        hint = feedforward
+    else:
+        # PEFT marks a module as feed-forward when its name ends with a feedforward_modules entry.
+        feedforward = [n for n in names if any(n.endswith(entry) for entry in hint)]
     ours = {n for n in names if any(n == e or n.endswith("." + e) for e in hint)}
     if ours != set(feedforward) or not all(any(n == e or n.endswith("." + e) for n in names) for e in hint):
         hint = feedforward  # the short names would not select the same modules in leantune: use full names
@@ -276,3 +352,102 @@ def _targets_for(model: nn.Module, cls: type[MethodConfig], names: list[str], hi
 
 def _flatten(modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {f"{module}.{local}": tensor for module, parts in modules.items() for local, tensor in parts.items()}
+
+
+# -- which modules a PEFT config selects ----------------------------------------------------
+
+def _check_config_selects(model: nn.Module, document: dict[str, Any], source: Path, modules: set[str]) -> None:
+    """The adapter's tensors must sit on modules its own config selects. PEFT refuses a config that selects
+    nothing, and skips tensors outside target_modules / exclude_modules / layers_to_transform without a word;
+    leantune refuses both rather than guess which of config and tensors is right."""
+    if _is_empty(document.get("target_modules")):  # PEFT would use its per-architecture defaults: tensors decide
+        return
+    present = {name for name, _ in candidate_modules(model)}
+    absent = sorted(modules - present)
+    if absent:
+        raise LeantuneError(f"'{source.parent}' holds tensors for '{absent[0]}', which this {type(model).__name__} "
+                            "has no module for (was the adapter made for another model?)")
+    selected = _peft_selection(model, document, source)
+    settings = ", ".join(f"{key}={document[key]!r}" for key in SELECTION_KEYS if not _is_empty(document.get(key)))
+    if not selected:
+        targets = document["target_modules"]
+        first = targets if isinstance(targets, str) else targets[0]
+        raise LeantuneError(f"PEFT {settings} in '{source}' select no module of this {type(model).__name__} "
+                            f"(PEFT refuses such an adapter too); {closest_names(candidate_modules(model), first)}")
+    outside = sorted(modules - selected)
+    if outside:
+        raise LeantuneError(f"'{source.parent}' holds tensors for '{outside[0]}' ({len(outside)} modules in all) that "
+                            f"its config's {settings} leave out and PEFT would skip; remove those tensors or "
+                            "correct the config")
+
+
+def _peft_selection(model: nn.Module, document: dict[str, Any], source: Path) -> set[str]:
+    """The modules PEFT's loader adapts under this config's target_modules, exclude_modules and layers_to_transform."""
+    targets = _peft_names(document, "target_modules", source)
+    excluded = _peft_names(document, "exclude_modules", source)
+    layers = _peft_layers(document, source)
+    heads = output_head_names(model)
+    selected = set()
+    for name, module in candidate_modules(model):
+        if excluded and _peft_name_matches(excluded, name, "exclude_modules"):
+            continue
+        if targets == ALL_LINEAR:
+            hit = isinstance(unwrap(module), nn.Linear) and name not in heads and _in_peft_layers(layers, document, name)
+        elif isinstance(targets, str):
+            hit = _peft_name_matches(targets, name, "target_modules")
+        else:  # a full name is taken as it is; a short one also has to pass the layer filter
+            hit = name in targets or (_peft_name_matches(targets, name, "target_modules")
+                                      and _in_peft_layers(layers, document, name))
+        if hit:
+            selected.add(name)
+    return selected
+
+
+def _peft_names(document: dict[str, Any], key: str, source: Path) -> str | list[str] | None:
+    value = document.get(key)
+    if value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise LeantuneError(f"PEFT {key}={value!r} in '{source}' must be a regex or a list of module names")
+
+
+def _peft_layers(document: dict[str, Any], source: Path) -> list[int] | None:
+    value = document.get("layers_to_transform")
+    if value is None or value == []:
+        return None
+    layers = [value] if isinstance(value, int) else value
+    if isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        return layers
+    raise LeantuneError(f"PEFT layers_to_transform={value!r} in '{source}' must be a layer index or a list of them")
+
+
+def _peft_name_matches(entries: str | list[str], name: str, key: str) -> bool:
+    """PEFT's module-name test: a string is a regex over the full name; a list entry is the name or its ending."""
+    if isinstance(entries, str):
+        return _peft_regex(entries, key).fullmatch(name) is not None
+    return name in entries or any(name.endswith("." + entry) for entry in entries)
+
+
+def _in_peft_layers(layers: list[int] | None, document: dict[str, Any], name: str) -> bool:
+    if layers is None:
+        return True
+    index = _peft_layer_index(name, document.get("layers_pattern"))
+    return index is not None and index in layers
+
+
+def _peft_layer_index(name: str, patterns: str | list[str] | None) -> int | None:
+    """The block index as PEFT reads it: the number after the first module list a layers_pattern entry names,
+    or without one, the first all-digit component from the third on that is not the last ('model.layers.3.mlp')."""
+    if not patterns:
+        return next((int(part) for part in name.split(".")[2:-1] if part.isdecimal()), None)
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        match = re.search(rf"(?:^|\.)(?:{_peft_regex(pattern, 'layers_pattern').pattern})\.(\d+)\.", name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def _peft_regex(pattern: str, key: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise LeantuneError(f"PEFT {key} regex {pattern!r} is invalid: {err}") from None

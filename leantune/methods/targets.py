@@ -95,7 +95,7 @@ def _by_regex(modules: list[tuple[str, nn.Module]], pattern: str) -> list[tuple[
         raise LeantuneError(f"targets regex {pattern!r} is invalid: {err}") from None
     chosen = [(n, m) for n, m in modules if regex.fullmatch(n)]
     if not chosen:
-        raise LeantuneError(f"targets regex {pattern!r} matches no module name; {_closest(modules, pattern)}")
+        raise LeantuneError(f"targets regex {pattern!r} matches no module name; {closest_names(modules, pattern)}")
     return chosen
 
 
@@ -104,11 +104,11 @@ def _by_suffixes(modules: list[tuple[str, nn.Module]], suffixes: list[str]) -> l
         if not isinstance(suffix, str) or not suffix:
             raise LeantuneError(f"targets must be module names, got {suffix!r}")
         if not any(_matches_suffix(n, suffix) for n, _ in modules):
-            raise LeantuneError(f"target '{suffix}' matches no module; {_closest(modules, suffix)}")
+            raise LeantuneError(f"target '{suffix}' matches no module; {closest_names(modules, suffix)}")
     return [(n, m) for n, m in modules if any(_matches_suffix(n, s) for s in suffixes)]
 
 
-def _closest(modules: list[tuple[str, nn.Module]], wanted: str) -> str:
+def closest_names(modules: list[tuple[str, nn.Module]], wanted: str) -> str:
     short_names = sorted({n.split(".")[-1] for n, _ in modules})
     close = difflib.get_close_matches(wanted.split(".")[-1], short_names, n=3, cutoff=0.4)
     if close:
