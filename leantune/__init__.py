@@ -1,11 +1,10 @@
 """leantune: parameter-efficient fine-tuning that saves time and memory, not only parameters."""
+from .adapters import export_peft, import_peft, load_adapter, save_adapter, save_merged_model
 from .api import attach, attached, detach, disabled, merge, summary, unmerge, use
 from .convert import paca_to_lora
 from .errors import LeantuneError
-from .io import load_adapter, save_adapter, save_merged_model
 from .methods import IA3, BitFit, DoRA, Full, LoRA, MethodConfig, PaCA, SketchTune
 from .models import load_model, load_tokenizer
-from .peft_format import export_peft, import_peft
 from .training import train
 
 __version__ = "0.1.0"

@@ -43,7 +43,7 @@ def _smollm2_folder() -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .io import atomic_directory
+    from .files import atomic_directory
 
     folder = _gguf_folder()
     print(f"converting {_GGUF_FILE} to safetensors in {target} (once)...", flush=True)

@@ -61,7 +61,7 @@ def test_save_never_damages_existing_adapter_on_failure(plain_module, tmp_path, 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("leantune.io.save_file", broken)
+    monkeypatch.setattr("leantune.files.save_file", broken)
     with pytest.raises(OSError):
         lt.save_adapter(plain_module, target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
@@ -69,7 +69,7 @@ def test_save_never_damages_existing_adapter_on_failure(plain_module, tmp_path, 
 
 
 def test_saved_files_follow_the_umask_not_private_temp_modes(plain_module, tmp_path):
-    from leantune.io import atomic_write_text
+    from leantune.files import atomic_write_text
 
     lt.attach(plain_module, lt.LoRA(r=2))
     old = os.umask(0o027)

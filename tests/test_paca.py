@@ -170,7 +170,8 @@ def test_backward_restores_columns_replaced_by_a_disabled_forward():
 
 
 def test_loaded_columns_win_over_the_drawn_ones(tmp_path, tokens):
-    from leantune.io import TENSOR_FILE, load_tensors, save_tensors
+    from leantune.adapters.native import TENSOR_FILE
+    from leantune.files import load_tensors, save_tensors
 
     model = lt.load_model("tiny-llama")
     base_state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -229,7 +229,7 @@ def test_training_step_updates_tables_only(tiny_llama, sketch_dir, tokens):
 
 
 def test_saved_adapter_holds_only_the_tables_and_names_its_sketch(tiny_llama, sketch_dir, tmp_path):
-    from leantune.io import load_tensors
+    from leantune.files import load_tensors
 
     lt.attach(tiny_llama, SketchTune(sketch=str(sketch_dir)))
     lt.save_adapter(tiny_llama, tmp_path / "adapter")

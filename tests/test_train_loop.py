@@ -8,7 +8,7 @@ import yaml
 
 import leantune as lt
 from leantune.errors import LeantuneError
-from leantune.io import load_tensors
+from leantune.files import load_tensors
 from leantune.training.loop import TrainingDiverged
 from leantune.training.optim import lr_factor, parameter_groups, warmup_steps
 

@@ -297,7 +297,7 @@ def draw_chart(document: dict[str, Any], path: Path) -> None:
 
 def write_results(document: dict[str, Any], out_dir: Path) -> Path:
     """Write all files into `out_dir` at once (a run never leaves a half-written folder)."""
-    from ..io import atomic_directory
+    from ..files import atomic_directory
 
     with atomic_directory(out_dir) as tmp:
         (tmp / "results.json").write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")

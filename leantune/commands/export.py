@@ -24,9 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import load_adapter, read_adapter_config, save_merged_model
+    from ..adapters import export_peft, load_adapter, read_adapter_config, save_merged_model
     from ..models import load_model, load_tokenizer
-    from ..peft_format import export_peft
 
     out = Path(args.out)
     if out.exists() and not args.force:

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     lines = "".join(json.dumps({"prompt": p, "generation": t}) + "\n" for p, t in zip(prompts, texts))
     if args.output:
-        from ..io import atomic_write_text
+        from ..files import atomic_write_text
 
         atomic_write_text(args.output, lines)
         print(f"wrote {len(texts)} generations to {args.output}", file=sys.stderr)

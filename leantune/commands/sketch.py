@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import models
     from ..api import attach
-    from ..io import atomic_write_text
+    from ..files import atomic_write_text
     from ..methods.sketch import SketchTune
     from ..methods.sketch.calib import check_source, consecutive_windows, perplexity, source_text, tokenize
     from ..methods.sketch.pack import FIT_REPORT_FILE, save_sketch

@@ -11,7 +11,7 @@ from ..errors import LeantuneError
 
 def load_for_inference(adapter: str | None, model_name: str | None) -> tuple[nn.Module, Any]:
     """(model in eval mode with the adapter attached, tokenizer)."""
-    from ..io import load_adapter, read_adapter_config
+    from ..adapters import load_adapter, read_adapter_config
     from ..models import load_model, load_tokenizer
 
     if adapter is None and model_name is None:

@@ -2,7 +2,7 @@
 
 Layout of `out_dir/checkpoints/`:
 
-    step-N/adapter/            the adapter (leantune.io.save_adapter)
+    step-N/adapter/            the adapter (leantune.adapters.save_adapter)
     step-N/optimizer.safetensors   every tensor of the optimizer state, keyed "<param index>.<name>"
     step-N/optimizer.json          param groups (hyper-parameters, parameter names) and non-tensor state
     step-N/rng.safetensors         torch CPU (and CUDA) generator states
@@ -26,7 +26,8 @@ from torch import nn
 
 from .. import api
 from ..errors import LeantuneError
-from ..io import atomic_directory, atomic_write_text, load_tensors, save_adapter, save_tensors
+from ..adapters import save_adapter
+from ..files import atomic_directory, atomic_write_text, load_tensors, save_tensors
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -181,7 +182,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def _load_adapter_tensors(adapter_dir: Path, model: nn.Module) -> None:
-    from ..io import TENSOR_FILE, read_adapter_config
+    from ..adapters.native import TENSOR_FILE, read_adapter_config
 
     saved = read_adapter_config(adapter_dir)
     registry = api.attached(model)

@@ -288,7 +288,7 @@ class Trainer:
                 elif target.exists():
                     target.unlink()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        from ..io import atomic_write_text
+        from ..files import atomic_write_text
 
         atomic_write_text(self.out_dir / "config.yaml", to_yaml(resolved_dict(self.config)))
 
@@ -418,7 +418,7 @@ class Trainer:
         """Base vs tuned model writing tests for the held-out humaneval-tests functions; saved to unit_tests.json."""
         from ..data import builtin_records
         from ..eval.unit_tests import before_after
-        from ..io import atomic_write_text
+        from ..files import atomic_write_text
 
         cfg = self.config
         records = builtin_records("humaneval-tests:test")[:cfg.unit_test_limit]
@@ -450,7 +450,8 @@ class Trainer:
 
     # -- the end ------------------------------------------------------------------------------------
     def _finish(self, state: dict[str, Any]) -> TrainResult:
-        from ..io import atomic_write_text, save_adapter
+        from ..adapters import save_adapter
+        from ..files import atomic_write_text
 
         if self.config.save_every:  # a later run with a larger max_steps continues from the very end
             self.save(state)

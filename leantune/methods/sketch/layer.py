@@ -88,8 +88,9 @@ class SketchedLinear(nn.Module):
 
 
 class SketchLayer(AdapterLayer):
-    method_name: ClassVar[str] = "sketchtune"
     """Trainable tables over a `SketchedLinear`; disabled = the fitted tables, merge = tables into the base."""
+
+    method_name = "sketchtune"
 
     merged_base_tensors = ("tables",)
 

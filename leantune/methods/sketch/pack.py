@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ...errors import LeantuneError
+from ...files import atomic_directory, load_tensors, read_format_document, save_tensors
 
 SKETCH_FORMAT = "leantune-sketch"
 SKETCH_FORMAT_VERSION = 1
@@ -143,7 +144,6 @@ class Sketch:
 
 def save_sketch(sketch: Sketch, path: str | os.PathLike, report: dict[str, Any] | None = None) -> Path:
     """Write the sketch directory atomically (an existing one is replaced only on success)."""
-    from ...io import atomic_directory, save_tensors  # io imports the method registry
 
     with atomic_directory(path) as tmp:
         save_tensors(sketch.tensors(), tmp / SKETCH_TENSOR_FILE)
@@ -154,7 +154,6 @@ def save_sketch(sketch: Sketch, path: str | os.PathLike, report: dict[str, Any] 
 
 
 def read_sketch_config(path: str | os.PathLike) -> dict[str, Any]:
-    from ...io import read_format_document  # io imports the method registry
 
     document = read_format_document(path, SKETCH_CONFIG_FILE, SKETCH_FORMAT, SKETCH_FORMAT_VERSION, "sketch")
     config_path = Path(path) / SKETCH_CONFIG_FILE
@@ -166,7 +165,6 @@ def read_sketch_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_sketch(path: str | os.PathLike) -> Sketch:
     """Read and verify a sketch directory: shapes, dtypes, code range and the content hash."""
-    from ...io import load_tensors
 
     document = read_sketch_config(path)
     tensor_path = Path(path) / SKETCH_TENSOR_FILE

@@ -1,0 +1,90 @@
+"""leantune's own adapter format: `adapter_config.json` (method, its fields, adapter name, base
+model) and `adapter.safetensors`, written atomically."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import api
+from ..errors import LeantuneError
+from ..files import atomic_directory, load_tensors, read_format_document, save_tensors
+from ..methods.base import MethodConfig, config_from_dict
+
+CONFIG_FILE = "adapter_config.json"
+TENSOR_FILE = "adapter.safetensors"
+FORMAT = "leantune-adapter"
+FORMAT_VERSION = 1
+
+
+def single_adapter_name(model: nn.Module, adapter_name: str | None) -> str:
+    names = list(api.attached(model))
+    if adapter_name is not None:
+        if adapter_name not in names:
+            raise LeantuneError(f"no adapter named '{adapter_name}' is attached (attached: {', '.join(names) or 'none'})")
+        return adapter_name
+    if len(names) != 1:
+        raise LeantuneError(f"the model has {len(names)} adapters ({', '.join(names) or 'none'}); pass adapter_name=")
+    return names[0]
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write one adapter (config JSON + safetensors) atomically to directory `path`."""
+    name = single_adapter_name(model, adapter_name)
+    config = api.attached(model)[name]
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "adapter_name": name,
+        "method": config.to_dict(),
+        "base_model": _model_name(model),
+        **(extra or {}),
+    }
+    with atomic_directory(path) as tmp:
+        save_tensors(config.state_dict(model, name), tmp / TENSOR_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
+    return Path(path)
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    return read_format_document(path, CONFIG_FILE, FORMAT, FORMAT_VERSION, "adapter")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
+    """Attach the adapter saved in `path` to `model` (a fresh base model) and load its tensors."""
+    document = read_adapter_config(path)
+    config: MethodConfig = config_from_dict(document["method"])
+    name = adapter_name or document.get("adapter_name", "default")
+    tensors = load_tensors(Path(path) / TENSOR_FILE)
+    try:
+        return attach_with_state(model, config, name, tensors)
+    except LeantuneError as err:
+        saved_on, this_model = document.get("base_model"), _model_name(model)
+        if saved_on == this_model:
+            raise
+        # Name both models first. The advice after '; ' is for someone choosing a config (e.g.
+        # bitfit's add_bias=True), not for someone loading a saved adapter, so it is left out.
+        reason = str(err).split("; ")[0]
+        raise LeantuneError(f"adapter '{path}' does not fit this model: it was saved on '{saved_on or 'an unnamed model'}', "
+                            f"this model is '{this_model or type(model).__name__}' ({reason})") from None
+
+
+def _model_name(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None)
+
+
+def attach_with_state(model: nn.Module, config: MethodConfig, adapter_name: str,
+                      state: dict[str, torch.Tensor]) -> nn.Module:
+    """Attach `config` and load its tensors; a tensor that does not fit leaves the model as it was."""
+    api.attach(model, config, adapter_name)
+    try:
+        config.load_state_dict(model, adapter_name, state)
+    except LeantuneError:
+        api.detach(model, adapter_name)
+        raise
+    return model

@@ -1,0 +1,163 @@
+"""Export to the Hugging Face PEFT adapter format (`adapter_config.json` + `adapter_model.safetensors`,
+tensors named `base_model.model.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector`
+(DoRA) or `.ia3_l`), the files and keys PEFT's and vLLM's loaders read.
+
+LoRA and DoRA layers export their factors directly (PiSSA's residual base is folded back in as
+extra rank). Methods whose adapters are exactly a LoRA update export as LoRA in one of two
+ways: their layers define `lora_factors() -> (A, B, scale)` with W = W0 + scale · B A, or the
+method has a whole-model converter in `LORA_CONVERSIONS` (PaCA: `paca_to_lora`), which export
+applies to a copy of the model.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import api
+from ..convert import paca_to_lora
+from ..errors import LeantuneError
+from ..files import atomic_directory, save_tensors
+from ..methods.base import MethodConfig
+from ..methods.dora import DoRALayer
+from ..methods.ia3 import IA3, IA3Layer
+from ..methods.layer import AdapterLayer, named_adapter_layers
+from ..methods.lora import LoRA, LoRALayer
+from ..methods.targets import candidate_modules
+from .native import single_adapter_name
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_TENSOR_FILE = "adapter_model.safetensors"
+PEFT_PICKLE_FILE = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+EXPORTABLE = "lora, dora, ia3, paca (and methods whose layers define lora_factors)"
+
+# method name -> function that replaces that method's adapters on a model by equal LoRA adapters
+LORA_CONVERSIONS: dict[str, Callable[[nn.Module], nn.Module]] = {"paca": paca_to_lora}
+
+
+def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write the adapter on `model` as a Hugging Face PEFT adapter directory (atomically)."""
+    name = single_adapter_name(model, adapter_name)
+    config = api.attached(model)[name]
+    convert = LORA_CONVERSIONS.get(config.method_name)
+    if convert is not None:  # on a copy: the caller's model keeps its own adapter
+        model = convert(copy.deepcopy(model))
+        config = api.attached(model)[name]
+    layers = list(named_adapter_layers(model, name))
+    if isinstance(config, IA3):
+        document, tensors = _ia3_export(model, layers)
+    else:
+        document, tensors = _lora_export(model, config, layers)
+    document.update({
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
+        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "fan_in_fan_out": False,
+    })
+    with atomic_directory(path) as tmp:
+        save_tensors(tensors, tmp / PEFT_TENSOR_FILE, metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
+    return Path(path)
+
+
+def lora_factors(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, scale) with the layer's update on the original base weight equal to scale · B A."""
+    if isinstance(layer, LoRALayer):
+        a, b = layer.lora_A.detach(), layer.lora_B.detach()
+        if hasattr(layer, "pissa_A0"):  # the base holds W0 - s B0 A0, so the update on W0 is s (BA - B0 A0)
+            a = torch.cat([a, -layer.pissa_A0])
+            b = torch.cat([b, layer.pissa_B0], dim=1)
+        return a, b, layer.scale
+    hook = getattr(layer, "lora_factors", None)
+    if callable(hook):
+        return hook()
+    raise LeantuneError(f"{layer.method_name} adapters cannot be written in Hugging Face PEFT format; exportable: {EXPORTABLE}")
+
+
+def _lora_export(model: nn.Module, config: MethodConfig,
+                 layers: list[tuple[str, AdapterLayer]]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if not layers:
+        raise LeantuneError(f"method '{config.method_name}' cannot be written in Hugging Face PEFT format; "
+                            f"exportable: {EXPORTABLE}")
+    rslora = bool(getattr(config, "rslora", False)) and isinstance(config, LoRA)
+    use_dora = all(isinstance(layer, DoRALayer) for _, layer in layers)
+    tensors, ranks, alphas = {}, {}, {}
+    for module_name, layer in layers:
+        a, b, scale = lora_factors(layer)
+        r = a.shape[0]
+        ranks[module_name] = r
+        if isinstance(config, LoRA) and r == config.r:
+            alphas[module_name] = config.alpha
+        else:  # PEFT's scaling is alpha / r (alpha / sqrt(r) with rsLoRA)
+            alphas[module_name] = scale * (math.sqrt(r) if rslora else r)
+        tensors[f"{PEFT_PREFIX}{module_name}.lora_A.weight"] = a
+        tensors[f"{PEFT_PREFIX}{module_name}.lora_B.weight"] = b
+        if use_dora:
+            tensors[f"{PEFT_PREFIX}{module_name}.lora_magnitude_vector"] = layer.magnitude.detach()
+    r, rank_pattern = _default_and_pattern(ranks)
+    alpha, alpha_pattern = _default_and_pattern(alphas)
+    document = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": float(getattr(config, "dropout", 0.0)),
+        "use_rslora": rslora,
+        "use_dora": use_dora,
+        "target_modules": _module_patterns(model, list(ranks)),
+        "bias": "none",
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    return document, tensors
+
+
+def _ia3_export(model: nn.Module, layers: list[tuple[str, IA3Layer]]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    tensors = {}
+    for module_name, layer in layers:
+        vector = layer.ia3_l.detach()
+        tensors[f"{PEFT_PREFIX}{module_name}.ia3_l"] = vector[None, :] if layer.feedforward else vector[:, None]
+    names = [n for n, _ in layers]
+    feedforward = [n for n, layer in layers if layer.feedforward]
+    short = _short_names(model, names)
+    short_ff = _short_names(model, feedforward) if short is not None else None
+    document = {
+        "peft_type": "IA3",
+        "target_modules": short if short_ff is not None else names,
+        "feedforward_modules": short_ff if short_ff is not None else feedforward,
+        "init_ia3_weights": True,
+    }
+    return document, tensors
+
+
+def _default_and_pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The most common value, and the modules that differ from it (PEFT's rank/alpha_pattern)."""
+    default = Counter(values.values()).most_common(1)[0][0]
+    return default, {name: v for name, v in values.items() if v != default}
+
+
+def _short_names(model: nn.Module, names: list[str]) -> list[str] | None:
+    """The last name components, if they pick out exactly `names` in the model; else None."""
+    short = sorted({n.split(".")[-1] for n in names})
+    matched = {n for n, _ in candidate_modules(model) if n.split(".")[-1] in short}
+    return short if matched == set(names) else None
+
+
+def _module_patterns(model: nn.Module, names: list[str]) -> list[str]:
+    return _short_names(model, names) or names
+
+
+# -- import ---------------------------------------------------------------------------------
+
+# Config keys that say where an adapter came from or how PEFT holds it, never what it computes.
