@@ -1,13 +1,26 @@
-"""leantune: parameter-efficient fine-tuning that saves time and memory, not only parameters."""
-from .adapters import export_peft, import_peft, load_adapter, save_adapter, save_merged_model
-from .api import attach, attached, detach, disabled, merge, summary, unmerge, use
-from .convert import paca_to_lora
+"""leantune: parameter-efficient fine-tuning that saves time and memory, not only parameters.
+
+The public names are imported on first use (PEP 562), so `import leantune.cli` and
+`leantune --help` do not pay for torch and transformers.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .errors import LeantuneError
-from .methods import IA3, BitFit, DoRA, Full, LoRA, MethodConfig, PaCA, SketchTune
-from .models import load_model, load_tokenizer
-from .training import train
 
 __version__ = "0.1.0"
+
+# public name -> the submodule that defines it
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(("attach", "attached", "detach", "disabled", "merge", "summary", "unmerge", "use"), ".api"),
+    "paca_to_lora": ".convert",
+    **dict.fromkeys(("load_adapter", "save_adapter", "save_merged_model", "export_peft", "import_peft"), ".adapters"),
+    **dict.fromkeys(("IA3", "BitFit", "DoRA", "Full", "LoRA", "MethodConfig", "PaCA", "SketchTune"), ".methods"),
+    **dict.fromkeys(("load_model", "load_tokenizer"), ".models"),
+    "train": ".training",
+}
 
 __all__ = [
     "attach", "attached", "detach", "disabled", "merge", "summary", "unmerge", "use", "train",
@@ -15,3 +28,15 @@ __all__ = [
     "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune", "paca_to_lora", "MethodConfig",
     "load_model", "load_tokenizer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'leantune' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

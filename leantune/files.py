@@ -64,13 +64,22 @@ def _finish_tree(root: Path) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    _atomic_write(path, text, "w")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    _atomic_write(path, data, "wb")
+
+
+def _atomic_write(path: str | os.PathLike, content: str | bytes, mode: str) -> None:
+    """Write to a temporary sibling, then rename it over `path`: readers see the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp makes it private; the result should not be
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, mode) as handle:
+            handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

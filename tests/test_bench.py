@@ -1,5 +1,7 @@
 import json
+import os
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -295,3 +297,69 @@ def test_cli_end_to_end_on_tiny_llama(tmp_path, capsys):
 def test_cli_errors_exit_2_naming_the_culprit(argv, culprit, capsys):
     assert cli.main(["bench", "--model", "tiny-llama", *argv]) == 2
     assert culprit in capsys.readouterr().err
+
+
+# -- results on disk: written as rows finish, the chart optional --------------------------------
+
+def _fake_default_runner(stop_at=None, stop_with=KeyboardInterrupt):
+    """A BenchPlan.default_runner that measures nothing; `stop_at` row raises `stop_with`."""
+    def fake(plan, spec):
+        if spec.row == stop_at:
+            raise stop_with("stopped")
+        step, saved, peak, _ = FAKE[spec.row]
+        return _fake_result(spec, step, saved, peak)
+    return fake
+
+
+BENCH_ARGS = ["bench", "--model", "tiny-llama", "--methods", "floor,lora,paca", "--repeats", "1"]
+
+
+def test_without_matplotlib_the_results_are_written_and_the_chart_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails, as on a plain install
+    monkeypatch.setattr(runner.BenchPlan, "default_runner", _fake_default_runner())
+    out = tmp_path / "run"
+    assert cli.main([*BENCH_ARGS, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert ("chart skipped: matplotlib is not installed (pip install matplotlib, or install leantune with its "
+            "'bench' extra)\n") in captured.out
+    assert "Traceback" not in captured.err
+    document = json.loads((out / "results.json").read_text())
+    assert [e["row"] for e in document["rows"]] == ["floor", "lora", "paca"]
+    assert document["complete"] is True and document["chart"] is None
+    assert not (out / "chart.png").exists()
+    markdown = (out / "results.md").read_text()
+    assert "| paca | chunked |" in markdown and "chart.png" not in markdown and "Partial" not in markdown
+
+
+@pytest.mark.parametrize("stop_with, status", [(KeyboardInterrupt, 130), (RuntimeError, None)])
+def test_rows_measured_before_a_run_stops_are_on_disk(tmp_path, monkeypatch, capsys, stop_with, status):
+    monkeypatch.setattr(runner.BenchPlan, "default_runner", _fake_default_runner("paca", stop_with))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "chart.png").write_bytes(b"an earlier run's chart")
+    if status is None:
+        with pytest.raises(stop_with):
+            cli.main([*BENCH_ARGS, "--out", str(out)])
+    else:
+        assert cli.main([*BENCH_ARGS, "--out", str(out)]) == status
+        assert f"the rows measured so far are in {out}" in capsys.readouterr().err
+    document = json.loads((out / "results.json").read_text())
+    assert [e["row"] for e in document["rows"]] == ["floor", "lora"] and document["complete"] is False
+    assert document["rows"][1]["ratios"]["floor"]["step_time"] == pytest.approx(5.0 / 4.0)
+    assert "**Partial results**: 2 of at most 3 runs done" in (out / "results.md").read_text()
+    assert not (out / "chart.png").exists()  # nothing of the earlier run is left beside this one's rows
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary files
+
+
+def test_the_machine_description_imports_neither_peft_nor_bitsandbytes():
+    code = ("import sys; from leantune.bench.report import machine_info; info = machine_info('cpu'); "
+            "print(info['peft'] is not None, sorted({'peft', 'bitsandbytes'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env_with_repo(), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "True []"
+    assert "gemm_4bit_forward" not in done.stderr
+
+
+def _env_with_repo():
+    repo = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}

@@ -152,3 +152,43 @@ def test_bad_eval_data_is_a_user_error(adapter_dir, tmp_path, capsys):
     assert "line 2" in capsys.readouterr().err
     assert main(["eval", "--adapter", str(adapter_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+# -- the command's start-up and output --------------------------------------------------------
+
+def _python(code, *args):
+    """Run `code` in a fresh interpreter that imports this checkout's leantune."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_help_of_every_verb_imports_no_torch():
+    done = _python(
+        "import sys\nfrom leantune.cli import VERBS, main\n"
+        "for argv in [['--help']] + [[verb, '--help'] for verb in VERBS]:\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print(sorted({'torch', 'transformers', 'bitsandbytes', 'peft', 'numpy', 'safetensors'} & set(sys.modules)))\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+    done = _python("import runpy, sys; sys.argv = ['leantune', 'eval', '--help']; "
+                   "runpy.run_module('leantune', run_name='__main__')")
+    assert done.returncode == 0 and done.stdout.startswith("usage: leantune eval")
+
+
+def test_a_command_prints_no_library_noise(tmp_path):
+    folder = tmp_path / "model"
+    lt.load_model("tiny-llama").save_pretrained(folder)
+    lt.load_tokenizer("tiny-llama").save_pretrained(folder)
+    done = _python("import sys\nfrom leantune.cli import main\n"
+                   "status = main(['generate', '--model', sys.argv[1], '--prompt', 'def f', '--max-new-tokens', '2'])\n"
+                   "print(sorted({'bitsandbytes', 'peft'} & set(sys.modules)))\nsys.exit(status)\n", str(folder))
+    assert done.returncode == 0
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert "Loading weights" not in done.stderr and "gemm_4bit_forward" not in done.stderr
+    assert done.stderr == ""

@@ -109,6 +109,27 @@ def test_bad_options_are_user_errors(model, tokenizer, options, message):
         generate(model, tokenizer, "one string")
 
 
+def test_an_empty_prompt_is_a_user_error_naming_it(model, tokenizer):
+    with pytest.raises(lt.LeantuneError, match="^prompt 3 of 4 is empty; every prompt needs some text to continue$"):
+        generate(model, tokenizer, ["hi", "def f", "", "x"])
+    with pytest.raises(lt.LeantuneError, match="^prompt 1 of 1 is empty"):
+        generate(model, tokenizer, [""])
+
+
+def test_the_command_refuses_an_empty_prompt_or_prompts_line(tmp_path, capsys):
+    from leantune.cli import main
+
+    assert main(["generate", "--model", "tiny-llama", "--prompt", ""]) == 2
+    err = capsys.readouterr().err
+    assert err == "leantune generate: error: --prompt is empty; give the model some text to continue\n"
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "def f"}\n\n{"prompt": ""}\n')
+    assert main(["generate", "--model", "tiny-llama", "--prompts", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"leantune generate: error: {path}, line 3: the prompt is empty; give the model some text to continue\n"
+    assert "Traceback" not in err
+
+
 # -- judging generated tests --------------------------------------------------------------------
 
 RECORD = {"task_id": "Demo/0", "entry_point": "add",

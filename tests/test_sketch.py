@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -337,3 +338,78 @@ def test_sketch_command_writes_and_reports(tmp_path, calib_file, capsys):
     assert 0 < report["calibration_seconds"] + report["table_seconds"] <= report["fit_seconds"]
     assert main(["sketch", "--model", "tiny-llama", "--calib", str(tmp_path / "missing.txt")]) == 2
     assert "neither 'humaneval-tests' nor an existing text file" in capsys.readouterr().err
+
+
+def test_sketch_command_refuses_to_replace_a_sketch_unless_overwrite(tmp_path, calib_file, capsys):
+    from leantune.cli import main
+
+    out = tmp_path / "sketch"
+    args = ["sketch", "--model", "tiny-llama", "--calib", calib_file, "--samples", "4", "--seq-len", "48", "--out", str(out)]
+    assert main(args) == 0
+    first = load_sketch(out).content_id()
+    capsys.readouterr()
+    assert main([*args, "--seed", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"leantune sketch: error: sketch directory '{out}' already exists; choose another --out or pass "
+                   "--overwrite (adapters trained on the old sketch will no longer load)\n")
+    assert "Traceback" not in err and load_sketch(out).content_id() == first
+    assert main([*args, "--seed", "5", "--overwrite"]) == 0
+    assert load_sketch(out).content_id() != first
+
+
+def test_adapters_record_the_absolute_sketch_path_and_load_from_any_folder(sketch_dir, tmp_path, monkeypatch, tokens):
+    monkeypatch.chdir(sketch_dir.parent)
+    model = lt.attach(lt.load_model("tiny-llama"), SketchTune(sketch=sketch_dir.name))
+    randomize_adapter(model, scale=0.01)
+    expected = model(tokens).logits.detach()
+    lt.save_adapter(model, tmp_path / "adapter")
+    document = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert document["method"]["sketch"] == str(sketch_dir.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "adapter")
+    torch.testing.assert_close(loaded(tokens).logits, expected, rtol=0, atol=0)
+
+
+def test_an_adapter_whose_sketch_is_missing_names_it(sketch_dir, tmp_path, monkeypatch, capsys):
+    from leantune.cli import main
+
+    lt.save_adapter(lt.attach(lt.load_model("tiny-llama"), SketchTune(sketch=str(sketch_dir))), tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    document = json.loads(config_file.read_text())
+    document["method"]["sketch"] = sketch_dir.name  # as older adapters recorded it: relative, as given
+    config_file.write_text(json.dumps(document))
+    monkeypatch.chdir(sketch_dir.parent)
+    lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "adapter")  # resolves from the current folder
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    message = (f"sketch 'sketch' (relative to the current folder {elsewhere}), which these tables were trained on, "
+               "does not exist; put that sketch back where it was")
+    with pytest.raises(lt.LeantuneError, match=f"^{re.escape(message)}$"):
+        lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "adapter")
+    document["method"]["sketch"] = str(tmp_path / "moved")
+    config_file.write_text(json.dumps(document))
+    assert main(["generate", "--adapter", str(tmp_path / "adapter"), "--prompt", "def f", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"leantune generate: error: sketch '{tmp_path / 'moved'}', which these tables were trained on, "
+                   "does not exist; put that sketch back where it was\n")
+
+
+def test_the_sketch_and_its_adapters_record_the_settings_used(tmp_path, calib_file, monkeypatch, capsys):
+    from leantune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["sketch", "--model", "tiny-llama", "--calib", "calib.txt", "--samples", "4", "--seq-len", "48",
+                 "--groups-per-row", "2", "--damp", "0.05", "--seed", "3", "--out", "sk"]) == 0
+    settings = json.loads((tmp_path / "sk" / SKETCH_CONFIG_FILE).read_text())["settings"]
+    assert settings["calib"] == calib_file and settings["samples"] == 4 and settings["seed"] == 3
+    arguments = json.loads((tmp_path / "sk" / "fit_report.json").read_text())["arguments"]
+    assert arguments["heldout"] == "none" and arguments["out"] == str(tmp_path / "sk")
+    assert arguments["calib"] == calib_file
+    model = lt.attach(lt.load_model("tiny-llama"), SketchTune(sketch="sk"))
+    lt.save_adapter(model, tmp_path / "adapter")
+    method = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["method"]
+    used = {"bits": 4, "groups_per_row": 2, "calib": calib_file, "samples": 4, "seq_len": 48, "damp": 0.05, "seed": 3}
+    assert {key: method[key] for key in used} == used

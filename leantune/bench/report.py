@@ -1,4 +1,8 @@
-"""Writes a benchmark run: results.json, results.md (the tables), chart.png and profile.md."""
+"""Writes a benchmark run: results.json, results.md (the tables), chart.png and profile.md.
+
+The tables are rewritten (each file atomically) after every measurement, so a run that dies or is
+stopped keeps what it measured; the chart comes last and only where matplotlib is installed.
+"""
 from __future__ import annotations
 
 import datetime
@@ -6,10 +10,15 @@ import json
 import os
 import platform
 import re
+from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from ..errors import LeantuneError
 
 MIB = 2**20
+RESULT_FILES = ("results.json", "results.md", "profile.md", "chart.png")
+CHART_FILE = "chart.png"
 
 
 # -- the machine -------------------------------------------------------------------------------
@@ -52,15 +61,20 @@ def machine_info(device: str) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "device": device,
     }
-    try:
-        import peft
-
-        info["peft"] = peft.__version__
-    except ImportError:
-        info["peft"] = None
+    info["peft"] = _installed_version("peft")
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def _installed_version(package: str) -> str | None:
+    """The version of an installed package, without importing it (peft would pull in bitsandbytes)."""
+    from importlib.metadata import PackageNotFoundError, version  # only the bench needs it
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def device_label(device: str) -> str:
@@ -212,6 +226,9 @@ def render_markdown(document: dict[str, Any]) -> str:
         "## Measurements",
         "",
     ]
+    if not document.get("complete", True):
+        lines[-2:-2] = [f"**Partial results**: {document.get('progress', 'the run has not finished')}; "
+                        "rows not listed were not measured yet.", ""]
     memory_word = "peak CUDA allocated MiB" if machine["device"].startswith("cuda") else "peak RSS MiB"
     lines += _table(["row", "loss", "step s", "tokens/s", memory_word, "Δ peak over load MiB",
                      "saved for backward MiB", "trainable params", "adapted base weights MiB",
@@ -234,7 +251,9 @@ def render_markdown(document: dict[str, Any]) -> str:
         lines += ["", f"Max seq len: the longest sequence (batch 1, multiples of {settings['seq_step']}, "
                       f"up to {settings['seq_limit']}) whose training step keeps the peak memory under "
                       f"{settings['mem_cap_bytes'] / 2**30:.2f} GiB."]
-    lines += ["", "![step time and peak memory per method](chart.png)", ""]
+    if document.get("chart"):
+        lines += ["", f"![step time and peak memory per method]({document['chart']})"]
+    lines += [""]
     return "\n".join(lines)
 
 
@@ -255,8 +274,18 @@ def render_profile(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def draw_chart(document: dict[str, Any], path: Path) -> None:
-    import matplotlib
+def chart_unavailable() -> str | None:
+    """Why chart.png cannot be drawn here, or None when it can."""
+    try:
+        import matplotlib  # noqa: F401  (optional: the 'bench' extra brings it)
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib, or install leantune with its 'bench' extra)"
+    return None
+
+
+def chart_png(document: dict[str, Any]) -> bytes:
+    """Step time and peak memory of every measured row, as PNG bytes."""
+    import matplotlib  # optional, so imported only here
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -291,19 +320,40 @@ def draw_chart(document: dict[str, Any], path: Path) -> None:
     figure.suptitle(f"{settings['model']}, batch {settings['batch']} × {settings['seq']}, "
                     f"{document['machine']['device']} (grey: floor, orange: Hugging Face PEFT)")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    buffer = BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
+    return buffer.getvalue()
 
 
-def write_results(document: dict[str, Any], out_dir: Path) -> Path:
-    """Write all files into `out_dir` at once (a run never leaves a half-written folder)."""
-    from ..files import atomic_directory
+def start_results(out_dir: Path) -> None:
+    """Check `out_dir` can hold the results and remove an earlier run's files: it never mixes two runs."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LeantuneError(f"cannot write results to '{out_dir}': a file with that name exists")
+    for name in RESULT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
 
-    with atomic_directory(out_dir) as tmp:
-        (tmp / "results.json").write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
-        (tmp / "results.md").write_text(render_markdown(document))
-        if document["settings"].get("profile"):
-            (tmp / "profile.md").write_text(render_profile(document))
-        if any(not e.get("error") for e in document["rows"]):
-            draw_chart(document, tmp / "chart.png")
+
+def write_tables(document: dict[str, Any], out_dir: Path) -> None:
+    """results.json, results.md (and profile.md when profiling), each replaced atomically."""
+    from ..files import atomic_write_text  # leantune.files loads torch; this module must not
+
+    atomic_write_text(out_dir / "results.json", json.dumps(document, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(out_dir / "results.md", render_markdown(document))
+    if document["settings"].get("profile"):
+        atomic_write_text(out_dir / "profile.md", render_profile(document))
+
+
+def write_results(document: dict[str, Any], out_dir: Path, log: Callable[[str], None] = print) -> Path:
+    """The finished run: the tables, then chart.png when there is a measured row and matplotlib."""
+    from ..files import atomic_write_bytes  # leantune.files loads torch; this module must not
+
+    measured = any(not e.get("error") for e in document["rows"])
+    skipped = chart_unavailable() if measured else None
+    document = {**document, "complete": True, "chart": CHART_FILE if measured and not skipped else None}
+    write_tables(document, out_dir)
+    if skipped:
+        log(f"chart skipped: {skipped}")
+    elif measured:
+        atomic_write_bytes(out_dir / CHART_FILE, chart_png(document))
     return out_dir

@@ -136,11 +136,18 @@ def _gib(nbytes: int | None) -> str:
 # -- the whole run -----------------------------------------------------------------------------
 
 Runner = Callable[[WorkerSpec], dict[str, Any]]
+Update = Callable[[list[dict[str, Any]]], None]
 
 
-def run_plan(plan: BenchPlan, runner: Runner | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every (row, loss) configuration `plan.repeats` times, interleaved; aggregate; compare."""
+def run_plan(plan: BenchPlan, runner: Runner | None = None, log: Callable[[str], None] = print,
+             on_update: Update | None = None) -> dict[str, Any]:
+    """Measure every (row, loss) configuration `plan.repeats` times, interleaved; aggregate; compare.
+
+    `on_update` receives the rows measured so far (aggregated and compared) after every worker,
+    so a caller can keep partial results on disk.
+    """
     runner = runner or plan.default_runner
+    update = on_update or (lambda rows: None)
     preparation_errors = prepare_rows(plan, runner, log)
     configs = [(row, loss) for loss in plan.losses for row in plan.rows]
     samples: dict[tuple[str, str], list[dict[str, Any]]] = {c: [] for c in configs}
@@ -157,13 +164,23 @@ def run_plan(plan: BenchPlan, runner: Runner | None = None, log: Callable[[str],
             result = runner(spec)
             done.append(result)
             log(_progress_line(repeat, plan.repeats, row, loss, result, time.monotonic() - started))
-    rows = [aggregate(row, loss, samples[(row, loss)], plan) for row, loss in configs]
+            update(_compared_rows(plan, configs, samples))
+    rows = _compared_rows(plan, configs, samples)
     if plan.max_seq_len:
         for entry in rows:
             if not entry.get("error"):
                 entry["max_seq_len"] = find_max_seq_len(plan, entry["row"], entry["loss"], runner, log)
-    add_ratios(rows)
+                add_ratios(rows)
+                update(rows)
     return {"rows": rows}
+
+
+def _compared_rows(plan: BenchPlan, configs: list[tuple[str, str]],
+                   samples: dict[tuple[str, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One aggregated row per configuration measured so far, with its ratios to the baselines."""
+    rows = [aggregate(row, loss, samples[(row, loss)], plan) for row, loss in configs if samples[(row, loss)]]
+    add_ratios(rows)
+    return rows
 
 
 def prepared_path(plan: BenchPlan, settings: dict[str, Any]) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import traceback
 from dataclasses import dataclass
@@ -224,6 +225,8 @@ def _is_out_of_memory(err: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes (which peft imports) logs CPU-kernel notices: they must not become a row's error line
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
         print("usage: python -m leantune.bench.worker SPEC.json RESULT.json", file=sys.stderr)

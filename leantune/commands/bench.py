@@ -6,9 +6,13 @@ import datetime
 import re
 import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from ..bench.rows import DEFAULT_METHODS as _DEFAULT_ROWS
 from ..errors import LeantuneError
+
+if TYPE_CHECKING:
+    from ..bench.runner import BenchPlan
 
 DEFAULT_METHODS = ",".join(_DEFAULT_ROWS)
 LOSS_CHOICES = {"on": ["chunked"], "off": ["full"], "both": ["full", "chunked"]}
@@ -24,7 +28,8 @@ examples:
   leantune bench --methods paca --set paca.r=32 --profile
 
 Each configuration runs in its own process; rows are interleaved across repeats. Results go to
-benchmarks/results/<date>-<device>/ (results.json, results.md, chart.png, profile.md).
+benchmarks/results/<date>-<device>/ (results.json, results.md, profile.md), rewritten after every
+measurement so a stopped run keeps its rows; chart.png comes last, where matplotlib is installed.
 """
 
 
@@ -108,9 +113,12 @@ def canonical_command(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here, not at module level: `leantune --help` must not load torch
+    import importlib.util
     from pathlib import Path
 
-    from ..bench.report import default_out_dir, machine_info, render_markdown, write_results
+    from ..bench.report import (default_out_dir, machine_info, render_markdown, start_results, write_results,
+                                write_tables)
     from ..bench.rows import parse_overrides, parse_row_names, row_kind
     from ..bench.runner import BenchPlan, run_plan
     from ..models import TINY_MODELS, resolve_model_path
@@ -122,11 +130,9 @@ def run(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device)
     if args.model not in TINY_MODELS:
         resolve_model_path(args.model)  # an unknown model is a user error, not one error per row
-    if any(row_kind(r) == "peft" for r in rows):
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            raise LeantuneError("the peft-* rows need Hugging Face PEFT: pip install 'leantune[bench]'") from None
+    if any(row_kind(r) == "peft" for r in rows) and importlib.util.find_spec("peft") is None:
+        raise LeantuneError("the peft-* rows need Hugging Face PEFT: pip install peft "
+                            "(or install leantune with its 'bench' extra)")
 
     plan = BenchPlan(model=args.model, rows=rows, losses=LOSS_CHOICES[args.chunked_loss], batch=args.batch,
                      seq=args.seq, steps=args.steps, warmup=args.warmup, repeats=args.repeats, device=device,
@@ -134,27 +140,41 @@ def run(args: argparse.Namespace) -> int:
                      mem_cap=mem_cap if args.max_seq_len else None, seq_step=args.seq_step,
                      seq_limit=args.seq_limit, seq_start=args.seq_start, timeout_s=args.timeout)
     out_dir = Path(args.out) if args.out else default_out_dir(device)
-    command = canonical_command(args)
-    machine = machine_info(device)
+    start_results(out_dir)
+    header = _header(args, plan, device, machine_info(device))
+    total = len(rows) * len(plan.losses) * plan.repeats
     print(f"leantune bench: {len(rows)} rows × {len(plan.losses)} loss(es) × {plan.repeats} repeats on {device}; "
           f"results in {out_dir}", flush=True)
-    result = run_plan(plan, log=lambda line: print(line, flush=True))
 
-    document = {
-        "command": command,
+    def keep_partial(measured: list[dict]) -> None:
+        done = sum(entry["repeats"] + len(entry["errors"]) for entry in measured)
+        write_tables({**header, "rows": measured, "complete": False,
+                      "progress": f"{done} of at most {total} runs done"}, out_dir)
+
+    try:
+        result = run_plan(plan, log=lambda line: print(line, flush=True), on_update=keep_partial)
+    except KeyboardInterrupt:
+        print(f"the rows measured so far are in {out_dir}", file=sys.stderr)
+        raise
+    document = {**header, "rows": result["rows"]}
+    write_results(document, out_dir, log=lambda line: print(line, flush=True))
+    print(render_markdown(document))
+    print(f"\nwritten to {out_dir}")
+    return 0 if any(not e.get("error") for e in result["rows"]) else 1
+
+
+def _header(args: argparse.Namespace, plan: BenchPlan, device: str, machine: dict) -> dict:
+    """Everything results.json holds besides the rows: the command, the machine, the settings."""
+    return {
+        "command": canonical_command(args),
         "argv": sys.argv,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine,
         "settings": {
-            "model": args.model, "rows": rows, "losses": plan.losses, "batch": args.batch, "seq": args.seq,
+            "model": args.model, "rows": plan.rows, "losses": plan.losses, "batch": args.batch, "seq": args.seq,
             "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "dtype": args.dtype,
-            "device": device, "profile": args.profile, "overrides": overrides, "max_seq_len": args.max_seq_len,
+            "device": device, "profile": args.profile, "overrides": plan.overrides, "max_seq_len": args.max_seq_len,
             "mem_cap_bytes": plan.mem_cap, "seq_step": args.seq_step, "seq_limit": args.seq_limit,
             "optimizer": "AdamW(lr=1e-4) over the trainable parameters; none for the floor",
         },
-        "rows": result["rows"],
     }
-    write_results(document, out_dir)
-    print(render_markdown(document))
-    print(f"\nwritten to {out_dir}")
-    return 0 if any(not e.get("error") for e in result["rows"]) else 1

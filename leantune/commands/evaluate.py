@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise LeantuneError(f"--max-length must be at least 2, got {args.max_length}")
     if args.batch_size < 1:
         raise LeantuneError(f"--batch-size must be at least 1, got {args.batch_size}")
+    # imported here, not at module level: `leantune --help` must not load torch
     from ..data import prepare_dataset
     from ..eval.loading import load_for_inference
     from ..eval.metrics import loss_and_perplexity

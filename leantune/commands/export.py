@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here, not at module level: `leantune --help` must not load torch
     from ..adapters import export_peft, load_adapter, read_adapter_config, save_merged_model
     from ..models import load_model, load_tokenizer
 

@@ -56,6 +56,8 @@ def read_prompts(path: str) -> list[str]:
     for line, record in records:
         if not isinstance(record.get("prompt"), str):
             raise LeantuneError(f"{file}, line {line}: expected a string under the key 'prompt'")
+        if not record["prompt"]:
+            raise LeantuneError(f"{file}, line {line}: the prompt is empty; give the model some text to continue")
         prompts.append(record["prompt"])
     return prompts
 
@@ -63,10 +65,13 @@ def read_prompts(path: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if args.output and not args.prompts:
         raise LeantuneError("--output goes with --prompts FILE.jsonl")
+    if args.prompt == "":
+        raise LeantuneError("--prompt is empty; give the model some text to continue")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     stop = [decode_escapes(s) for s in args.stop]
     if any(not s for s in stop):
         raise LeantuneError("--stop needs a non-empty string")
+    # imported here, not at module level: `leantune --help` must not load torch
     from ..eval.generation import generate
     from ..eval.loading import load_for_inference
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
+
+from ..errors import LeantuneError
 
 BUILTIN = "humaneval-tests"
 
@@ -32,17 +35,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the stored tables (default: float16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets (default: 0)")
     parser.add_argument("--out", default=None, help="sketch directory (default: out/sketch-MODEL-bBITS-gGROUPS)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing sketch in --out (adapters trained on it will no longer load)")
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here, not at module level: `leantune --help` must not load torch
     from .. import models
     from ..api import attach
     from ..files import atomic_write_text
     from ..methods.sketch import SketchTune
-    from ..methods.sketch.calib import check_source, consecutive_windows, perplexity, source_text, tokenize
+    from ..methods.sketch.calib import (check_source, consecutive_windows, perplexity, source_name, source_text,
+                                        tokenize)
     from ..methods.sketch.pack import FIT_REPORT_FILE, save_sketch
 
-    out = args.out or f"out/sketch-{args.model.replace('/', '_')}-b{args.bits}-g{args.groups_per_row}"
+    out = Path(args.out or f"out/sketch-{args.model.replace('/', '_')}-b{args.bits}-g{args.groups_per_row}")
     targets = args.targets if args.targets == "all-linear" else [t for t in args.targets.split(",") if t]
     config = SketchTune(bits=args.bits, groups_per_row=args.groups_per_row, calib=args.calib, samples=args.samples,
                         seq_len=args.seq_len, damp=args.damp, act_order=args.act_order,
@@ -51,13 +58,16 @@ def run(args: argparse.Namespace) -> int:
     for source in (args.calib, heldout):
         if source != "none":
             check_source(source)
+    _refuse_to_replace(out, args.overwrite)
+    used = {**{k: v for k, v in vars(args).items() if k != "run"}, "out": str(out.resolve()), "targets": targets,
+            "calib": source_name(args.calib), "heldout": heldout if heldout == "none" else source_name(heldout)}
 
     model = models.load_model(args.model)
     tokenizer = models.load_tokenizer(args.model)
     windows = None
     if heldout != "none":
         windows = consecutive_windows(tokenize(tokenizer, source_text(heldout, "test")), args.seq_len)
-    report: dict = {"model": args.model, "arguments": {k: v for k, v in vars(args).items() if k != "run"}}
+    report: dict = {"model": args.model, "arguments": used}  # the values used, defaults filled in
     if windows is not None:
         started = time.perf_counter()
         report["perplexity_original"] = perplexity(model, windows)
@@ -75,12 +85,19 @@ def run(args: argparse.Namespace) -> int:
     save_sketch(sketch, out, report)
 
     if windows is not None:
-        attach(model, SketchTune(sketch=out))
+        attach(model, SketchTune(sketch=str(out)))
         report["perplexity_sketched"] = perplexity(model, windows)
         report["perplexity_ratio"] = report["perplexity_sketched"] / report["perplexity_original"]
-    atomic_write_text(f"{out}/{FIT_REPORT_FILE}", json.dumps(report, indent=2, sort_keys=True))
+    atomic_write_text(out / FIT_REPORT_FILE, json.dumps(report, indent=2, sort_keys=True))
     print(_summary(report, out))
     return 0
+
+
+def _refuse_to_replace(out: Path, overwrite: bool) -> None:
+    """A sketch that adapters were trained on must not vanish under them by accident."""
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise LeantuneError(f"sketch directory '{out}' already exists; choose another --out or pass --overwrite "
+                            "(adapters trained on the old sketch will no longer load)")
 
 
 def _sizes(model, sketch) -> dict:
@@ -97,7 +114,7 @@ def _sizes(model, sketch) -> dict:
     }
 
 
-def _summary(report: dict, out: str) -> str:
+def _summary(report: dict, out: Path) -> str:
     errors = [info["relative_error"] for info in report["layers"].values()]
     mib = 2 ** 20
     lines = [

@@ -15,7 +15,7 @@ Ctrl-C saves a checkpoint and prints the command that resumes the run.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..training.config import keys_help
+    from ..training.config import keys_help  # light (no torch): the epilog lists every config key
 
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml",
                         help="training config (YAML); omitted: the embedded default job")
@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here, not at module level: `leantune --help` must not load torch
     from ..training import load_config, train
 
     config = load_config(args.config, args.overrides)

@@ -98,6 +98,14 @@ def _check_options(prompts: Sequence[str], max_new_tokens: int, temperature: flo
         raise LeantuneError(f"batch_size must be at least 1, got {batch_size}")
 
 
+def _check_prompts(prompts: list[str]) -> None:
+    for number, prompt in enumerate(prompts, start=1):
+        if not isinstance(prompt, str):
+            raise LeantuneError(f"prompt {number} of {len(prompts)} is a {type(prompt).__name__}, not a string")
+        if not prompt:  # no token to continue from: a crash alone, an all-padding row in a batch
+            raise LeantuneError(f"prompt {number} of {len(prompts)} is empty; every prompt needs some text to continue")
+
+
 def _encode_batch(tokenizer: Any, texts: list[str], max_prompt_tokens: int | None) -> dict[str, torch.Tensor]:
     """Left-padded ids and mask; prompts longer than `max_prompt_tokens` keep their end."""
     encoded = [tokenizer(text)["input_ids"] for text in texts]
@@ -128,6 +136,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
     """
     _check_options(prompts, max_new_tokens, temperature, top_p, batch_size)
     prompts = list(prompts)
+    _check_prompts(prompts)
     end_ids = end_token_ids(tokenizer)
     config = _generation_config(tokenizer, max_new_tokens, temperature, top_p, end_ids)
     device = next(model.parameters()).device

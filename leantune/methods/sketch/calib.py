@@ -36,6 +36,12 @@ def check_source(source: str) -> Path | None:
     return path
 
 
+def source_name(source: str) -> str:
+    """How to record `source`: the built-in's name, or the file's absolute path (it stays findable)."""
+    path = check_source(source)
+    return BUILTIN if path is None else str(path.resolve())
+
+
 def source_text(source: str, split: str) -> str:
     """The text of `source`: the built-in's `split` ("train" to calibrate, "test" held out) or a file."""
     path = check_source(source)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from torch import nn
@@ -11,10 +12,14 @@ from ...models import load_tokenizer
 from ..base import ModuleMethod, register
 from ..layer import adapter_dtype
 from ..targets import replace_module, resolve_targets
-from .calib import calibration_ids
+from .calib import calibration_ids, source_name
 from .fit import FitSettings, fit_sketch
 from .layer import SketchedLinear, SketchLayer
 from .pack import MAX_BITS, TABLE_DTYPES, Sketch, load_sketch, model_identity
+
+# The fit settings a sketch records besides bits and groups_per_row (calib as an absolute path).
+FIT_SETTING_KEYS = ("calib", "samples", "seq_len", "damp", "block_size", "act_order", "kmeans_iters", "table_dtype",
+                    "seed")
 
 
 @register
@@ -64,15 +69,39 @@ class SketchTune(ModuleMethod):
 
     # -- where the sketch comes from ------------------------------------------------------------
     def obtain_sketch(self, model: nn.Module) -> Sketch:
-        """Load `sketch` (checking it was fitted on this model), or fit one now."""
+        """Load `sketch` (checking it was fitted on this model), or fit one now.
+
+        A loaded sketch's path is kept absolute and the sketch's fit settings replace this config's
+        (calib included, as an absolute path), so a saved adapter records where its sketch is and how
+        it was fitted, whatever folder it is loaded from.
+        """
         if self.sketch is not None:
-            sketch = load_sketch(self.sketch)
+            path = self._sketch_path()
+            sketch = load_sketch(path)
             if model_identity(model) != sketch.model_id:
                 raise LeantuneError(
                     f"sketch '{self.sketch}' was fitted on another model ({sketch.model_name or 'unnamed'}, "
                     f"id {sketch.model_id}); attach it to that model, unadapted and in its original dtype")
-            return sketch
-        return self.fit(model)[0]
+            self.sketch = str(path)
+        else:
+            sketch = self.fit(model)[0]
+        self._adopt_fit_settings(sketch)
+        return sketch
+
+    def _sketch_path(self) -> Path:
+        """`sketch` resolved against the current folder; for saved tables, a missing one is named here."""
+        path = Path(self.sketch).expanduser()
+        if self.sketch_id is not None and not path.is_dir():
+            where = "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
+            raise LeantuneError(f"sketch '{self.sketch}'{where}, which these tables were trained on, does not exist; "
+                                "put that sketch back where it was")
+        return path.resolve()
+
+    def _adopt_fit_settings(self, sketch: Sketch) -> None:
+        self.bits, self.groups_per_row = sketch.bits, sketch.groups_per_row
+        for key in FIT_SETTING_KEYS:
+            if key in sketch.settings:  # sketches written before a setting was recorded keep the default
+                setattr(self, key, sketch.settings[key])
 
     def fit_settings(self) -> FitSettings:
         return FitSettings(bits=self.bits, groups_per_row=self.groups_per_row, damp=self.damp,
@@ -89,8 +118,8 @@ class SketchTune(ModuleMethod):
         ids = calibration_ids(tokenizer, self.calib, self.samples, self.seq_len, self.seed)
         names = [name for name, _ in resolve_targets(model, self)]
         sketch, report = fit_sketch(model, ids, names, self.fit_settings(), progress)
-        sketch.settings = {key: getattr(self, key) for key in (
-            "calib", "samples", "seq_len", "damp", "block_size", "act_order", "kmeans_iters", "table_dtype", "seed")}
+        sketch.settings = {key: getattr(self, key) for key in FIT_SETTING_KEYS}
+        sketch.settings["calib"] = source_name(self.calib)
         return sketch, report
 
     # -- attaching ------------------------------------------------------------------------------
