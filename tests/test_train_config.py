@@ -149,5 +149,5 @@ def test_cli_bad_data_line_exits_2_naming_file_and_line_and_writes_nothing(tmp_p
                    "--set", "out_dir=out"])
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err
-    assert err.strip() == "leantune train: error: data.jsonl, line 2: not valid JSON (Expecting property name enclosed in double quotes)"
+    assert err.strip() == "leantune train: error: data.jsonl, line 2: not valid JSON (Expecting property name enclosed in double quotes at column 35)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
