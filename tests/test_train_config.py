@@ -57,14 +57,28 @@ def test_overrides_with_dotted_keys_and_yaml_values():
     assert config.lr == 1e-4 and config.max_steps == 7 and config.packing is True and config.chunked_loss is False
 
 
-def test_changing_the_method_name_starts_its_parameters_afresh():
+def test_changing_the_method_name_keeps_the_keys_the_new_method_takes(capsys):
     config = build_config({"method": {"name": "lora", "r": 4, "dropout": 0.1}}, ["method.name=lora"])
     assert config.method == {"name": "lora", "r": 4, "dropout": 0.1}
     config = build_config({}, ["method.r=4"])  # parameters on top of the auto-chosen method
     assert config.method == {"name": "auto", "r": 4}
     assert method_dict(config)["r"] == 4 and method_dict(config)["name"] in ("paca", "lora")
+    assert capsys.readouterr().err == ""
     config = build_config({"method": {"name": "lora", "r": 4, "dropout": 0.1}}, ["method.name=auto"])
-    assert config.method == {"name": "auto"}
+    assert config.method == {"name": "auto", "r": 4}  # PaCA takes r, not dropout
+    assert capsys.readouterr().err == "--set method.name=auto: dropped method keys dropout, which auto does not take (kept r)\n"
+
+
+def test_switching_a_yaml_lora_block_to_ia3_names_the_dropped_keys(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: tiny-llama\nmethod: {name: lora, r: 8, alpha: 16, dropout: 0.05, targets: [q_proj, v_proj]}\n")
+    config = load_config(str(path), ["method.name=ia3"])
+    assert config.method == {"name": "ia3", "targets": ["q_proj", "v_proj"]}  # targets applies to IA3 too
+    err = capsys.readouterr().err
+    assert err == "--set method.name=ia3: dropped method keys r, alpha, dropout, which ia3 does not take (kept targets)\n"
+    config = load_config(str(path), ["method.name=dora"])  # DoRA takes every LoRA key
+    assert config.method == {"name": "dora", "r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
+    assert capsys.readouterr().err == ""
 
 
 def test_yaml_file_loading(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +50,8 @@ class DataConfig:
 class TrainConfig:
     model: str = _doc("smollm2-135m", "model: smollm2-135m (embedded), tiny-llama, tiny-qwen2, a Hugging Face folder or hub id")
     method: Any = _doc(AUTO_METHOD, "PEFT method and its parameters, e.g. {name: lora, r: 8, alpha: 16, targets: all-linear}; "
-                                    "auto: PaCA r=16 alpha=32 (parameters set on it, e.g. method.r=8, apply to PaCA; "
-                                    "another name starts from that method's own defaults)")
+                                    "auto: PaCA r=16 alpha=32 (parameters set on it, e.g. method.r=8, apply to PaCA); "
+                                    "--set method.name=... keeps the keys the new method takes and drops the others")
     data: DataConfig = _doc(DataConfig, "data sources: data.train and data.eval")
     max_length: int = _doc(512, "longest sequence in tokens (prompt + completion)")
     overlong: str = _doc("truncate", "examples longer than max_length: truncate or drop (the count is reported)")
@@ -155,7 +156,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_override(document: dict[str, Any], key: str, value: Any) -> None:
-    """Set a dotted key in `document`. Changing `method.name` starts the method's parameters afresh."""
+    """Set a dotted key in `document`. A new `method.name` keeps the method keys it takes and drops the rest."""
     parts = key.split(".")
     if any(not part for part in parts):
         raise LeantuneError(f"config key {key!r} is malformed")
@@ -164,7 +165,7 @@ def apply_override(document: dict[str, Any], key: str, value: Any) -> None:
     if parts[0] == "method" and len(parts) > 1 and not isinstance(document.get("method"), dict):
         document["method"] = {"name": document.get("method", AUTO_METHOD)}
     if parts == ["method", "name"] and document["method"].get("name") != value:
-        document["method"] = {}
+        document["method"] = switch_method(document["method"], value)
     target = document
     for depth, part in enumerate(parts[:-1]):
         if target.get(part) is None:
@@ -173,6 +174,28 @@ def apply_override(document: dict[str, Any], key: str, value: Any) -> None:
             raise LeantuneError(f"config key '{'.'.join(parts[:depth + 1])}' is not a mapping, so {key!r} cannot be set")
         target = target[part]
     target[parts[-1]] = value
+
+
+def switch_method(method: dict[str, Any], name: Any) -> dict[str, Any]:
+    """`method` renamed to `name`, without the keys that method does not take (named on stderr)."""
+    accepted = method_keys(name)
+    kept = {key: value for key, value in method.items() if key != "name" and (accepted is None or key in accepted)}
+    dropped = [str(key) for key in method if key != "name" and key not in kept]
+    if dropped:
+        print(f"--set method.name={name}: dropped method keys {', '.join(dropped)}, which {name} does not take"
+              + (f" (kept {', '.join(map(str, kept))})" if kept else ""), file=sys.stderr, flush=True)
+    return {"name": name, **kept}
+
+
+def method_keys(name: Any) -> set[str] | None:
+    """The keys method `name` takes (`auto`: those of the method it stands for); None for an unknown name,
+    which validation then reports."""
+    from ..methods import METHODS
+
+    concrete = AUTO_METHOD_SETTINGS["name"] if name == AUTO_METHOD else str(name).lower()
+    if concrete not in METHODS:
+        return None
+    return {f.name for f in dataclasses.fields(METHODS[concrete])}
 
 
 def build_config(document: dict[str, Any] | None = None, overrides: list[str] | None = None) -> TrainConfig:
