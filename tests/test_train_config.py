@@ -37,6 +37,20 @@ def test_help_shows_every_key_with_its_default(capsys):
     assert "lr = 0.0002" in out and "--resume" in out and "--overwrite" in out
 
 
+def test_help_and_the_example_state_which_keys_a_resume_may_change(capsys):
+    from leantune.training.config import RESUMABLE_KEYS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    rule = " ".join(capsys.readouterr().out.split("--resume may change only ", 1)[1].split())
+    example = (ROOT / "configs" / "example.yaml").read_text()
+    paragraph = " ".join(example.split("# Resuming", 1)[1].split("\n\n", 1)[0].replace("#", " ").split())
+    for text in (rule, paragraph):
+        listed = text.split(":", 1)[0]
+        assert all(key in listed for key in RESUMABLE_KEYS), listed
+        assert "refused" in text and "--overwrite" in text
+
+
 def test_embedded_default_is_valid_and_picks_a_registered_method():
     config = load_config()
     assert config.model == "smollm2-135m" and config.data.train == "humaneval-tests:train"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,14 @@ SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OVERLONG = ("truncate", "drop")
 DEVICES = ("auto", "cpu", "cuda")
-# Keys that decide which batches and which trainable tensors a run has: a resumed run must match them.
-RUN_IDENTITY_KEYS = ("model", "method", "data", "max_length", "overlong", "packing", "group_by_length",
-                     "batch_size", "grad_accum", "seed")
+# The keys a resumed run may change. They decide how long a run goes on and what it reports and
+# saves, never which batches, trainable tensors, updates or random draws it has, so the checkpoint
+# (adapter, optimizer, RNG, data position) stays exact. A new max_steps or epochs extends the run;
+# the learning-rate schedule then spans the new total. Any other changed key is refused: it would
+# make the resumed run a different run. out_dir is not compared: it is how --resume finds the run.
+RESUMABLE_KEYS = ("max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every", "progress",
+                  "unit_test_table", "unit_test_limit", "unit_test_max_new_tokens")
+RUN_LENGTH_KEYS = ("max_steps", "epochs")
 # `method: auto` is the embedded default method: PaCA, whose parameters `--set method.KEY=...` may change.
 AUTO_METHOD = "auto"
 AUTO_METHOD_SETTINGS = {"name": "paca", "r": 16, "alpha": 32}
@@ -118,7 +124,17 @@ def keys_help() -> str:
     lines = ["config keys (default) — set in CONFIG.yaml or with --set key=value:"]
     for key, default, doc in rows:
         lines.append(f"  {key} = {format_value(default)}".ljust(width + 4) + f" {doc}")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + resume_rule()
+
+
+def resume_rule() -> str:
+    """What --resume may change, for `leantune train --help`."""
+    text = (f"--resume may change only {', '.join(RESUMABLE_KEYS)} from the run's out_dir/config.yaml: they "
+            "decide how long the run goes on and what it reports or saves, not what it computes (a new "
+            "max_steps or epochs stretches the learning-rate schedule to the new total). A change to any other "
+            "key is refused, since the checkpoint would then continue a different run; for that, start a new "
+            "run with another out_dir or with --overwrite.")
+    return textwrap.fill(text, width=100)
 
 
 # -- building a config -------------------------------------------------------------------------
@@ -372,6 +388,50 @@ def resolved_dict(config: TrainConfig) -> dict[str, Any]:
     document = config.to_dict()
     document["method"] = method_dict(config)
     return document
+
+
+# -- resuming ---------------------------------------------------------------------------------------
+
+def resume_differences(saved: dict[str, Any], config: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in the run's config.yaml, value now) for each key that differs.
+
+    Keys the saved file lacks (an older leantune) are not compared; method mappings are compared
+    with their defaults filled in, so `{name: lora, r: 8}` equals `{name: lora, r: 8, alpha: 16}`.
+    """
+    differences = []
+    for key, new in resolved_dict(config).items():
+        if key == "out_dir" or key not in saved:
+            continue
+        old = saved[key]
+        if key == "method":
+            differences += _method_differences(old, new)
+        elif key in MAPPING_KEYS:
+            differences += _mapping_differences(key, old, new)
+        elif old != new:
+            differences.append((key, old, new))
+    return differences
+
+
+def _mapping_differences(prefix: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [(prefix, old, new)]
+    keys = list(new) + [key for key in old if key not in new]
+    return [(f"{prefix}.{key}", old.get(key), new.get(key)) for key in keys if old.get(key) != new.get(key)]
+
+
+def _method_differences(old: Any, new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and old.get("name") != new.get("name"):
+        return [("method.name", old.get("name"), new.get("name"))]
+    return _mapping_differences("method", _with_defaults(old), _with_defaults(new))
+
+
+def _with_defaults(method: Any) -> Any:
+    from ..methods import config_from_dict
+
+    try:
+        return config_from_dict(method).to_dict()
+    except (LeantuneError, TypeError):  # written by another leantune version: compare as written
+        return method
 
 
 def to_yaml(document: dict[str, Any]) -> str:

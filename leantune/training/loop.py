@@ -26,8 +26,8 @@ import torch
 
 from ..errors import LeantuneError
 from . import checkpoint as ckpt
-from .config import RUN_IDENTITY_KEYS, TIME_PLACEHOLDER, TrainConfig, build_config, expand_out_dir, \
-    load_config, resolved_dict, to_yaml
+from .config import RESUMABLE_KEYS, RUN_LENGTH_KEYS, TIME_PLACEHOLDER, TrainConfig, build_config, \
+    expand_out_dir, format_value, load_config, load_yaml, resolved_dict, resume_differences, to_yaml
 from .optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from .reporting import MetricsLog, Progress, format_summary, peak_memory_bytes
 
@@ -100,18 +100,36 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
                             "or --overwrite to replace it")
 
 
-def check_resume_identity(out_dir: Path, config: TrainConfig) -> None:
+def check_resume_identity(out_dir: Path, config: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """Refuse a resume whose config changes more than RESUMABLE_KEYS; return the changes it may make."""
     saved_path = out_dir / "config.yaml"
     if not saved_path.is_file():
-        return
-    import yaml
+        return []
+    differences = resume_differences(load_yaml(saved_path), config)
+    refused = [change for change in differences if change[0].split(".")[0] not in RESUMABLE_KEYS]
+    if refused:
+        raise LeantuneError(resume_refusal(out_dir, refused))
+    return differences
 
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    current = resolved_dict(config)
-    for key in RUN_IDENTITY_KEYS:
-        if key in saved and saved[key] != current[key]:
-            raise LeantuneError(f"--resume: config key '{key}' is {current[key]!r} but the run in '{out_dir}' "
-                                f"used {saved[key]!r}; resume with the same value")
+
+def resume_refusal(out_dir: Path, refused: list[tuple[str, Any, Any]]) -> str:
+    alternative = ("start a new run with another out_dir or with --overwrite "
+                   "(leantune train --help lists the keys a resume may change)")
+    if len(refused) == 1:
+        key, old, new = refused[0]
+        return (f"--resume: config key '{key}' is {format_value(new)} but the run in '{out_dir}' used "
+                f"{format_value(old)}; keep {format_value(old)} to resume that run, or {alternative}")
+    changes = ", ".join(f"'{key}' ({format_value(new)}, the run used {format_value(old)})" for key, old, new in refused)
+    return (f"--resume: config keys {changes} differ from the run in '{out_dir}'; keep the run's values "
+            f"to resume it, or {alternative}")
+
+
+def describe_resume_changes(changes: list[tuple[str, Any, Any]], total_steps: int) -> str:
+    """The one line that announces what a resumed run changes."""
+    listed = ", ".join(f"{key} {format_value(old)} -> {format_value(new)}" for key, old, new in changes)
+    schedule = (f"; the learning-rate schedule now spans {total_steps} steps"
+                if any(key in RUN_LENGTH_KEYS for key, _, _ in changes) else "")
+    return f"--resume with changed keys: {listed}{schedule}"
 
 
 # -- devices and precision ----------------------------------------------------------------------
@@ -185,8 +203,7 @@ class Trainer:
         check_precision(cfg.precision, self.device)
         self.out_dir = resolve_out_dir(cfg.out_dir, self.resume)
         check_out_dir(self.out_dir, self.resume, self.overwrite)
-        if self.resume:
-            check_resume_identity(self.out_dir, cfg)
+        resume_changes = check_resume_identity(self.out_dir, cfg) if self.resume else []
         method = build_method(cfg)
         if cfg.unit_test_table:
             _require_unit_test_table()
@@ -217,6 +234,8 @@ class Trainer:
         self.warmup = warmup_steps(cfg.warmup, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.chunked = None if cfg.chunked_loss == "auto" else bool(cfg.chunked_loss)
+        if resume_changes:
+            print(describe_resume_changes(resume_changes, self.total_steps), file=sys.stderr, flush=True)
 
     def _total_steps(self) -> int:
         cfg = self.config
@@ -274,6 +293,10 @@ class Trainer:
             print(f"no checkpoint in {self.out_dir}; starting from step 0", file=sys.stderr)
             return fresh
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        if state["step"] > self.total_steps:
+            raise LeantuneError(f"--resume: the run in '{self.out_dir}' is at step {state['step']}, past the "
+                                f"{self.total_steps} steps this config asks for; raise max_steps or epochs to "
+                                "resume it")
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         print(f"resuming from {path} (step {state['step']})", file=sys.stderr)
