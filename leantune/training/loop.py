@@ -188,7 +188,9 @@ class Trainer:
         self.overwrite = overwrite
         self.model = model
         self.tokenizer = tokenizer
-        self.stop_requested = False
+        self.interrupts = 0  # Ctrl-C presses during training
+        self.writing_checkpoint = False  # a checkpoint is being written: a second Ctrl-C waits for it
+        self.stopping = False  # the run is saving its way out after the first Ctrl-C
         self.command: list[str] | None = None
 
     # Preparation: nothing is written until every input has been checked.
@@ -267,15 +269,16 @@ class Trainer:
             if state["eval_loss_before"] is not None:
                 self.metrics.write({"step": 0, "eval_loss": state["eval_loss_before"]})
                 print(f"eval loss before training: {state['eval_loss_before']:.4f}", file=sys.stderr, flush=True)
-        interrupted = self._loop(state)
-        if interrupted:
-            path = self.save(state)
-            command = resume_command(self.out_dir, self.command)
-            print(f"\ninterrupted at step {state['step']}; checkpoint saved to {path}.\n"
-                  f"resume with: {command}", file=sys.stderr)
-            self.metrics.close()
-            return TrainResult(self.out_dir, None, state["step"], interrupted=True, summary=state,
-                               model=self.model, tokenizer=self.tokenizer)
+        previous_handler = self._install_sigint()
+        try:
+            try:
+                interrupted = self._loop(state)
+            except KeyboardInterrupt:  # the second Ctrl-C
+                return self._stopped_at_once(state)
+            if interrupted:
+                return self._save_and_stop(state)
+        finally:
+            self._restore_sigint(previous_handler)
         return self._finish(state)
 
     def _start_state(self) -> dict[str, Any]:
@@ -341,7 +344,6 @@ class Trainer:
         session_start = time.perf_counter()
         elapsed_before = state["elapsed_s"]
         session_tokens = 0
-        previous_handler = self._install_sigint()
         try:
             while state["step"] < self.total_steps:
                 step_start = time.perf_counter()
@@ -366,13 +368,12 @@ class Trainer:
                     if eval_loss is not None:
                         self.metrics.write({"step": state["step"], "eval_loss": eval_loss})
                         progress.write(f"step {state['step']}: eval loss {eval_loss:.4f}")
-                if self.stop_requested and state["step"] < self.total_steps:
-                    return True
                 if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < self.total_steps:
                     self.save(state)
+                if self.interrupts and state["step"] < self.total_steps:
+                    return True
         finally:
             progress.close()
-            self._restore_sigint(previous_handler)
         return False
 
     def _step(self, state: dict[str, Any]) -> tuple[float, int, int, float, float]:
@@ -429,6 +430,13 @@ class Trainer:
                                        progress=self.config.progress)["loss"]
 
     def save(self, state: dict[str, Any]) -> Path:
+        self.writing_checkpoint = True
+        try:
+            return self._write_checkpoint(state)
+        finally:
+            self.writing_checkpoint = False
+
+    def _write_checkpoint(self, state: dict[str, Any]) -> Path:
         trainer_state = {k: v for k, v in state.items() if k != "finished"}
         trainer_state["epoch"] = state["position"] // self.train_stream.batches_per_epoch
         trainer_state["schedule"] = {"name": self.config.schedule, "total_steps": self.total_steps,
@@ -454,17 +462,45 @@ class Trainer:
         return {label: {k: v for k, v in result[label].items() if k != "rows"} for label in ("base", "tuned")}
 
     # -- Ctrl-C ------------------------------------------------------------------------------------
+    # The first Ctrl-C ends the run after the current step with a checkpoint; the second stops at
+    # once, except while a checkpoint is being written: that one is finished first, so a double
+    # Ctrl-C leaves the latest checkpoint complete and never a half-written one. Later presses
+    # are ignored: the run is already on its way out.
     def _install_sigint(self) -> Any:
         if not _in_main_thread():
             return None
+        return signal.signal(signal.SIGINT, self._on_sigint)
 
-        def request_stop(signum, frame):
-            if self.stop_requested:  # a second Ctrl-C stops at once
-                raise KeyboardInterrupt
-            self.stop_requested = True
-            print("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)", file=sys.stderr, flush=True)
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.interrupts += 1
+        if self.interrupts == 1:
+            say_from_signal_handler("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)\n")
+        elif self.interrupts == 2 and (self.writing_checkpoint or self.stopping):
+            say_from_signal_handler("\nCtrl-C again: stopping as soon as the checkpoint being written is complete\n")
+        elif self.interrupts == 2:
+            raise KeyboardInterrupt
 
-        return signal.signal(signal.SIGINT, request_stop)
+    def _save_and_stop(self, state: dict[str, Any]) -> TrainResult:
+        """After the first Ctrl-C: the checkpoint of this step (unless the loop just wrote it), then the resume hint."""
+        self.stopping = True
+        latest = ckpt.latest_checkpoint(self.out_dir)
+        path = latest if latest is not None and latest.name == ckpt.step_dir_name(state["step"]) else self.save(state)
+        print(f"\ninterrupted at step {state['step']}; checkpoint saved to {path}.\n"
+              f"resume with: {resume_command(self.out_dir, self.command)}", file=sys.stderr, flush=True)
+        return self._interrupted_result(state)
+
+    def _stopped_at_once(self, state: dict[str, Any]) -> TrainResult:
+        """After the second Ctrl-C: one line on what is on disk; the steps since the last checkpoint are lost."""
+        latest = ckpt.latest_checkpoint(self.out_dir)
+        kept = (f"the last checkpoint is {latest}; resume with: {resume_command(self.out_dir, self.command)}"
+                if latest is not None else "no checkpoint was saved")
+        print(f"\nstopped at once after step {state['step']}; {kept}", file=sys.stderr, flush=True)
+        return self._interrupted_result(state)
+
+    def _interrupted_result(self, state: dict[str, Any]) -> TrainResult:
+        self.metrics.close()
+        return TrainResult(self.out_dir, None, state["step"], interrupted=True, summary=state,
+                           model=self.model, tokenizer=self.tokenizer)
 
     @staticmethod
     def _restore_sigint(previous: Any) -> None:
@@ -522,6 +558,15 @@ def resume_command(out_dir: Path, command: list[str] | None) -> str:
     if command is None:
         return f"lt.train(config, resume=True) with out_dir set to {str(out_dir)!r}"
     return shlex.join([*command, "--set", f"out_dir={out_dir}", "--resume"])
+
+
+def say_from_signal_handler(message: str) -> None:
+    """Write to stderr's file descriptor directly: a handler that printed through sys.stderr could
+    re-enter a write the interrupted code was in the middle of (a RuntimeError)."""
+    try:
+        os.write(sys.stderr.fileno(), message.encode())
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor, e.g. captured in tests
+        sys.stderr.write(message)
 
 
 def _in_main_thread() -> bool:
