@@ -206,7 +206,7 @@ def switch_method(method: dict[str, Any], name: Any) -> dict[str, Any]:
 def method_keys(name: Any) -> set[str] | None:
     """The keys method `name` takes (`auto`: those of the method it stands for); None for an unknown name,
     which validation then reports."""
-    from ..methods import METHODS
+    from ..methods import METHODS  # torch-heavy: imported on use, so `--help` stays fast
 
     concrete = AUTO_METHOD_SETTINGS["name"] if name == AUTO_METHOD else str(name).lower()
     if concrete not in METHODS:
