@@ -94,6 +94,31 @@ def test_missing_file_empty_text_and_unknown_builtin(tmp_path, tokenizer):
         prepare_dataset(str(binary), tokenizer, 64)
 
 
+def test_a_directory_as_data_file_is_named_as_a_directory(tmp_path, tokenizer):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(LeantuneError, match=r"data file '.*folder' is a directory; expected a \.jsonl or plain-text file"):
+        prepare_dataset(str(tmp_path / "folder"), tokenizer, 64)
+
+
+def test_bad_json_gives_file_line_and_the_whole_parser_message(tmp_path, tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a\tb", "completion": "c"}\n')
+    # the parser's own message is "Invalid control character at" and expects the position after it
+    with pytest.raises(LeantuneError, match=r"bad\.jsonl, line 2: not valid JSON \(Invalid control character at column 14\)$"):
+        prepare_dataset(str(path), tokenizer, 64)
+
+
+def test_nothing_left_suggests_truncation_only_where_it_would_help(tmp_path, tokenizer):
+    long_prompts = write_jsonl(tmp_path / "long_prompts.jsonl", [{"prompt": "p" * 50, "completion": "c"}])
+    for overlong in ("truncate", "drop"):
+        with pytest.raises(LeantuneError, match=r"max_length=16 \(1 dropped\); raise max_length \(cut to max_length, "
+                                                r"no example keeps a token to learn from\)$"):
+            prepare_dataset(long_prompts, tokenizer, 16, overlong=overlong)
+    long_completions = write_jsonl(tmp_path / "long_completions.jsonl", [{"prompt": "p", "completion": "c" * 50}])
+    with pytest.raises(LeantuneError, match=r"\(1 dropped\); raise max_length or use overlong: truncate$"):
+        prepare_dataset(long_completions, tokenizer, 16, overlong="drop")
+
+
 def test_overlong_examples_are_truncated_or_dropped_and_counted():
     long = Example(list(range(10)), [-100] * 6 + list(range(6, 10)))
     prompt_only_after_cut = Example(list(range(10)), [-100] * 9 + [9])

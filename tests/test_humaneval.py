@@ -1,11 +1,15 @@
 import ast
+import io
+import sys
 import textwrap
 
 import pytest
 
 import leantune as lt
 from leantune.data import humaneval
+from leantune.eval.generation import generate
 from leantune.eval.sandbox import Limits, run_many
+from leantune.eval.unit_tests import before_after, judge_tests
 
 
 def _program(record, test_source=None):
@@ -125,3 +129,35 @@ def test_every_reference_test_passes_and_a_wrong_solution_fails():
     assert not failures
     caught = sum(o.status != "pass" for o in outcomes[2 * n:])
     assert caught >= 160
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, as an interactive run's is."""
+
+    def isatty(self):
+        return True
+
+
+def test_the_before_after_study_shows_progress_bars_on_a_terminal(monkeypatch):
+    model, tokenizer = lt.load_model("tiny-llama"), lt.load_tokenizer("tiny-llama")
+    records = humaneval.load_split("test")[:2]
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    before_after(model, tokenizer, records, max_new_tokens=4, print_table=False)
+    # a random model's tests do not parse, so the sandbox bar is shown with tests that do
+    judge_tests(records, [r["test"] for r in records], progress=True, desc="[reference] sandbox")
+    shown = terminal.getvalue()
+    for label in ("base", "tuned"):
+        assert f"\r[{label}] generating:   0%|          | 0/2 [" in shown
+    assert "\r[reference] sandbox:   0%|          | 0/2 [" in shown
+
+
+@pytest.mark.parametrize("stream, progress", [(io.StringIO, True), (Terminal, False)])
+def test_progress_bars_are_off_without_a_terminal_or_when_disabled(monkeypatch, stream, progress):
+    model, tokenizer = lt.load_model("tiny-llama"), lt.load_tokenizer("tiny-llama")
+    records = humaneval.load_split("test")[:2]
+    monkeypatch.setattr(sys, "stderr", stream())
+    generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=2, progress=progress, desc="generating")
+    run_many([(r["function"] + "\n\n" + r["test"], f"test_{r['entry_point']}") for r in records],
+             progress=progress, desc="sandbox")
+    assert sys.stderr.getvalue() == ""

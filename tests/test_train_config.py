@@ -37,6 +37,20 @@ def test_help_shows_every_key_with_its_default(capsys):
     assert "lr = 0.0002" in out and "--resume" in out and "--overwrite" in out
 
 
+def test_help_and_the_example_state_which_keys_a_resume_may_change(capsys):
+    from leantune.training.config import RESUMABLE_KEYS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    rule = " ".join(capsys.readouterr().out.split("--resume may change only ", 1)[1].split())
+    example = (ROOT / "configs" / "example.yaml").read_text()
+    paragraph = " ".join(example.split("# Resuming", 1)[1].split("\n\n", 1)[0].replace("#", " ").split())
+    for text in (rule, paragraph):
+        listed = text.split(":", 1)[0]
+        assert all(key in listed for key in RESUMABLE_KEYS), listed
+        assert "refused" in text and "--overwrite" in text
+
+
 def test_embedded_default_is_valid_and_picks_a_registered_method():
     config = load_config()
     assert config.model == "smollm2-135m" and config.data.train == "humaneval-tests:train"
@@ -57,14 +71,28 @@ def test_overrides_with_dotted_keys_and_yaml_values():
     assert config.lr == 1e-4 and config.max_steps == 7 and config.packing is True and config.chunked_loss is False
 
 
-def test_changing_the_method_name_starts_its_parameters_afresh():
+def test_changing_the_method_name_keeps_the_keys_the_new_method_takes(capsys):
     config = build_config({"method": {"name": "lora", "r": 4, "dropout": 0.1}}, ["method.name=lora"])
     assert config.method == {"name": "lora", "r": 4, "dropout": 0.1}
     config = build_config({}, ["method.r=4"])  # parameters on top of the auto-chosen method
     assert config.method == {"name": "auto", "r": 4}
     assert method_dict(config)["r"] == 4 and method_dict(config)["name"] in ("paca", "lora")
+    assert capsys.readouterr().err == ""
     config = build_config({"method": {"name": "lora", "r": 4, "dropout": 0.1}}, ["method.name=auto"])
-    assert config.method == {"name": "auto"}
+    assert config.method == {"name": "auto", "r": 4}  # PaCA takes r, not dropout
+    assert capsys.readouterr().err == "--set method.name=auto: dropped method keys dropout, which auto does not take (kept r)\n"
+
+
+def test_switching_a_yaml_lora_block_to_ia3_names_the_dropped_keys(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: tiny-llama\nmethod: {name: lora, r: 8, alpha: 16, dropout: 0.05, targets: [q_proj, v_proj]}\n")
+    config = load_config(str(path), ["method.name=ia3"])
+    assert config.method == {"name": "ia3", "targets": ["q_proj", "v_proj"]}  # targets applies to IA3 too
+    err = capsys.readouterr().err
+    assert err == "--set method.name=ia3: dropped method keys r, alpha, dropout, which ia3 does not take (kept targets)\n"
+    config = load_config(str(path), ["method.name=dora"])  # DoRA takes every LoRA key
+    assert config.method == {"name": "dora", "r": 8, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"]}
+    assert capsys.readouterr().err == ""
 
 
 def test_yaml_file_loading(tmp_path):
@@ -149,5 +177,5 @@ def test_cli_bad_data_line_exits_2_naming_file_and_line_and_writes_nothing(tmp_p
                    "--set", "out_dir=out"])
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err
-    assert err.strip() == "leantune train: error: data.jsonl, line 2: not valid JSON (Expecting property name enclosed in double quotes)"
+    assert err.strip() == "leantune train: error: data.jsonl, line 2: not valid JSON (Expecting property name enclosed in double quotes at column 35)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
+from typing import Any
 
 EXIT_INTERRUPTED = 130
 
@@ -10,7 +13,9 @@ With no CONFIG the embedded default job runs (leantune/configs/default.yaml): Sm
 learns to write unit tests for HumanEval functions, then prints a before/after table.
 A commented example with every key: configs/example.yaml.
 
-Ctrl-C saves a checkpoint and prints the command that resumes the run.
+Ctrl-C saves a checkpoint after the current step and prints the command that resumes the run;
+a second Ctrl-C stops at once (a checkpoint being written is finished first). Either way the
+exit status is 130.
 """
 
 
@@ -22,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, dotted for nested keys (method.r=16, data.eval=null); repeatable")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in out_dir from its latest checkpoint")
+                        help="continue the run in out_dir from its latest checkpoint (see below for the keys "
+                             "that may change)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of an earlier run in a non-empty out_dir")
     parser.epilog = USAGE_NOTES + "\n" + keys_help()
@@ -33,8 +39,32 @@ def run(args: argparse.Namespace) -> int:
     from ..training import load_config, train
 
     config = load_config(args.config, args.overrides)
-    result = train(config, resume=args.resume, overwrite=args.overwrite, command=_rebuild_command(args))
-    return EXIT_INTERRUPTED if result.interrupted else 0
+    previous = _install_sigint(_interrupt_then_ignore)
+    try:
+        result = train(config, resume=args.resume, overwrite=args.overwrite, command=_rebuild_command(args))
+    except KeyboardInterrupt:
+        raise  # the process exits with 130, and _interrupt_then_ignore keeps later presses from cutting that short
+    except BaseException:
+        _install_sigint(previous)
+        raise
+    if result.interrupted:
+        _install_sigint(signal.SIG_IGN)  # the run is saved: a further Ctrl-C must not turn the exit into a traceback
+        return EXIT_INTERRUPTED
+    _install_sigint(previous)
+    return 0
+
+
+def _interrupt_then_ignore(signum: int, frame: Any) -> None:
+    """Ctrl-C outside the training loop (loading, the final evaluation): stop, and ignore the presses that
+    follow, which would otherwise land in interpreter shutdown (atexit hooks) and print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _install_sigint(handler: Any) -> Any:
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler)
 
 
 def _rebuild_command(args: argparse.Namespace) -> list[str]:

@@ -16,10 +16,18 @@ __all__ = [
 def prepare_dataset(source: str, tokenizer: Any, max_length: int, overlong: str = "truncate",
                     packing: bool = False) -> tuple[list[Example], FitReport]:
     """Tokenize `source`, fit every example to `max_length`, optionally pack; error if nothing is left."""
-    examples, report = fit_to_length(load_examples(source, tokenizer, max_length), max_length, overlong)
+    loaded = load_examples(source, tokenizer, max_length)
+    examples, report = fit_to_length(loaded, max_length, overlong)
     if not examples:
         raise LeantuneError(f"data source '{source}': no example is left after fitting to max_length={max_length} "
-                            f"({report.dropped} dropped); raise max_length or use overlong: truncate")
+                            f"({report.dropped} dropped); {_what_would_fit(loaded, max_length, overlong)}")
     if packing:
         examples = pack(examples, max_length)
     return examples, report
+
+
+def _what_would_fit(examples: list[Example], max_length: int, overlong: str) -> str:
+    """The advice for a source with nothing left: suggest truncation only when it would keep something."""
+    if overlong == "drop" and fit_to_length(examples, max_length, "truncate")[1].kept:
+        return "raise max_length or use overlong: truncate"
+    return "raise max_length (cut to max_length, no example keeps a token to learn from)"

@@ -55,10 +55,7 @@ def load_examples(source: str, tokenizer: Any, max_length: int) -> list[Example]
         examples = [_pair_example(r["prompt"], r["completion"], tokenizer) for r in builtin_records(source)]
         where = source
     else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise LeantuneError(f"data file '{source}' does not exist "
-                                f"(built-in datasets: {', '.join(builtin_names())})")
+        path = existing_file(source)
         if path.suffix.lower() in JSONL_SUFFIXES:
             examples = [_record_example(record, tokenizer, path, line) for line, record in read_jsonl(path)]
         else:
@@ -67,6 +64,18 @@ def load_examples(source: str, tokenizer: Any, max_length: int) -> list[Example]
     if not examples:
         raise LeantuneError(f"{where} holds no examples")
     return examples
+
+
+def existing_file(source: str) -> Path:
+    """The path of a data file; a directory or a missing path is an error naming it."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise LeantuneError(f"data file '{source}' is a directory; expected a .jsonl or plain-text file "
+                            "(or a built-in dataset name)")
+    if not path.is_file():
+        raise LeantuneError(f"data file '{source}' does not exist "
+                            f"(built-in datasets: {', '.join(builtin_names())})")
+    return path
 
 
 def builtin_records(source: str) -> list[dict[str, Any]]:
@@ -98,7 +107,7 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise LeantuneError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+                    raise LeantuneError(f"{path}, line {number}: not valid JSON ({json_problem(err)})") from None
                 if not isinstance(record, dict):
                     raise LeantuneError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
                 records.append((number, record))
@@ -107,6 +116,12 @@ def read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
     except OSError as err:
         raise LeantuneError(f"cannot read data file '{path}': {err.strerror}") from None
     return records
+
+
+def json_problem(err: json.JSONDecodeError) -> str:
+    """The parser's message with its column. Some messages end in "at" and expect the position
+    after them ("Invalid control character at"); each line is parsed alone, so its line is always 1."""
+    return f"{err.msg.removesuffix(' at')} at column {err.colno}"
 
 
 def _record_example(record: dict[str, Any], tokenizer: Any, path: Path, line: int) -> Example:

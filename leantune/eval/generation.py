@@ -8,12 +8,13 @@ Returned texts are cut before the first stop string.
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import LeantuneError
+from .progress import progress_bar
 
 END_TOKENS = ("<|endoftext|>", "<|im_end|>")
 
@@ -42,25 +43,30 @@ class _StopCriterion:
     """Per-row stopping on end tokens and stop strings; records how many tokens each row produced.
 
     Only the last few generated tokens are decoded at each step: enough to contain any stop string.
+    After each step it reports the rows that stopped in it to `on_step` (the progress bar).
     """
 
-    def __init__(self, tokenizer: Any, prompt_length: int, stop: Sequence[str], end_ids: list[int]):
+    def __init__(self, tokenizer: Any, prompt_length: int, stop: Sequence[str], end_ids: list[int],
+                 on_step: Callable[[int], Any] = lambda stopped: None):
         self.tokenizer = tokenizer
         self.prompt_length = prompt_length
         self.stop = list(stop)
         self.end_ids = end_ids
         self.window = max((len(s) for s in self.stop), default=0) + 4
         self.lengths: list[int | None] | None = None
+        self.on_step = on_step
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
         generated = input_ids[:, self.prompt_length:]
         if self.lengths is None:
             self.lengths = [None] * input_ids.shape[0]
-        done = []
+        done, stopped = [], 0
         for row, tokens in enumerate(generated.tolist()):
             if self.lengths[row] is None and self._row_is_done(tokens):
                 self.lengths[row] = len(tokens)
+                stopped += 1
             done.append(self.lengths[row] is not None)
+        self.on_step(stopped)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     def _row_is_done(self, tokens: list[int]) -> bool:
@@ -126,13 +132,14 @@ def _encode_batch(tokenizer: Any, texts: list[str], max_prompt_tokens: int | Non
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), batch_size: int = 8,
              seed: int = 0, max_prompt_tokens: int | None = None,
-             stats: dict[str, Any] | None = None) -> list[str]:
+             stats: dict[str, Any] | None = None, progress: bool = False, desc: str = "generate") -> list[str]:
     """Generate a continuation for each prompt; greedy when temperature == 0.
 
     Returns the generated texts (prompt excluded, special tokens skipped), each cut before its
     first stop string, in the order of `prompts`. If `stats` is a dict it receives prompt_tokens,
     new_tokens (tokens until each row stopped), seconds, and hit_budget: per prompt, whether it ran
     out of `max_new_tokens` before an end token or stop string (its last line is then unfinished).
+    `progress` shows a bar (labelled `desc`) over the prompts on a terminal's stderr.
     """
     _check_options(prompts, max_new_tokens, temperature, top_p, batch_size)
     prompts = list(prompts)
@@ -147,17 +154,19 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
     was_training = model.training
     model.eval()
     start = time.perf_counter()
+    bar = progress_bar(len(prompts), desc, "prompt", progress)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for first in range(0, len(order), batch_size):
                 rows = order[first:first + batch_size]
                 batch = _encode_batch(tokenizer, [prompts[i] for i in rows], max_prompt_tokens)
-                results = _generate_batch(model, tokenizer, batch, config, stop, end_ids, device, counts)
+                results = _generate_batch(model, tokenizer, batch, config, stop, end_ids, device, counts, bar.update)
                 for row, (text, hit_budget) in zip(rows, results):
                     texts[row] = text
                     budget_hits[row] = hit_budget
     finally:
+        bar.close()
         model.train(was_training)
     if stats is not None:
         stats.update(counts, prompts=len(prompts), seconds=time.perf_counter() - start, hit_budget=budget_hits)
@@ -166,17 +175,18 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
 
 def _generate_batch(model: nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor], config: Any,
                     stop: Sequence[str], end_ids: list[int], device: torch.device,
-                    counts: dict[str, int]) -> list[tuple[str, bool]]:
-    """(text, ran out of tokens) per row of one left-padded batch."""
+                    counts: dict[str, int], advance: Callable[[int], Any]) -> list[tuple[str, bool]]:
+    """(text, ran out of tokens) per row of one left-padded batch; `advance(n)`: n more rows are done."""
     from transformers import StoppingCriteriaList
 
     prompt_length = batch["input_ids"].shape[1]
-    criterion = _StopCriterion(tokenizer, prompt_length, stop, end_ids)
+    criterion = _StopCriterion(tokenizer, prompt_length, stop, end_ids, on_step=advance)
     output = model.generate(input_ids=batch["input_ids"].to(device),
                             attention_mask=batch["attention_mask"].to(device),
                             generation_config=config, stopping_criteria=StoppingCriteriaList([criterion]))
     generated = output[:, prompt_length:].tolist()
     lengths = criterion.lengths or [None] * len(generated)
+    advance(lengths.count(None))  # the rows that ran out of tokens
     counts["prompt_tokens"] += int(batch["attention_mask"].sum())
     results = []
     for tokens, length in zip(generated, lengths):

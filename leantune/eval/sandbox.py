@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
+from .progress import progress_bar
+
 OUTCOMES = ("pass", "fail", "error", "timeout")
 TAIL_CHARS = 2000
 
@@ -237,9 +239,20 @@ def run_code(source: str, call: str | None = None, limits: Limits | None = None)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_many(jobs: Iterable[tuple[str, str | None]], limits: Limits | None = None,
-             workers: int = 2) -> list[Outcome]:
-    """`run_code` for each (source, call) pair, `workers` children at a time, results in order."""
+def run_many(jobs: Iterable[tuple[str, str | None]], limits: Limits | None = None, workers: int = 2,
+             progress: bool = False, desc: str = "sandbox") -> list[Outcome]:
+    """`run_code` for each (source, call) pair, `workers` children at a time, results in order.
+
+    `progress` shows a bar (labelled `desc`) over the finished runs on a terminal's stderr.
+    """
     jobs = list(jobs)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda job: run_code(job[0], job[1], limits), jobs))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
+            progress_bar(len(jobs), desc, "test", progress) as bar:
+        futures = [pool.submit(run_code, source, call, limits) for source, call in jobs]
+        try:
+            for _ in concurrent.futures.as_completed(futures):
+                bar.update(1)
+        except BaseException:  # Ctrl-C: leave the queued runs unstarted instead of waiting for them all
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        return [future.result() for future in futures]

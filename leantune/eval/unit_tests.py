@@ -62,12 +62,12 @@ def calls_function(test_source: str, name: str) -> bool:
 
 
 def judge_tests(records: Sequence[dict[str, Any]], tests: Sequence[str], limits: Limits | None = None,
-                workers: int = 2) -> list[dict[str, Any]]:
+                workers: int = 2, progress: bool = False, desc: str = "sandbox") -> list[dict[str, Any]]:
     """Parse each test and run the parsable ones against their record's reference function."""
     rows = [{"task_id": r["task_id"], "test": t, "parses": parses(t)} for r, t in zip(records, tests)]
     runnable = [i for i, row in enumerate(rows) if row["parses"]]
     outcomes = run_many([(records[i]["function"] + "\n\n" + tests[i], unit_test_name(records[i]['entry_point']))
-                         for i in runnable], limits or DEFAULT_LIMITS, workers)
+                         for i in runnable], limits or DEFAULT_LIMITS, workers, progress=progress, desc=desc)
     for row in rows:
         row.update(status="syntax", detail="", calls_function=False)
     for i, outcome in zip(runnable, outcomes):
@@ -102,12 +102,12 @@ def generate_and_judge(model: nn.Module, tokenizer: Any, records: Sequence[dict[
     stats: dict[str, Any] = {}
     generations = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, stop=END_OF_FUNCTION,
-                           batch_size=batch_size, stats=stats)
+                           batch_size=batch_size, stats=stats, progress=progress, desc=f"[{label}] generating")
     _log(f"[{label}] read {stats['prompt_tokens']} prompt tokens and generated {stats['new_tokens']} tokens "
          f"in {stats['seconds']:.1f} s; running the tests in the sandbox...", progress)
     start = time.perf_counter()
     tests = [extract_test(r, g, hit) for r, g, hit in zip(records, generations, stats["hit_budget"])]
-    rows = judge_tests(records, tests, limits, workers)
+    rows = judge_tests(records, tests, limits, workers, progress=progress, desc=f"[{label}] sandbox")
     for row, generated in zip(rows, generations):
         row["generated"] = generated
     summary = summarize(rows)

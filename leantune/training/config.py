@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +23,14 @@ SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OVERLONG = ("truncate", "drop")
 DEVICES = ("auto", "cpu", "cuda")
-# Keys that decide which batches and which trainable tensors a run has: a resumed run must match them.
-RUN_IDENTITY_KEYS = ("model", "method", "data", "max_length", "overlong", "packing", "group_by_length",
-                     "batch_size", "grad_accum", "seed")
+# The keys a resumed run may change. They decide how long a run goes on and what it reports and
+# saves, never which batches, trainable tensors, updates or random draws it has, so the checkpoint
+# (adapter, optimizer, RNG, data position) stays exact. A new max_steps or epochs extends the run;
+# the learning-rate schedule then spans the new total. Any other changed key is refused: it would
+# make the resumed run a different run. out_dir is not compared: it is how --resume finds the run.
+RESUMABLE_KEYS = ("max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every", "progress",
+                  "unit_test_table", "unit_test_limit", "unit_test_max_new_tokens")
+RUN_LENGTH_KEYS = ("max_steps", "epochs")
 # `method: auto` is the embedded default method: PaCA, whose parameters `--set method.KEY=...` may change.
 AUTO_METHOD = "auto"
 AUTO_METHOD_SETTINGS = {"name": "paca", "r": 16, "alpha": 32}
@@ -49,8 +56,8 @@ class DataConfig:
 class TrainConfig:
     model: str = _doc("smollm2-135m", "model: smollm2-135m (embedded), tiny-llama, tiny-qwen2, a Hugging Face folder or hub id")
     method: Any = _doc(AUTO_METHOD, "PEFT method and its parameters, e.g. {name: lora, r: 8, alpha: 16, targets: all-linear}; "
-                                    "auto: PaCA r=16 alpha=32 (parameters set on it, e.g. method.r=8, apply to PaCA; "
-                                    "another name starts from that method's own defaults)")
+                                    "auto: PaCA r=16 alpha=32 (parameters set on it, e.g. method.r=8, apply to PaCA); "
+                                    "--set method.name=... keeps the keys the new method takes and drops the others")
     data: DataConfig = _doc(DataConfig, "data sources: data.train and data.eval")
     max_length: int = _doc(512, "longest sequence in tokens (prompt + completion)")
     overlong: str = _doc("truncate", "examples longer than max_length: truncate or drop (the count is reported)")
@@ -117,7 +124,17 @@ def keys_help() -> str:
     lines = ["config keys (default) — set in CONFIG.yaml or with --set key=value:"]
     for key, default, doc in rows:
         lines.append(f"  {key} = {format_value(default)}".ljust(width + 4) + f" {doc}")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + resume_rule()
+
+
+def resume_rule() -> str:
+    """What --resume may change, for `leantune train --help`."""
+    text = (f"--resume may change only {', '.join(RESUMABLE_KEYS)} from the run's out_dir/config.yaml: they "
+            "decide how long the run goes on and what it reports or saves, not what it computes (a new "
+            "max_steps or epochs stretches the learning-rate schedule to the new total). A change to any other "
+            "key is refused, since the checkpoint would then continue a different run; for that, start a new "
+            "run with another out_dir or with --overwrite.")
+    return textwrap.fill(text, width=100)
 
 
 # -- building a config -------------------------------------------------------------------------
@@ -155,7 +172,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_override(document: dict[str, Any], key: str, value: Any) -> None:
-    """Set a dotted key in `document`. Changing `method.name` starts the method's parameters afresh."""
+    """Set a dotted key in `document`. A new `method.name` keeps the method keys it takes and drops the rest."""
     parts = key.split(".")
     if any(not part for part in parts):
         raise LeantuneError(f"config key {key!r} is malformed")
@@ -164,7 +181,7 @@ def apply_override(document: dict[str, Any], key: str, value: Any) -> None:
     if parts[0] == "method" and len(parts) > 1 and not isinstance(document.get("method"), dict):
         document["method"] = {"name": document.get("method", AUTO_METHOD)}
     if parts == ["method", "name"] and document["method"].get("name") != value:
-        document["method"] = {}
+        document["method"] = switch_method(document["method"], value)
     target = document
     for depth, part in enumerate(parts[:-1]):
         if target.get(part) is None:
@@ -173,6 +190,28 @@ def apply_override(document: dict[str, Any], key: str, value: Any) -> None:
             raise LeantuneError(f"config key '{'.'.join(parts[:depth + 1])}' is not a mapping, so {key!r} cannot be set")
         target = target[part]
     target[parts[-1]] = value
+
+
+def switch_method(method: dict[str, Any], name: Any) -> dict[str, Any]:
+    """`method` renamed to `name`, without the keys that method does not take (named on stderr)."""
+    accepted = method_keys(name)
+    kept = {key: value for key, value in method.items() if key != "name" and (accepted is None or key in accepted)}
+    dropped = [str(key) for key in method if key != "name" and key not in kept]
+    if dropped:
+        print(f"--set method.name={name}: dropped method keys {', '.join(dropped)}, which {name} does not take"
+              + (f" (kept {', '.join(map(str, kept))})" if kept else ""), file=sys.stderr, flush=True)
+    return {"name": name, **kept}
+
+
+def method_keys(name: Any) -> set[str] | None:
+    """The keys method `name` takes (`auto`: those of the method it stands for); None for an unknown name,
+    which validation then reports."""
+    from ..methods import METHODS  # torch-heavy: imported on use, so `--help` stays fast
+
+    concrete = AUTO_METHOD_SETTINGS["name"] if name == AUTO_METHOD else str(name).lower()
+    if concrete not in METHODS:
+        return None
+    return {f.name for f in dataclasses.fields(METHODS[concrete])}
 
 
 def build_config(document: dict[str, Any] | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -349,6 +388,50 @@ def resolved_dict(config: TrainConfig) -> dict[str, Any]:
     document = config.to_dict()
     document["method"] = method_dict(config)
     return document
+
+
+# -- resuming ---------------------------------------------------------------------------------------
+
+def resume_differences(saved: dict[str, Any], config: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in the run's config.yaml, value now) for each key that differs.
+
+    Keys the saved file lacks (an older leantune) are not compared; method mappings are compared
+    with their defaults filled in, so `{name: lora, r: 8}` equals `{name: lora, r: 8, alpha: 16}`.
+    """
+    differences = []
+    for key, new in resolved_dict(config).items():
+        if key == "out_dir" or key not in saved:
+            continue
+        old = saved[key]
+        if key == "method":
+            differences += _method_differences(old, new)
+        elif key in MAPPING_KEYS:
+            differences += _mapping_differences(key, old, new)
+        elif old != new:
+            differences.append((key, old, new))
+    return differences
+
+
+def _mapping_differences(prefix: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [(prefix, old, new)]
+    keys = list(new) + [key for key in old if key not in new]
+    return [(f"{prefix}.{key}", old.get(key), new.get(key)) for key in keys if old.get(key) != new.get(key)]
+
+
+def _method_differences(old: Any, new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and old.get("name") != new.get("name"):
+        return [("method.name", old.get("name"), new.get("name"))]
+    return _mapping_differences("method", _with_defaults(old), _with_defaults(new))
+
+
+def _with_defaults(method: Any) -> Any:
+    from ..methods import config_from_dict
+
+    try:
+        return config_from_dict(method).to_dict()
+    except (LeantuneError, TypeError):  # written by another leantune version: compare as written
+        return method
 
 
 def to_yaml(document: dict[str, Any]) -> str:

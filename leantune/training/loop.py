@@ -26,8 +26,8 @@ import torch
 
 from ..errors import LeantuneError
 from . import checkpoint as ckpt
-from .config import RUN_IDENTITY_KEYS, TIME_PLACEHOLDER, TrainConfig, build_config, expand_out_dir, \
-    load_config, resolved_dict, to_yaml
+from .config import RESUMABLE_KEYS, RUN_LENGTH_KEYS, TIME_PLACEHOLDER, TrainConfig, build_config, \
+    expand_out_dir, format_value, load_config, load_yaml, resolved_dict, resume_differences, to_yaml
 from .optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from .reporting import MetricsLog, Progress, format_summary, peak_memory_bytes
 
@@ -100,18 +100,36 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
                             "or --overwrite to replace it")
 
 
-def check_resume_identity(out_dir: Path, config: TrainConfig) -> None:
+def check_resume_identity(out_dir: Path, config: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """Refuse a resume whose config changes more than RESUMABLE_KEYS; return the changes it may make."""
     saved_path = out_dir / "config.yaml"
     if not saved_path.is_file():
-        return
-    import yaml
+        return []
+    differences = resume_differences(load_yaml(saved_path), config)
+    refused = [change for change in differences if change[0].split(".")[0] not in RESUMABLE_KEYS]
+    if refused:
+        raise LeantuneError(resume_refusal(out_dir, refused))
+    return differences
 
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    current = resolved_dict(config)
-    for key in RUN_IDENTITY_KEYS:
-        if key in saved and saved[key] != current[key]:
-            raise LeantuneError(f"--resume: config key '{key}' is {current[key]!r} but the run in '{out_dir}' "
-                                f"used {saved[key]!r}; resume with the same value")
+
+def resume_refusal(out_dir: Path, refused: list[tuple[str, Any, Any]]) -> str:
+    alternative = ("start a new run with another out_dir or with --overwrite "
+                   "(leantune train --help lists the keys a resume may change)")
+    if len(refused) == 1:
+        key, old, new = refused[0]
+        return (f"--resume: config key '{key}' is {format_value(new)} but the run in '{out_dir}' used "
+                f"{format_value(old)}; keep {format_value(old)} to resume that run, or {alternative}")
+    changes = ", ".join(f"'{key}' ({format_value(new)}, the run used {format_value(old)})" for key, old, new in refused)
+    return (f"--resume: config keys {changes} differ from the run in '{out_dir}'; keep the run's values "
+            f"to resume it, or {alternative}")
+
+
+def describe_resume_changes(changes: list[tuple[str, Any, Any]], total_steps: int) -> str:
+    """The one line that announces what a resumed run changes."""
+    listed = ", ".join(f"{key} {format_value(old)} -> {format_value(new)}" for key, old, new in changes)
+    schedule = (f"; the learning-rate schedule now spans {total_steps} steps"
+                if any(key in RUN_LENGTH_KEYS for key, _, _ in changes) else "")
+    return f"--resume with changed keys: {listed}{schedule}"
 
 
 # -- devices and precision ----------------------------------------------------------------------
@@ -170,7 +188,9 @@ class Trainer:
         self.overwrite = overwrite
         self.model = model
         self.tokenizer = tokenizer
-        self.stop_requested = False
+        self.interrupts = 0  # Ctrl-C presses during training
+        self.writing_checkpoint = False  # a checkpoint is being written: a second Ctrl-C waits for it
+        self.stopping = False  # the run is saving its way out after the first Ctrl-C
         self.command: list[str] | None = None
 
     # Preparation: nothing is written until every input has been checked.
@@ -185,8 +205,7 @@ class Trainer:
         check_precision(cfg.precision, self.device)
         self.out_dir = resolve_out_dir(cfg.out_dir, self.resume)
         check_out_dir(self.out_dir, self.resume, self.overwrite)
-        if self.resume:
-            check_resume_identity(self.out_dir, cfg)
+        resume_changes = check_resume_identity(self.out_dir, cfg) if self.resume else []
         method = build_method(cfg)
         if cfg.unit_test_table:
             _require_unit_test_table()
@@ -217,6 +236,8 @@ class Trainer:
         self.warmup = warmup_steps(cfg.warmup, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.chunked = None if cfg.chunked_loss == "auto" else bool(cfg.chunked_loss)
+        if resume_changes:
+            print(describe_resume_changes(resume_changes, self.total_steps), file=sys.stderr, flush=True)
 
     def _total_steps(self) -> int:
         cfg = self.config
@@ -248,15 +269,16 @@ class Trainer:
             if state["eval_loss_before"] is not None:
                 self.metrics.write({"step": 0, "eval_loss": state["eval_loss_before"]})
                 print(f"eval loss before training: {state['eval_loss_before']:.4f}", file=sys.stderr, flush=True)
-        interrupted = self._loop(state)
-        if interrupted:
-            path = self.save(state)
-            command = resume_command(self.out_dir, self.command)
-            print(f"\ninterrupted at step {state['step']}; checkpoint saved to {path}.\n"
-                  f"resume with: {command}", file=sys.stderr)
-            self.metrics.close()
-            return TrainResult(self.out_dir, None, state["step"], interrupted=True, summary=state,
-                               model=self.model, tokenizer=self.tokenizer)
+        previous_handler = self._install_sigint()
+        try:
+            try:
+                interrupted = self._loop(state)
+            except KeyboardInterrupt:  # the second Ctrl-C
+                return self._stopped_at_once(state)
+            if interrupted:
+                return self._save_and_stop(state)
+        finally:
+            self._restore_sigint(previous_handler)
         return self._finish(state)
 
     def _start_state(self) -> dict[str, Any]:
@@ -274,6 +296,10 @@ class Trainer:
             print(f"no checkpoint in {self.out_dir}; starting from step 0", file=sys.stderr)
             return fresh
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        if state["step"] > self.total_steps:
+            raise LeantuneError(f"--resume: the run in '{self.out_dir}' is at step {state['step']}, past the "
+                                f"{self.total_steps} steps this config asks for; raise max_steps or epochs to "
+                                "resume it")
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         print(f"resuming from {path} (step {state['step']})", file=sys.stderr)
@@ -318,7 +344,6 @@ class Trainer:
         session_start = time.perf_counter()
         elapsed_before = state["elapsed_s"]
         session_tokens = 0
-        previous_handler = self._install_sigint()
         try:
             while state["step"] < self.total_steps:
                 step_start = time.perf_counter()
@@ -343,13 +368,12 @@ class Trainer:
                     if eval_loss is not None:
                         self.metrics.write({"step": state["step"], "eval_loss": eval_loss})
                         progress.write(f"step {state['step']}: eval loss {eval_loss:.4f}")
-                if self.stop_requested and state["step"] < self.total_steps:
-                    return True
                 if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < self.total_steps:
                     self.save(state)
+                if self.interrupts and state["step"] < self.total_steps:
+                    return True
         finally:
             progress.close()
-            self._restore_sigint(previous_handler)
         return False
 
     def _step(self, state: dict[str, Any]) -> tuple[float, int, int, float, float]:
@@ -406,6 +430,13 @@ class Trainer:
                                        progress=self.config.progress)["loss"]
 
     def save(self, state: dict[str, Any]) -> Path:
+        self.writing_checkpoint = True
+        try:
+            return self._write_checkpoint(state)
+        finally:
+            self.writing_checkpoint = False
+
+    def _write_checkpoint(self, state: dict[str, Any]) -> Path:
         trainer_state = {k: v for k, v in state.items() if k != "finished"}
         trainer_state["epoch"] = state["position"] // self.train_stream.batches_per_epoch
         trainer_state["schedule"] = {"name": self.config.schedule, "total_steps": self.total_steps,
@@ -431,17 +462,45 @@ class Trainer:
         return {label: {k: v for k, v in result[label].items() if k != "rows"} for label in ("base", "tuned")}
 
     # -- Ctrl-C ------------------------------------------------------------------------------------
+    # The first Ctrl-C ends the run after the current step with a checkpoint; the second stops at
+    # once, except while a checkpoint is being written: that one is finished first, so a double
+    # Ctrl-C leaves the latest checkpoint complete and never a half-written one. Later presses
+    # are ignored: the run is already on its way out.
     def _install_sigint(self) -> Any:
         if not _in_main_thread():
             return None
+        return signal.signal(signal.SIGINT, self._on_sigint)
 
-        def request_stop(signum, frame):
-            if self.stop_requested:  # a second Ctrl-C stops at once
-                raise KeyboardInterrupt
-            self.stop_requested = True
-            print("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)", file=sys.stderr, flush=True)
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.interrupts += 1
+        if self.interrupts == 1:
+            say_from_signal_handler("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)\n")
+        elif self.interrupts == 2 and (self.writing_checkpoint or self.stopping):
+            say_from_signal_handler("\nCtrl-C again: stopping as soon as the checkpoint being written is complete\n")
+        elif self.interrupts == 2:
+            raise KeyboardInterrupt
 
-        return signal.signal(signal.SIGINT, request_stop)
+    def _save_and_stop(self, state: dict[str, Any]) -> TrainResult:
+        """After the first Ctrl-C: the checkpoint of this step (unless the loop just wrote it), then the resume hint."""
+        self.stopping = True
+        latest = ckpt.latest_checkpoint(self.out_dir)
+        path = latest if latest is not None and latest.name == ckpt.step_dir_name(state["step"]) else self.save(state)
+        print(f"\ninterrupted at step {state['step']}; checkpoint saved to {path}.\n"
+              f"resume with: {resume_command(self.out_dir, self.command)}", file=sys.stderr, flush=True)
+        return self._interrupted_result(state)
+
+    def _stopped_at_once(self, state: dict[str, Any]) -> TrainResult:
+        """After the second Ctrl-C: one line on what is on disk; the steps since the last checkpoint are lost."""
+        latest = ckpt.latest_checkpoint(self.out_dir)
+        kept = (f"the last checkpoint is {latest}; resume with: {resume_command(self.out_dir, self.command)}"
+                if latest is not None else "no checkpoint was saved")
+        print(f"\nstopped at once after step {state['step']}; {kept}", file=sys.stderr, flush=True)
+        return self._interrupted_result(state)
+
+    def _interrupted_result(self, state: dict[str, Any]) -> TrainResult:
+        self.metrics.close()
+        return TrainResult(self.out_dir, None, state["step"], interrupted=True, summary=state,
+                           model=self.model, tokenizer=self.tokenizer)
 
     @staticmethod
     def _restore_sigint(previous: Any) -> None:
@@ -500,6 +559,15 @@ def resume_command(out_dir: Path, command: list[str] | None) -> str:
     if command is None:
         return f"lt.train(config, resume=True) with out_dir set to {str(out_dir)!r}"
     return shlex.join([*command, "--set", f"out_dir={out_dir}", "--resume"])
+
+
+def say_from_signal_handler(message: str) -> None:
+    """Write to stderr's file descriptor directly: a handler that printed through sys.stderr could
+    re-enter a write the interrupted code was in the middle of (a RuntimeError)."""
+    try:
+        os.write(sys.stderr.fileno(), message.encode())
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor, e.g. captured in tests
+        sys.stderr.write(message)
 
 
 def _in_main_thread() -> bool:
