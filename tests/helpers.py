@@ -55,3 +55,96 @@ def chatml_example(messages: list[dict[str, str]], im_start: int, im_end: int) -
         ids += header + body
         labels += [IGNORE] * len(header) + (body if message["role"] == "assistant" else [IGNORE] * len(body))
     return ids, labels
+
+
+def relative_error(got, want) -> float:
+    """‖got − want‖ / ‖want‖ in float64 (Frobenius norms)."""
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).norm() / want.norm())
+
+
+def check_bf16_autocast_against_dense_twin(model, tokens):
+    """`model` (a tiny-llama with LoRA and/or PaCA attached) under CPU bf16 autocast against its
+    dense twin under the same autocast: the same loss and the same adapter gradients up to bf16
+    rounding; and the loss is within bf16 rounding of the float32 one, far closer than the adapter
+    moves it."""
+    import torch
+
+    import leantune as lt
+
+    twin, pairs = dense_twin(model)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens, labels=tokens).loss
+        expected = twin(tokens, labels=tokens).loss
+    assert loss.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-3, atol=0)
+    loss.backward()
+    expected.backward()
+    params = dict(model.named_parameters())
+    assert pairs.keys() == {n for n, p in params.items() if p.requires_grad}
+    for name, reference in pairs.items():
+        grad = params[name].grad
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
+        assert relative_error(grad, reference.grad) < 2e-2, name
+    with torch.no_grad():
+        full = float(model(tokens, labels=tokens).loss)
+        with lt.disabled(model):
+            base = float(model(tokens, labels=tokens).loss)
+    assert abs(float(loss.detach()) - full) < 0.1 * abs(full - base)
+    model.zero_grad()
+
+
+def dense_twin(model, name="tiny-llama"):
+    """A fresh `name` model whose LoRA / PaCA-adapted linears are replaced by plain modules that
+    compute the method's formula from the original weight, with copies of the adapter tensors as
+    their own parameters. Returns (twin, {adapter parameter name: twin parameter})."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import leantune as lt
+    from leantune.methods.lora import LoRALayer
+    from leantune.methods.paca import PaCALayer
+
+    class DenseLoRA(nn.Module):
+        """W x + b + s (x Aᵀ) Bᵀ."""
+
+        def __init__(self, linear, layer):
+            super().__init__()
+            self.linear, self.scale = linear, layer.scale
+            self.a = nn.Parameter(layer.lora_A.detach().clone())
+            self.b = nn.Parameter(layer.lora_B.detach().clone())
+
+        def forward(self, x):
+            return F.linear(x, self.linear.weight, self.linear.bias) + self.scale * (x @ self.a.t() @ self.b.t())
+
+    class DensePaCA(nn.Module):
+        """(W0 with s·Δ added to columns I) x + b, in float32 whatever autocast says (as PaCA documents)."""
+
+        def __init__(self, linear, layer):
+            super().__init__()
+            self.linear, self.scale, self.index = linear, layer.scale, layer.paca_index.clone()
+            self.delta = nn.Parameter(layer.paca_delta.detach().clone())
+
+        def forward(self, x):
+            with torch.autocast(x.device.type, enabled=False):
+                weight = self.linear.weight.index_add(1, self.index, self.scale * self.delta)
+                return F.linear(x.float(), weight, self.linear.bias)
+
+    twin = lt.load_model(name)
+    for param in twin.parameters():
+        param.requires_grad_(False)
+    pairs = {}
+    for module_name, layer in list(model.named_modules()):
+        if isinstance(layer, LoRALayer):
+            dense = DenseLoRA(twin.get_submodule(module_name), layer)
+            pairs.update({f"{module_name}.lora_A": dense.a, f"{module_name}.lora_B": dense.b})
+        elif isinstance(layer, PaCALayer):
+            dense = DensePaCA(twin.get_submodule(module_name), layer)
+            pairs[f"{module_name}.paca_delta"] = dense.delta
+        else:
+            continue
+        parent, _, child = module_name.rpartition(".")
+        setattr(twin.get_submodule(parent), child, dense)
+    return twin, pairs
