@@ -148,3 +148,15 @@ def dense_twin(model, name="tiny-llama"):
         parent, _, child = module_name.rpartition(".")
         setattr(twin.get_submodule(parent), child, dense)
     return twin, pairs
+
+
+def assert_one_line_user_error(err: str, verb: str, sentence: str) -> None:
+    """A CLI user error: stderr is exactly `leantune VERB: error: <sentence>` on one line (sentence: a
+    regular expression for the whole message), without a traceback."""
+    import re
+
+    assert "Traceback" not in err, err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    prefix = f"leantune {verb}: error: "
+    assert err.startswith(prefix), err
+    assert re.fullmatch(sentence, err[len(prefix):-1]), err

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 import leantune as lt
 from conftest import randomize_adapter
+from helpers import assert_one_line_user_error
 from leantune.cli import main
 from leantune.data.formats import IGNORE_INDEX, Example
 from leantune.eval.generation import generate
@@ -127,28 +129,31 @@ def test_generate_one_prompt_and_a_prompts_file(adapter_dir, pairs_file, tmp_pat
 def test_missing_adapter_is_a_user_error(verb, tmp_path, capsys):
     extra = ["--prompt", "x"] if verb == "generate" else []
     assert main([verb, "--adapter", str(tmp_path / "nope"), *extra]) == 2
-    err = capsys.readouterr().err
-    assert "nope" in err and "does not exist" in err and "Traceback" not in err
+    assert_one_line_user_error(capsys.readouterr().err, verb, re.escape(f"adapter directory '{tmp_path}/nope' does not exist"))
     assert main([verb, *extra]) == 2
-    assert "--adapter" in capsys.readouterr().err
+    assert_one_line_user_error(capsys.readouterr().err, verb,
+                               r"name what to run: --adapter DIR \(a saved adapter\) and/or --model NAME")
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"prompt": "a"}\n{"prompt": \n', "line 2"),
-    ('{"text": "a"}\n', "line 1"),
-    ("", "no records"),
+    ('{"prompt": "a"}\n{"prompt": \n', r"{path}, line 2: not valid JSON \(Expecting value\)"),
+    ('{"text": "a"}\n', r"{path}, line 1: expected a string under the key 'prompt'"),
+    ("", r"prompts file '{path}' holds no records"),
 ])
 def test_bad_prompts_file_is_a_user_error(adapter_dir, tmp_path, capsys, content, message):
     path = tmp_path / "prompts.jsonl"
     path.write_text(content)
     assert main(["generate", "--adapter", str(adapter_dir), "--prompts", str(path)]) == 2
-    assert message in capsys.readouterr().err
+    assert_one_line_user_error(capsys.readouterr().err, "generate", message.format(path=re.escape(str(path))))
 
 
 def test_bad_eval_data_is_a_user_error(adapter_dir, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
     assert main(["eval", "--adapter", str(adapter_dir), "--data", str(path)]) == 2
-    assert "line 2" in capsys.readouterr().err
+    assert_one_line_user_error(capsys.readouterr().err, "eval",
+                               re.escape(f"{path}, line 2: not valid JSON (Expecting value)"))
     assert main(["eval", "--adapter", str(adapter_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2
-    assert "missing.jsonl" in capsys.readouterr().err
+    assert_one_line_user_error(capsys.readouterr().err, "eval",
+                               re.escape(f"data file '{tmp_path}/missing.jsonl' does not exist (built-in datasets: ")
+                               + r"humaneval-tests.*\)")

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from torch import nn
 
 import leantune as lt
 from conftest import randomize_adapter
-from helpers import CALIB_TEXT, sketch_config  # noqa: F401  (CALIB_TEXT: also imported from here by other files)
+from helpers import CALIB_TEXT, assert_one_line_user_error, sketch_config  # noqa: F401  (CALIB_TEXT: also imported from here by other files)
 from leantune.methods.sketch import SketchTune
 from leantune.methods.sketch.fit import (
     FitSettings, error_feedback_sweep, fit_sketch, fit_weight, nearest_entry_codes, weighted_kmeans)
@@ -413,4 +414,6 @@ def test_sketch_command_writes_and_reports(tmp_path, calib_file, capsys):
     assert report["targeted_bytes_sketch"] == load_sketch(out).nbytes()
     assert 0 < report["calibration_seconds"] + report["table_seconds"] <= report["fit_seconds"]
     assert main(["sketch", "--model", "tiny-llama", "--calib", str(tmp_path / "missing.txt")]) == 2
-    assert "neither 'humaneval-tests' nor an existing text file" in capsys.readouterr().err
+    assert_one_line_user_error(capsys.readouterr().err, "sketch",
+                               re.escape(f"calibration source '{tmp_path}/missing.txt' is neither "
+                                         "'humaneval-tests' nor an existing text file"))
