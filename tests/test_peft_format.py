@@ -1,6 +1,7 @@
 """Interop with Hugging Face PEFT (installed as a test dependency): the same adapter gives the same logits."""
 import json
 
+import peft  # a test dependency (the dev extra): a missing peft fails this file instead of skipping it
 import pytest
 import torch
 
@@ -9,8 +10,6 @@ from conftest import randomize_adapter
 from leantune.methods.dora import DoRALayer
 from leantune.methods.ia3 import IA3Layer
 from leantune.methods.lora import LoRALayer
-
-peft = pytest.importorskip("peft")
 
 PEFT_PREFIX = "base_model.model."
 
