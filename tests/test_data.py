@@ -124,7 +124,9 @@ def test_everything_dropped_is_an_error(tmp_path, tokenizer):
 
 
 def test_packing_keeps_loss_tokens_and_masks_boundaries():
-    examples = [Example([1, 2, 3], [-100, 2, 3]), Example([4, 5], [-100, 5]), Example([6, 7, 8, 9], [6, 7, 8, 9])]
+    # the second example is labelled from its first token on: packed, that token must not be
+    # predicted from the end of the first example
+    examples = [Example([1, 2, 3], [-100, 2, 3]), Example([4, 5], [4, 5]), Example([6, 7, 8, 9], [6, 7, 8, 9])]
     rows = pack(examples, 6)
     assert [r.input_ids for r in rows] == [[1, 2, 3, 4, 5], [6, 7, 8, 9]]
     assert rows[0].labels == [-100, 2, 3, -100, 5]

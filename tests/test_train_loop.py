@@ -41,6 +41,16 @@ def tiny_config(tmp_path, **overrides):
     return config
 
 
+def write_mixed_pairs(path, count=24):
+    """Pairs where every third prompt is empty: those examples carry loss from their first token on,
+    which packing must not predict from the end of the example before it."""
+    records = [json.loads(line) for line in open(write_pairs(path, count))]
+    for record in records[::3]:
+        record["prompt"] = ""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
 def adapter_tensors(out_dir):
     return load_tensors(out_dir / "adapter" / "adapter.safetensors")
 
@@ -190,7 +200,7 @@ def hand_rows(kind, tmp_path, tokenizer):
     it should turn into, both written out by hand (rows are the sequences of one batch)."""
     eos = tokenizer.eos_token_id
     if kind in ("pairs", "packing"):
-        path = write_pairs(tmp_path / "train.jsonl")
+        path = write_mixed_pairs(tmp_path / "hand.jsonl")  # not train.jsonl: tiny_config writes that one
         records = [json.loads(line) for line in open(path)]
         rows = [pair_example(r["prompt"], r["completion"], eos) for r in records]
         if kind == "packing":  # greedy rows of at most 64 tokens; no loss on the first token of each example
@@ -257,7 +267,7 @@ def test_packing_keeps_every_target_and_the_first_example_of_a_row_scores_as_if_
     from leantune.data import prepare_dataset
 
     tokenizer = lt.load_tokenizer("tiny-llama")
-    path = write_pairs(tmp_path / "train.jsonl")
+    path = write_mixed_pairs(tmp_path / "train.jsonl")
     alone, _ = prepare_dataset(path, tokenizer, 64)
     packed, _ = prepare_dataset(path, tokenizer, 64, packing=True)
     targets = lambda examples: sorted(t for e in examples for t in e.labels[1:] if t != IGNORE)
