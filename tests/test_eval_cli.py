@@ -98,7 +98,13 @@ def test_eval_on_the_built_in_held_out_split(adapter_dir, capsys):
     assert main(["eval", "--adapter", str(adapter_dir), "--max-length", "2048", "--batch-size", "8", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["data"] == "humaneval-tests:test" and result["examples"] == 40
-    assert math.isfinite(result["loss"]) and result["perplexity"] > 1
+    from leantune.data import prepare_dataset
+
+    examples, _ = prepare_dataset("humaneval-tests:test", lt.load_tokenizer("tiny-llama"), 2048)
+    expected, count = reference_loss(adapted_model(adapter_dir), examples)
+    assert result["tokens"] == count
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
 
 
 def test_generate_one_prompt_and_a_prompts_file(adapter_dir, pairs_file, tmp_path, capsys):
