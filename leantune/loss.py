@@ -81,10 +81,12 @@ def count_loss_tokens(labels: torch.Tensor) -> int:
 
 def _denominator(num_items, count: int, like: torch.Tensor) -> torch.Tensor | float:
     value = count if num_items is None else num_items
+    # An all-masked batch contributes a zero loss (and zero gradients), not 0/0 = NaN. Any other
+    # denominator is used as given, fractional ones (a count averaged over processes) included.
     if isinstance(value, torch.Tensor):
-        return value.to(like.device)
-    # An all-masked batch contributes a zero loss (and zero gradients), not NaN.
-    return float(max(value, 1))
+        value = value.to(like.device)
+        return torch.where(value == 0, torch.ones_like(value), value)
+    return float(value) if value != 0 else 1.0
 
 
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | None]:

@@ -62,7 +62,7 @@ def test_save_never_damages_existing_adapter_on_failure(plain_module, tmp_path, 
         raise OSError("disk full")
 
     monkeypatch.setattr("leantune.files.save_file", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="disk full"):
         lt.save_adapter(plain_module, target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp leftovers
@@ -126,7 +126,7 @@ def test_disabled_that_cannot_start_leaves_other_adapters_enabled(plain_module):
     lt.attach(plain_module, lt.Full(), adapter_name="b")
     x = torch.randn(3, 16)
     before = plain_module(x)
-    with pytest.raises(lt.LeantuneError):
+    with pytest.raises(lt.LeantuneError, match=r"no separate base model to run; attach Full\(keep_base=True\)"):
         with lt.disabled(plain_module):
             pass
     torch.testing.assert_close(plain_module(x), before, rtol=0, atol=0)

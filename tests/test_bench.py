@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import assert_one_line_user_error
 from leantune import cli
 from leantune.bench import measure, report, runner
 from leantune.bench.profile import classify
@@ -50,7 +51,7 @@ def test_search_reports_zero_when_nothing_fits():
 
 
 def test_search_rejects_a_step_above_the_limit():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"need 1 <= step <= limit, got step=128, limit=64"):
         longest_fitting(lambda seq: True, step=128, limit=64)
 
 
@@ -287,16 +288,17 @@ def test_cli_end_to_end_on_tiny_llama(tmp_path, capsys):
     assert "## lora (full loss)" in (out / "profile.md").read_text()
 
 
-@pytest.mark.parametrize("argv, culprit", [
-    (["--methods", "floor,lorra"], "lorra"),
-    (["--methods", "floor", "--set", "paca.r=3"], "paca"),
-    (["--mem-cap", "six gigs", "--max-seq-len"], "six gigs"),
-    (["--steps", "0"], "--steps"),
-    (["--model", "no-such-model"], "no-such-model"),
+@pytest.mark.parametrize("argv, sentence", [
+    (["--methods", "floor,lorra"], r"unknown benchmark method 'lorra' \(did you mean lora, .*\); known: bitfit, .*"),
+    (["--methods", "floor", "--set", "paca.r=3"],
+     r"--set 'paca.r=3' names row 'paca', which is not among the benchmarked rows: floor"),
+    (["--mem-cap", "six gigs", "--max-seq-len"], r"--mem-cap 'six gigs' is not a size like 6GiB, 6000MB or 6442450944"),
+    (["--steps", "0"], r"--steps must be >= 1, got 0"),
+    (["--model", "no-such-model"], r"unknown model 'no-such-model': not a folder, not a hub id \(owner/name\), .*"),
 ])
-def test_cli_errors_exit_2_naming_the_culprit(argv, culprit, capsys):
+def test_cli_errors_exit_2_naming_the_culprit(argv, sentence, capsys):
     assert cli.main(["bench", "--model", "tiny-llama", *argv]) == 2
-    assert culprit in capsys.readouterr().err
+    assert_one_line_user_error(capsys.readouterr().err, "bench", sentence)
 
 
 # -- results on disk: written as rows finish, the chart optional --------------------------------

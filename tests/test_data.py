@@ -7,6 +7,7 @@ import leantune as lt
 from leantune.data import (BatchStream, Example, collate, fit_to_length, load_examples, pack,
                            prepare_dataset)
 from leantune.errors import LeantuneError
+from helpers import byte_ids, chatml_example, pair_example
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def test_prompt_completion_masks_the_prompt(tmp_path, tokenizer):
     assert first.input_ids == tokenizer("2+2=")["input_ids"] + tokenizer("4")["input_ids"] + [eos]
     assert first.labels == [-100] * 4 + tokenizer("4")["input_ids"] + [eos]
     assert labelled_text(tokenizer, second) == "hello there<|im_end|>"
+    assert (second.input_ids, second.labels) == pair_example("say hi: ", "hello there", eos)
     assert second.loss_tokens() == len("hello there") + 1
 
 
@@ -43,6 +45,12 @@ def test_chat_learns_only_assistant_turns(tmp_path, tokenizer):
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
     assert tokenizer.decode(example.input_ids) == rendered
     assert labelled_text(tokenizer, example) == "hello<|im_end|>\nsee you<|im_end|>\n"
+    # the whole mask, token by token, against one written out by hand
+    im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    ids, labels = chatml_example(messages, im_start, im_end)
+    assert example.input_ids == ids
+    assert example.labels == labels
+    assert example.loss_tokens() == len("hello") + 2 + len("see you") + 2
     # the user's words never carry loss
     assert "bye" not in labelled_text(tokenizer, example)
 
@@ -52,7 +60,10 @@ def test_plain_text_is_cut_into_blocks_with_loss_everywhere(tmp_path, tokenizer)
     path.write_text("abcdefghij" * 5)
     examples = load_examples(str(path), tokenizer, 16)
     assert [len(e) for e in examples] == [16, 16, 16, 2]
-    assert all(e.labels == e.input_ids for e in examples)
+    assert all(e.labels == e.input_ids for e in examples)  # loss on every token
+    ids = byte_ids("abcdefghij" * 5)
+    assert [e.input_ids for e in examples] == [ids[0:16], ids[16:32], ids[32:48], ids[48:50]]
+    assert sum(e.loss_tokens() for e in examples) == 15 + 15 + 15 + 1
     assert tokenizer.decode(sum((e.input_ids for e in examples), [])) == "abcdefghij" * 5
 
 
@@ -138,7 +149,9 @@ def test_everything_dropped_is_an_error(tmp_path, tokenizer):
 
 
 def test_packing_keeps_loss_tokens_and_masks_boundaries():
-    examples = [Example([1, 2, 3], [-100, 2, 3]), Example([4, 5], [-100, 5]), Example([6, 7, 8, 9], [6, 7, 8, 9])]
+    # the second example is labelled from its first token on: packed, that token must not be
+    # predicted from the end of the first example
+    examples = [Example([1, 2, 3], [-100, 2, 3]), Example([4, 5], [4, 5]), Example([6, 7, 8, 9], [6, 7, 8, 9])]
     rows = pack(examples, 6)
     assert [r.input_ids for r in rows] == [[1, 2, 3, 4, 5], [6, 7, 8, 9]]
     assert rows[0].labels == [-100, 2, 3, -100, 5]

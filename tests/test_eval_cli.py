@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 
 import leantune as lt
 from conftest import randomize_adapter
+from helpers import assert_one_line_user_error
 from leantune.cli import main
 from leantune.data.formats import IGNORE_INDEX, Example
 from leantune.eval.generation import generate
@@ -96,7 +98,13 @@ def test_eval_on_the_built_in_held_out_split(adapter_dir, capsys):
     assert main(["eval", "--adapter", str(adapter_dir), "--max-length", "2048", "--batch-size", "8", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["data"] == "humaneval-tests:test" and result["examples"] == 40
-    assert math.isfinite(result["loss"]) and result["perplexity"] > 1
+    from leantune.data import prepare_dataset
+
+    examples, _ = prepare_dataset("humaneval-tests:test", lt.load_tokenizer("tiny-llama"), 2048)
+    expected, count = reference_loss(adapted_model(adapter_dir), examples)
+    assert result["tokens"] == count
+    assert result["loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
 
 
 def test_generate_one_prompt_and_a_prompts_file(adapter_dir, pairs_file, tmp_path, capsys):
@@ -127,31 +135,34 @@ def test_generate_one_prompt_and_a_prompts_file(adapter_dir, pairs_file, tmp_pat
 def test_missing_adapter_is_a_user_error(verb, tmp_path, capsys):
     extra = ["--prompt", "x"] if verb == "generate" else []
     assert main([verb, "--adapter", str(tmp_path / "nope"), *extra]) == 2
-    err = capsys.readouterr().err
-    assert "nope" in err and "does not exist" in err and "Traceback" not in err
+    assert_one_line_user_error(capsys.readouterr().err, verb, re.escape(f"adapter directory '{tmp_path}/nope' does not exist"))
     assert main([verb, *extra]) == 2
-    assert "--adapter" in capsys.readouterr().err
+    assert_one_line_user_error(capsys.readouterr().err, verb,
+                               r"name what to run: --adapter DIR \(a saved adapter\) and/or --model NAME")
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"prompt": "a"}\n{"prompt": \n', "line 2"),
-    ('{"text": "a"}\n', "line 1"),
-    ("", "no records"),
+    ('{"prompt": "a"}\n{"prompt": \n', r"{path}, line 2: not valid JSON \(Expecting value at column 1\)"),
+    ('{"text": "a"}\n', r"{path}, line 1: expected a string under the key 'prompt'"),
+    ("", r"prompts file '{path}' holds no records"),
 ])
 def test_bad_prompts_file_is_a_user_error(adapter_dir, tmp_path, capsys, content, message):
     path = tmp_path / "prompts.jsonl"
     path.write_text(content)
     assert main(["generate", "--adapter", str(adapter_dir), "--prompts", str(path)]) == 2
-    assert message in capsys.readouterr().err
+    assert_one_line_user_error(capsys.readouterr().err, "generate", message.format(path=re.escape(str(path))))
 
 
 def test_bad_eval_data_is_a_user_error(adapter_dir, tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
     assert main(["eval", "--adapter", str(adapter_dir), "--data", str(path)]) == 2
-    assert "line 2" in capsys.readouterr().err
+    assert_one_line_user_error(capsys.readouterr().err, "eval",
+                               re.escape(f"{path}, line 2: not valid JSON (Expecting value at column 1)"))
     assert main(["eval", "--adapter", str(adapter_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2
-    assert "missing.jsonl" in capsys.readouterr().err
+    assert_one_line_user_error(capsys.readouterr().err, "eval",
+                               re.escape(f"data file '{tmp_path}/missing.jsonl' does not exist (built-in datasets: ")
+                               + r"humaneval-tests.*\)")
 
 
 # -- the command's start-up and output --------------------------------------------------------

@@ -6,6 +6,9 @@ import torch.nn.functional as F
 
 import leantune as lt
 from conftest import TwoLayer, randomize_adapter
+from helpers import check_bf16_autocast_against_dense_twin, relative_error
+
+BF16_RELATIVE = 1e-2  # a few bf16 roundings (2^-9 each) of a matmul's inputs and output
 
 
 def reference_lora(x, weight, bias, a, b, scale):
@@ -123,11 +126,45 @@ def test_attaching_twice_under_one_name_is_an_error(tiny_llama):
         lt.attach(tiny_llama, lt.LoRA())
 
 
-def test_bf16_autocast_trains(tiny_llama, tokens):
+def test_bf16_autocast_forward_and_gradients_match_a_dense_reference():
+    """Under CPU bf16 autocast the adapted linear equals W x + b + s (x Aᵀ) Bᵀ written with plain
+    matmuls under the same autocast, and is within bf16 rounding of the exact float64 result."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48)
+    model = torch.nn.Sequential(base)
+    lt.attach(model, lt.LoRA(r=8, alpha=16, targets=["0"]))
+    layer = model[0]
+    randomize_adapter(model, scale=0.2)  # the update is about as large as W x
+    x = torch.randn(4, 7, 64, requires_grad=True)
+    a = layer.lora_A.detach().clone().requires_grad_(True)
+    b = layer.lora_B.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        expected = reference_lora(x_ref, base.weight, base.bias, a, b, 2.0)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)  # bf16 tolerances
+    exact = [t.detach().double().requires_grad_(True) for t in (x, a, b)]
+    exact_out = reference_lora(exact[0], base.weight.double(), base.bias.double(), exact[1], exact[2], 2.0)
+    # three bf16 roundings (inputs, factors, output) of 2^-9 each: a few 1e-3 in all
+    assert relative_error(out, exact_out) < BF16_RELATIVE
+    assert relative_error(out, reference_lora(exact[0], base.weight.double(), base.bias.double(), exact[1],
+                                              torch.zeros_like(exact[2]), 2.0)) > 0.5  # the adapter counts
+
+    grad = torch.randn(out.shape)
+    out.float().backward(grad)
+    expected.float().backward(grad)
+    exact_out.backward(grad.double())
+    for mine, ref, full in zip((x.grad, layer.lora_A.grad, layer.lora_B.grad), (x_ref.grad, a.grad, b.grad),
+                               (t.grad for t in exact)):
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, ref, rtol=1.6e-2, atol=1e-5)
+        assert relative_error(mine, full) < BF16_RELATIVE
+    assert base.weight.grad is None
+
+
+def test_bf16_autocast_model_matches_its_dense_twin(tiny_llama, tokens):
+    torch.manual_seed(0)  # A is drawn from the global generator
     lt.attach(tiny_llama, lt.LoRA(r=4))
     randomize_adapter(tiny_llama)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = tiny_llama(tokens, labels=tokens).loss
-    loss.backward()
-    grads = [p.grad for p in tiny_llama.parameters() if p.requires_grad]
-    assert grads and all(g is not None and torch.isfinite(g).all() and g.dtype == torch.float32 for g in grads)
+    check_bf16_autocast_against_dense_twin(tiny_llama, tokens)

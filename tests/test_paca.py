@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 import leantune as lt
 from conftest import TwoLayer, randomize_adapter
+from helpers import check_bf16_autocast_against_dense_twin
 from leantune.methods.paca import PaCALayer, choose_columns
 
 
@@ -68,23 +69,35 @@ def test_columns_are_sorted_reproducible_and_independent_of_attach_order(tiny_ll
 
 
 def test_only_x_columns_are_saved_for_backward():
+    torch.manual_seed(0)
     base = torch.nn.Linear(32, 48)
+    w0 = base.weight.detach().clone()
     model = torch.nn.Sequential(base)
     lt.attach(model, lt.PaCA(r=4, targets=["0"]))
+    randomize_adapter(model)
+    layer = model[0]
     x = torch.randn(2, 9, 32, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                   lambda t: t):
         out = model(x)
     assert sum(saved) == 2 * 9 * 4 * 4  # X[..., I]: tokens x r float32, nothing else (not X, not W)
-    out.sum().backward()
-    assert x.grad is not None and model[0].paca_delta.grad is not None
+    # ... and what backward rebuilds from them is the dense result
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected, (d,) = dense_reference(x_ref, w0, base.bias.detach(), [(layer.paca_index, layer.paca_delta.detach(), layer.scale)])
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.paca_delta.grad, d.grad[:, layer.paca_index])
 
 
 def test_optimizer_step_refreshes_only_the_selected_columns():
     torch.manual_seed(0)
     model = TwoLayer()
     w0 = model.up.weight.detach().clone()
+    w0_down = model.down.weight.detach().clone()
     lt.attach(model, lt.PaCA(r=3, alpha=6))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x = torch.randn(6, 16)
@@ -99,7 +112,11 @@ def test_optimizer_step_refreshes_only_the_selected_columns():
     torch.testing.assert_close(layer.weight[:, index], w0[:, index] + 2.0 * layer.paca_delta.detach())
     expected, _ = dense_reference(x, w0, model.up.bias.detach(), [(index, layer.paca_delta.detach(), 2.0)])
     torch.testing.assert_close(model.up(x), expected)
-    assert out.shape == (6, 16)
+    down = model.down
+    assert not torch.equal(down.paca_delta, torch.zeros_like(down.paca_delta))  # the step moved both layers
+    expected_out, _ = dense_reference(torch.relu(expected), w0_down, down.bias.detach(),
+                                      [(down.paca_index, down.paca_delta.detach(), 2.0)])
+    torch.testing.assert_close(out, expected_out)
 
 
 def test_backward_differentiates_the_columns_its_forward_used():
@@ -264,11 +281,21 @@ def test_stacked_adapters_compose_and_restore():
     torch.testing.assert_close(model(x), reference("abc"))
     lt.unmerge(model)
 
-    # gradients reach every stacked delta
-    xg = x.clone().requires_grad_(True)
-    model(xg).sum().backward()
+    # gradients of every stacked delta equal those of the dense reference
+    grad = torch.randn(4, 12, dtype=torch.float64)
+    model(x).backward(grad)
+    h, leaves = x, {}
+    for name in ("up", "down"):
+        stacked = list(layers(name).values())
+        h, full = dense_reference(h, w0[name], bias[name], [(lay.paca_index, lay.paca_delta.detach(), lay.scale)
+                                                            for lay in stacked])
+        leaves.update({id(lay): d for lay, d in zip(stacked, full)})
+        h = torch.relu(h) if name == "up" else h
+    h.backward(grad)
+    assert len(leaves) == 6
     for lay in paca_layers(model):
-        assert lay.paca_delta.grad is not None and lay.paca_delta.grad.abs().sum() > 0
+        torch.testing.assert_close(lay.paca_delta.grad, leaves[id(lay)].grad[:, lay.paca_index])
+        lay.paca_delta.grad = None
 
     lt.detach(model, "b")
     torch.testing.assert_close(model(x), reference("ac"))
@@ -304,20 +331,28 @@ def test_stacked_gradients_match_reference():
 def test_paca_on_top_of_lora_adds_its_columns():
     torch.manual_seed(0)
     model = TwoLayer().double()
+    w0, b0 = model.up.weight.detach().clone(), model.up.bias.detach().clone()
     lt.attach(model, lt.LoRA(r=2), "lora")
     randomize_adapter(model)
+    lora = model.up
+    a, b = lora.lora_A.detach().clone(), lora.lora_B.detach().clone()
     x = torch.randn(3, 16, dtype=torch.float64)
-    with_lora = model.up(x)
+    with_lora = F.linear(x, w0, b0) + lora.scale * x @ a.t() @ b.t()
+    torch.testing.assert_close(model.up(x), with_lora)
     lt.attach(model, lt.PaCA(r=4), "paca")
     randomize_adapter(model, seed=2)
     layer = model.up
-    expected = model.up.base_layer(x) + layer.scale * x[:, layer.paca_index] @ layer.paca_delta.detach().t()
+    a, b = layer.base_layer.lora_A.detach().clone(), layer.base_layer.lora_B.detach().clone()
+    delta = torch.zeros_like(w0)
+    delta[:, layer.paca_index] = layer.paca_delta.detach()
+    expected = F.linear(x, w0 + lora.scale * b @ a + layer.scale * delta, b0)
     torch.testing.assert_close(model.up(x), expected)
     lt.merge(model)
     torch.testing.assert_close(model.up(x), expected)
-    lt.detach(model, "paca")
+    lt.detach(model, "paca")  # unmerges it: the LoRA adapter alone again
+    torch.testing.assert_close(model.up(x), F.linear(x, w0 + lora.scale * b @ a, b0))
     lt.detach(model, "lora")
-    assert with_lora.shape == expected.shape
+    torch.testing.assert_close(model.up(x), F.linear(x, w0, b0))
 
 
 def test_paca_to_lora_gives_the_same_logits(tiny_llama, tokens, tmp_path):
@@ -379,12 +414,32 @@ def test_trains_and_loss_goes_down(tiny_llama, tokens):
     assert losses[-1] < losses[0]
 
 
-def test_bf16_autocast_trains_in_full_precision_layers():
-    model = lt.load_model("tiny-llama")
-    lt.attach(model, lt.PaCA(r=4, alpha=8))
-    tokens = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("shape", [(7, 64), (2, 5, 64)])
+def test_bf16_autocast_layer_runs_in_float32_and_equals_the_dense_reference(shape):
+    """PaCA's fused matmul leaves autocast for its layer: under bf16 autocast the output is float32
+    and matches the float32 dense formula to float32 precision, gradients included."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48)
+    w0 = base.weight.detach().clone()
+    model = torch.nn.Sequential(base)
+    lt.attach(model, lt.PaCA(r=8, alpha=16, targets=["0"]))
+    layer = model[0]
+    randomize_adapter(model, scale=0.2)
+    x = torch.randn(*shape, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(tokens, labels=tokens).loss
-    loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+        out = model(x)
+    assert out.dtype == torch.float32
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected, (d,) = dense_reference(x_ref, w0, base.bias.detach(), [(layer.paca_index, layer.paca_delta.detach(), 2.0)])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.paca_delta.grad, d.grad[:, layer.paca_index], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_model_matches_its_dense_twin(tiny_llama, tokens):
+    lt.attach(tiny_llama, lt.PaCA(r=4, alpha=8))
+    randomize_adapter(tiny_llama)
+    check_bf16_autocast_against_dense_twin(tiny_llama, tokens)

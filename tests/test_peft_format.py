@@ -2,6 +2,7 @@
 import json
 import re
 
+import peft  # a test dependency (the dev extra): a missing peft fails this file instead of skipping it
 import pytest
 import torch
 
@@ -10,8 +11,6 @@ from conftest import randomize_adapter
 from leantune.methods.dora import DoRALayer
 from leantune.methods.ia3 import IA3Layer
 from leantune.methods.lora import LoRALayer
-
-peft = pytest.importorskip("peft")
 
 PEFT_PREFIX = "base_model.model."
 

@@ -6,13 +6,44 @@ import torch.nn.functional as F
 
 import leantune as lt
 from conftest import randomize_adapter
+from leantune.methods.dora import DoRA
 from leantune.methods.layer import dense_weight
 from leantune.methods.paca import PaCALayer
 from leantune.quant import NF4Linear
 
-# NF4 has 16 levels over [-absmax, absmax] per block of 64; the widest gap between levels is
-# about 0.3 of absmax, so a weight moves by at most ~0.15 absmax. Relative RMS error ~0.1.
-NF4_RELATIVE_RMS = 0.12
+# The 16 NF4 levels (QLoRA, appendix E), as multiples of a block's absmax; blocks of 64 weights.
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0])
+# Rounding to the nearest level moves a weight by at most half the widest gap (between -1 and
+# -0.696: 0.1519) times the block's absmax.
+NF4_HALF_GAP = float(NF4_LEVELS.diff().max()) / 2
+# Double quantization stores each absmax in 8 bits around the mean of its group of 256: for these
+# layers that changes it by < 0.1% (0.08% measured); allowed: 0.2% of absmax.
+DOUBLE_QUANT_SCALE_ERROR = 2e-3
+
+
+def nf4_uniform_relative_rms() -> float:
+    """RMS error / RMS of Uniform(-a, a) weights rounded to the nearest level times a (nn.Linear
+    weights are uniform; a block's absmax is close to a): 0.0935."""
+    u = torch.linspace(-1, 1, 200_001, dtype=torch.float64)
+    error = (u[:, None] - NF4_LEVELS.double()[None]).abs().min(1).values
+    return float(error.pow(2).mean().sqrt() / (1 / 3) ** 0.5)
+
+
+def align16(nbytes: int) -> int:
+    return -(-nbytes // 16) * 16
+
+
+def nf4_bytes(numel: int, double_quant: bool = True) -> int:
+    """Packed size: 4-bit codes, one absmax per 64 weights (8-bit with double quantization, with a
+    float32 scale per 256 absmax and one float32 offset; else float32), each section 16-byte aligned."""
+    blocks = numel // 64
+    if not double_quant:
+        return align16(numel // 2) + align16(4 * blocks)
+    return align16(numel // 2) + align16(blocks) + align16(4 * -(-blocks // 256)) + align16(4)
 
 
 def saved_bytes(fn):
@@ -45,13 +76,29 @@ def test_nf4_linear_error_and_bytes(double_quant):
     quantized = NF4Linear(linear, double_quant=double_quant)
     weight = quantized.dequantize_weight()
     assert weight.shape == linear.weight.shape and weight.dtype == torch.float32
-    error = weight - linear.weight.detach()
-    assert error.pow(2).mean().sqrt() < NF4_RELATIVE_RMS * linear.weight.detach().pow(2).mean().sqrt()
-    blocks = linear.weight.detach().reshape(-1, 64)
-    assert (error.reshape(-1, 64).abs() <= 0.17 * blocks.abs().amax(1, keepdim=True)).all()
+    original = linear.weight.detach()
+    blocks, dequantized = original.reshape(-1, 64), weight.reshape(-1, 64)
+    absmax = blocks.abs().amax(1, keepdim=True)
+
+    # every weight is its block's scale times the level nearest to weight / absmax (a quantizer
+    # written out here); the scale is the absmax itself, or its 8-bit double-quantized copy
+    scale = dequantized.abs().amax(1, keepdim=True)  # the ±absmax weight maps to level ±1
+    if double_quant:
+        assert ((scale / absmax - 1).abs() <= DOUBLE_QUANT_SCALE_ERROR).all()
+    else:
+        assert torch.equal(scale, absmax)
+    nearest = (blocks[:, :, None] / absmax[:, :, None] - NF4_LEVELS).abs().argmin(-1)
+    assert torch.equal(dequantized, NF4_LEVELS[nearest] * scale)
+
+    error = (dequantized - blocks).abs()
+    allowed = (NF4_HALF_GAP + (DOUBLE_QUANT_SCALE_ERROR if double_quant else 1e-6)) * absmax
+    assert (error <= allowed).all()
+    relative_rms = float((weight - original).pow(2).mean().sqrt() / original.pow(2).mean().sqrt())
+    assert 0.95 * nf4_uniform_relative_rms() < relative_rms < 1.02 * nf4_uniform_relative_rms()  # 0.0912 measured
+
     assert quantized.weight.dtype == torch.uint8
-    assert quantized.weight.numel() <= 0.15 * 4 * linear.weight.numel()
-    assert dense_weight(quantized).shape == (192, 256)
+    assert quantized.weight.numel() == nf4_bytes(192 * 256, double_quant) == (25376 if double_quant else 27648)
+    assert torch.equal(dense_weight(quantized), weight)
 
 
 def test_nf4_forward_backward_match_dequantized_reference_and_save_no_weight():
@@ -104,7 +151,8 @@ def test_qpaca_is_close_to_full_precision_paca(tiny_llama, tokens):
     randomize_adapter(dense)
     randomize_adapter(tiny_llama)
     got, want = tiny_llama(tokens).logits, dense(tokens).logits
-    assert (got - want).pow(2).mean().sqrt() < 0.2 * want.std()
+    # 9% RMS weight error in every projection moves the logits by 4.8% of their spread (measured)
+    assert (got - want).pow(2).mean().sqrt() < 0.06 * want.std()
 
 
 def test_qpaca_saves_only_x_columns_and_nothing_dense():
@@ -144,11 +192,7 @@ def test_qlora_matches_dequantized_reference(tiny_llama, tokens):
 
 
 def test_qdora_matches_dequantized_reference(tiny_llama, tokens):
-    pytest.importorskip("leantune.methods.dora")  # registers DoRA
-    from leantune.methods import METHODS
-
-    dora = METHODS["dora"]
-    config = dora(r=4, alpha=8, quantize="nf4")
+    config = DoRA(r=4, alpha=8, quantize="nf4")
     lt.attach(tiny_llama, config)
     randomize_adapter(tiny_llama)
     reference = dequantized_copy(tiny_llama, config)
@@ -158,9 +202,10 @@ def test_qdora_matches_dequantized_reference(tiny_llama, tokens):
 def test_summary_reports_nf4_base_bytes(tiny_llama):
     lt.attach(tiny_llama, lt.PaCA(r=4, quantize="nf4"))
     info = lt.summary(tiny_llama)["base_weight_bytes"]
-    dense = sum(m.in_features * m.out_features * 4 for m in tiny_llama.modules() if isinstance(m, NF4Linear))
-    assert info["fp32"] == dense and info["fp16"] == dense // 2
-    assert info["stored"] <= 0.15 * info["fp32"]
+    modules = [m for m in tiny_llama.modules() if isinstance(m, NF4Linear)]
+    dense = sum(m.in_features * m.out_features * 4 for m in modules)
+    assert len(modules) == 14 and info["fp32"] == dense and info["fp16"] == dense // 2
+    assert info["stored"] == sum(nf4_bytes(m.in_features * m.out_features) for m in modules)
 
 
 def test_quantizing_what_cannot_be_quantized_is_an_error(tiny_llama):
@@ -171,6 +216,8 @@ def test_quantizing_what_cannot_be_quantized_is_an_error(tiny_llama):
         lt.LoRA(init="pissa", quantize="nf4")
 
 
+# The one skip in the suite: the development and CI machines have no GPU, and this compares the
+# CUDA path against the CPU one, which needs one.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_qpaca_on_cuda_matches_cpu(tokens):
     cpu = lt.load_model("tiny-llama")

@@ -29,8 +29,9 @@ def test_every_key_is_documented_and_the_example_lists_them_at_their_defaults():
 
 
 def test_help_shows_every_key_with_its_default(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         build_parser().parse_args(["train", "--help"])
+    assert stop.value.code == 0
     out = capsys.readouterr().out
     for key, default, _ in documented_keys():
         assert f"  {key} = " in out

@@ -4,9 +4,11 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 import leantune as lt
+from helpers import IGNORE, byte_ids, chatml_example, pair_example
 from leantune.errors import LeantuneError
 from leantune.files import load_tensors
 from leantune.training.loop import TrainingDiverged
@@ -37,6 +39,16 @@ def tiny_config(tmp_path, **overrides):
         else:
             config[key] = value
     return config
+
+
+def write_mixed_pairs(path, count=24):
+    """Pairs where every third prompt is empty: those examples carry loss from their first token on,
+    which packing must not predict from the end of the example before it."""
+    records = [json.loads(line) for line in open(write_pairs(path, count))]
+    for record in records[::3]:
+        record["prompt"] = ""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
 
 
 def adapter_tensors(out_dir):
@@ -183,30 +195,117 @@ def test_time_placeholder_out_dir(tmp_path):
     assert result.out_dir.parent == tmp_path / "runs" and result.out_dir.name.startswith("r-2")
 
 
-@pytest.mark.parametrize("kind", ["chat", "text", "packing"])
-def test_other_data_kinds_train(tmp_path, kind):
-    overrides = {"max_steps": 2, "data_eval": None}
+def hand_rows(kind, tmp_path, tokenizer):
+    """(data file, rows) for one data kind: the file the trainer reads and the token ids and labels
+    it should turn into, both written out by hand (rows are the sequences of one batch)."""
+    eos = tokenizer.eos_token_id
+    if kind in ("pairs", "packing"):
+        path = write_mixed_pairs(tmp_path / "hand.jsonl")  # not train.jsonl: tiny_config writes that one
+        records = [json.loads(line) for line in open(path)]
+        rows = [pair_example(r["prompt"], r["completion"], eos) for r in records]
+        if kind == "packing":  # greedy rows of at most 64 tokens; no loss on the first token of each example
+            packed, ids, labels = [], [], []
+            for example_ids, example_labels in rows:
+                if ids and len(ids) + len(example_ids) > 64:
+                    packed.append((ids, labels))
+                    ids, labels = [], []
+                ids, labels = ids + example_ids, labels + [IGNORE] + example_labels[1:]
+            rows = packed + [(ids, labels)]
+        return path, rows
     if kind == "chat":
         path = tmp_path / "chat.jsonl"
-        path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"count to {i}"},
-                                                         {"role": "assistant", "content": " ".join(map(str, range(i)))}]}) + "\n"
-                                for i in range(2, 10)))
-        overrides["data_train"] = str(path)
-    elif kind == "text":
-        path = tmp_path / "corpus.txt"
-        path.write_text("the quick brown fox jumps over the lazy dog. " * 30)
-        overrides["data_train"] = str(path)
-    else:
-        overrides["packing"] = True
-    result = lt.train(tiny_config(tmp_path, **overrides))
-    assert result.steps == 2 and math.isfinite(result.summary["final_loss"])
+        conversations = [[{"role": "user", "content": f"count to {i}"},
+                          {"role": "assistant", "content": " ".join(map(str, range(i)))}] for i in range(2, 10)]
+        path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+        im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+        return str(path), [chatml_example(m, im_start, im_end) for m in conversations]
+    path = tmp_path / "corpus.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 30)
+    ids = byte_ids(path.read_text())
+    return str(path), [(ids[i:i + 64], ids[i:i + 64]) for i in range(0, len(ids), 64) if len(ids[i:i + 64]) > 1]
 
 
-def test_bf16_autocast_training_runs(tmp_path):
-    # dropout keeps LoRA on its unfused path, which runs under autocast
-    result = lt.train(tiny_config(tmp_path, max_steps=3, precision="bf16", data_eval=None,
-                                  method={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1}))
-    assert math.isfinite(result.summary["final_loss"])
+def hand_loss(model, rows):
+    """Mean next-token cross-entropy over the labelled tokens of `rows`, one sequence at a time."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, labels in rows:
+            logits = model(torch.tensor([ids])).logits[0, :-1].double()
+            targets = torch.tensor(labels[1:])
+            keep = targets != IGNORE
+            total += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+            count += int(keep.sum())
+    return total / count, count
+
+
+@pytest.mark.parametrize("kind", ["pairs", "chat", "text", "packing"])
+def test_first_step_loss_equals_a_hand_computed_loss(tmp_path, kind):
+    """One batch holds the whole data set, so the first step's loss is the mean over all its labelled
+    tokens (LoRA's B starts at zero: the model is still the base model then)."""
+    tokenizer = lt.load_tokenizer("tiny-llama")
+    path, rows = hand_rows(kind, tmp_path, tokenizer)
+    result = lt.train(tiny_config(tmp_path, max_steps=1, batch_size=64, data_train=path, data_eval=None,
+                                  packing=kind == "packing"))
+    expected, count = hand_loss(lt.load_model("tiny-llama"), rows)
+    (step,) = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert step["loss"] == pytest.approx(expected, rel=1e-5, abs=0)
+    assert result.summary["loss_tokens"] == count
+    assert result.summary["tokens"] == sum(len(ids) for ids, _ in rows)
+    assert result.summary["final_loss"] == step["loss"]
+
+
+def per_token_losses(model, ids, labels):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].double()
+    return F.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=IGNORE, reduction="none")
+
+
+def test_packing_keeps_every_target_and_the_first_example_of_a_row_scores_as_if_alone(tmp_path):
+    """Packed rows carry exactly the unpacked examples' targets. Packing has no block-diagonal mask (a
+    packed example attends to the ones before it in its row), so only the first example of each row
+    sees exactly what it sees alone: its per-token losses must equal the unpacked ones."""
+    from leantune.data import prepare_dataset
+
+    tokenizer = lt.load_tokenizer("tiny-llama")
+    path = write_mixed_pairs(tmp_path / "train.jsonl")
+    alone, _ = prepare_dataset(path, tokenizer, 64)
+    packed, _ = prepare_dataset(path, tokenizer, 64, packing=True)
+    targets = lambda examples: sorted(t for e in examples for t in e.labels[1:] if t != IGNORE)
+    assert targets(packed) == targets(alone) and len(packed) < len(alone)
+    starts, width = [], 0  # the greedy packing by hand: where each row begins
+    for i, example in enumerate(alone):
+        if i == 0 or width + len(example) > 64:
+            starts.append(i)
+            width = 0
+        width += len(example)
+    assert len(starts) == len(packed)
+    model = lt.load_model("tiny-llama")
+    for row, begin, end in zip(packed, starts, [*starts[1:], len(alone)]):
+        assert row.input_ids == [t for e in alone[begin:end] for t in e.input_ids]
+        first = alone[begin]
+        got = per_token_losses(model, row.input_ids, row.labels)[:len(first) - 1]
+        want = per_token_losses(model, first.input_ids, first.labels)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_training_follows_float32_within_bf16_precision(tmp_path):
+    """Each step's loss under bf16 autocast is the float32 run's within bf16 rounding (8 significant
+    bits: relative spacing 2^-8, so 2e-3 is half an ulp). One update moves the next loss by about 1%
+    here, so a bf16 step that updated nothing, or updated wrongly, falls outside."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        (tmp_path / precision).mkdir()
+        lt.train(tiny_config(tmp_path / precision, max_steps=3, precision=precision, data_eval=None,
+                             group_by_length=False))
+        lines = (tmp_path / precision / "out" / "metrics.jsonl").read_text().splitlines()
+        runs[precision] = [json.loads(line) for line in lines]
+    assert [r["step"] for r in runs["bf16"]] == [r["step"] for r in runs["fp32"]] == [1, 2, 3]
+    for low, full in zip(runs["bf16"], runs["fp32"]):
+        assert low["loss"] == pytest.approx(full["loss"], rel=2e-3, abs=0)
+        assert low["grad_norm"] == pytest.approx(full["grad_norm"], rel=1e-2, abs=0)
+    assert [r["loss"] for r in runs["bf16"]] != [r["loss"] for r in runs["fp32"]]  # autocast did run in bf16
+    adapter = adapter_tensors(tmp_path / "bf16" / "out")
+    assert adapter and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in adapter.values())
 
 
 def test_parameter_groups_skip_decay_on_biases_norms_and_vectors():
