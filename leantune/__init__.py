@@ -19,7 +19,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("load_adapter", "save_adapter", "save_merged_model", "export_peft", "import_peft"), ".adapters"),
     **dict.fromkeys(("IA3", "BitFit", "DoRA", "Full", "LoRA", "MethodConfig", "PaCA", "SketchTune"), ".methods"),
     **dict.fromkeys(("load_model", "load_tokenizer"), ".models"),
-    "train": ".training",
+    "train": ".job",
 }
 
 __all__ = [

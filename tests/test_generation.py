@@ -3,7 +3,7 @@ import torch
 
 import leantune as lt
 from conftest import randomize_adapter
-from leantune.eval import unit_tests
+from leantune.studies import unit_tests
 from leantune.eval.generation import cut_at_stop, end_token_ids, generate
 from leantune.eval.sandbox import Limits
 

@@ -9,7 +9,7 @@ import leantune as lt
 from leantune.data import humaneval
 from leantune.eval.generation import generate
 from leantune.eval.sandbox import Limits, run_many
-from leantune.eval.unit_tests import before_after, judge_tests
+from leantune.studies.unit_tests import before_after, judge_tests
 
 
 def _program(record, test_source=None):

@@ -9,7 +9,8 @@ import yaml
 
 from leantune.cli import build_parser, main
 from leantune.errors import LeantuneError
-from leantune.training.config import (DataConfig, TrainConfig, build_config, default_document, documented_keys,
+from leantune.training.keys import documented_keys
+from leantune.training.config import (DataConfig, TrainConfig, build_config, default_document,
                                       load_config, method_dict, resolved_dict)
 
 ROOT = Path(__file__).resolve().parent.parent

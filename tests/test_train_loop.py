@@ -9,6 +9,7 @@ import yaml
 
 import leantune as lt
 from helpers import IGNORE, byte_ids, chatml_example, pair_example
+from leantune.data import builtin_records
 from leantune.errors import LeantuneError
 from leantune.files import load_tensors
 from leantune.training.loop import TrainingDiverged
@@ -131,17 +132,17 @@ def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import leantune.loss as loss_module
+    import leantune.training.loop as loop_module
 
     calls = {"n": 0}
-    original = loss_module.causal_lm_loss
+    original = loop_module.causal_lm_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = original(*args, **kwargs)
         return loss * float("nan") if calls["n"] >= 5 else loss
 
-    monkeypatch.setattr(loss_module, "causal_lm_loss", poisoned)
+    monkeypatch.setattr(loop_module, "causal_lm_loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"the loss is nan at step 5; training stopped without saving, "
                                                r"the last good checkpoint is .*step-4"):
         lt.train(tiny_config(tmp_path, max_steps=10, save_every=2, data_eval=None))
@@ -328,11 +329,22 @@ def test_schedules_and_warmup():
     assert lr_factor(2, 10, 2, "cosine") == 1.0
 
 
-def test_unit_test_table_runs_after_training(tmp_path, capsys):
+def test_unit_test_table_runs_after_training_on_the_eval_functions(tmp_path, capsys):
     result = lt.train(tiny_config(tmp_path, max_steps=1, unit_test_table=True, unit_test_limit=2,
-                                  unit_test_max_new_tokens=8))
+                                  unit_test_max_new_tokens=8, data_eval="humaneval-tests:test", max_length=512))
     table = json.loads((tmp_path / "out" / "unit_tests.json").read_text())
     assert table["base"]["n"] == table["tuned"]["n"] == 2
+    held_out = [r["task_id"] for r in builtin_records("humaneval-tests:test")[:2]]
+    assert [row["task_id"] for row in table["tuned"]["rows"]] == held_out
     assert table["tuned"]["eval_loss"] == result.summary["eval_loss_after"]
     assert "tuned" in capsys.readouterr().out
     assert set(result.summary["unit_tests"]) == {"base", "tuned"}
+
+
+def test_unit_test_table_on_eval_data_without_reference_solutions_is_refused_before_training(tmp_path):
+    config = tiny_config(tmp_path, unit_test_table=True)
+    with pytest.raises(lt.LeantuneError, match=r"config key 'unit_test_table' needs functions with reference "
+                                               r"solutions, but data.eval is '.*eval.jsonl'; set data.eval to a "
+                                               r"humaneval-tests split"):
+        lt.train(config)
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+import leantune as lt
+from leantune.training.config import build_config
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 24
 
@@ -88,8 +91,8 @@ def pausing_step(self, state):
     return step(self, state)
 
 
-def pausing_save_checkpoint(out_dir, model, optimizer, trainer_state, keep):
-    path = save_checkpoint(out_dir, model, optimizer, trainer_state, keep)
+def pausing_save_checkpoint(out_dir, model, optimizer, trainer_state, keep, saved_adapter=None):
+    path = save_checkpoint(out_dir, model, optimizer, trainer_state, keep, saved_adapter)
     pause(f"after-checkpoint:{trainer_state['step']}")
     return path
 
@@ -358,7 +361,7 @@ def test_resume_names_every_changed_key_in_one_sentence(short_run):
 
 def test_resume_compares_methods_with_their_defaults_filled_in(short_run):
     from leantune.training.config import build_config
-    from leantune.training.loop import check_resume_identity
+    from leantune.training.rundir import check_resume_identity
 
     config, out_dir = short_run
     spelled_out = {**config, "method": {**config["method"], "rslora": False, "init": "kaiming"}}
@@ -402,3 +405,34 @@ def test_resume_refuses_a_run_length_below_the_step_reached(tmp_path):
     with pytest.raises(LeantuneError, match=r"--resume: the run in '.*out' is at step 2, past the 1 steps this "
                                             r"config asks for; raise max_steps or epochs to resume it"):
         lt.train(small_config(tmp_path, max_steps=1), resume=True)
+
+
+def test_the_final_adapter_is_written_once_and_the_last_checkpoint_shares_its_files(tmp_path):
+    config = build_config({"model": "tiny-llama", "method": {"name": "lora", "r": 2}, "max_steps": 2, "save_every": 1,
+                           "data": {"train": str(_pairs_file(tmp_path)), "eval": None}, "max_length": 32,
+                           "out_dir": str(tmp_path / "out"), "progress": False})
+    lt.train(config)
+    final = tmp_path / "out" / "adapter"
+    in_checkpoint = tmp_path / "out" / "checkpoints" / "step-2" / "adapter"
+    for name in ("adapter.safetensors", "adapter_config.json"):
+        assert (final / name).read_bytes() == (in_checkpoint / name).read_bytes()
+        assert os.path.samefile(final / name, in_checkpoint / name)  # one file on disk, linked
+
+
+def _pairs_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i} ", "completion": f"a{i}"}) + "\n" for i in range(8)))
+    return path
+
+
+def test_a_checkpoint_with_a_non_integer_format_version_is_named_damaged(tmp_path):
+    config = build_config({"model": "tiny-llama", "method": {"name": "lora", "r": 2}, "max_steps": 2, "save_every": 1,
+                           "data": {"train": str(_pairs_file(tmp_path)), "eval": None}, "max_length": 32,
+                           "out_dir": str(tmp_path / "out"), "progress": False})
+    lt.train(config)
+    state_file = tmp_path / "out" / "checkpoints" / "step-2" / "trainer_state.json"
+    state_file.write_text(state_file.read_text().replace('"format_version": 1', '"format_version": "x"'))
+    longer = build_config({**yaml.safe_load((tmp_path / "out" / "config.yaml").read_text()), "max_steps": 3})
+    with pytest.raises(lt.LeantuneError, match=r"step-2' is damaged: trainer_state.json has format_version 'x', "
+                                               r"which must be an integer"):
+        lt.train(longer, resume=True)

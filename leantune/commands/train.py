@@ -20,7 +20,7 @@ exit status is 130.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..training.config import keys_help  # light (no torch): the epilog lists every config key
+    from ..training.keys import keys_help  # light (no torch): the epilog lists every config key
 
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml",
                         help="training config (YAML); omitted: the embedded default job")
@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # imported here, not at module level: `leantune --help` must not load torch
-    from ..training import load_config, train
+    from ..job import train
+    from ..training import load_config
 
     config = load_config(args.config, args.overrides)
     previous = _install_sigint(_interrupt_then_ignore)

@@ -15,6 +15,7 @@ replaced atomically, so a kill at any moment leaves the previous checkpoint usab
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -98,15 +99,21 @@ def restore_rng(tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> N
 # -- save / load ------------------------------------------------------------------------------
 
 def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], keep: int) -> Path:
-    """Write `checkpoints/step-N` atomically, point `latest` at it, keep the newest `keep`."""
+                    trainer_state: dict[str, Any], keep: int, saved_adapter: Path | None = None) -> Path:
+    """Write `checkpoints/step-N` atomically, point `latest` at it, keep the newest `keep`.
+
+    `saved_adapter`: the model's adapter as just saved elsewhere (the run's final adapter), linked
+    into the checkpoint rather than written a second time."""
     root = checkpoint_root(out_dir)
     step = int(trainer_state["step"])
     target = root / step_dir_name(step)
     opt_tensors, opt_document = flatten_optimizer(optimizer)
     rng_tensors, rng_document = capture_rng()
     with atomic_directory(target) as tmp:
-        save_adapter(model, tmp / "adapter")
+        if saved_adapter is None:
+            save_adapter(model, tmp / "adapter")
+        else:
+            _link_tree(saved_adapter, tmp / "adapter")
         save_tensors(opt_tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_document))
         save_tensors(rng_tensors, tmp / "rng.safetensors")
@@ -115,6 +122,16 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     atomic_write_text(root / LATEST, target.name + "\n")
     prune_checkpoints(root, keep)
     return target
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Hard links where the file system allows them (no second copy on disk), else copies."""
+    target.mkdir()
+    for file in source.iterdir():
+        try:
+            os.link(file, target / file.name)
+        except OSError:
+            shutil.copy2(file, target / file.name)
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
@@ -169,7 +186,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         opt_document = json.loads((path / "optimizer.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise LeantuneError(f"checkpoint '{path}' is damaged: {err}") from None
-    if document.get("format_version", 0) > FORMAT_VERSION:
+    found = document.get("format_version", 0)
+    if isinstance(found, bool) or not isinstance(found, int):
+        raise LeantuneError(f"checkpoint '{path}' is damaged: trainer_state.json has format_version {found!r}, "
+                            "which must be an integer")
+    if found > FORMAT_VERSION:
         raise LeantuneError(f"checkpoint '{path}' was written by a newer leantune")
     _load_adapter_tensors(path / "adapter", model)
     saved_names = [g.get("names") for g in opt_document["param_groups"]]

@@ -6,10 +6,11 @@ as YAML scalars, so `16` is an int, `1e-4` a float, `true` a bool and `null` Non
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import os
 import sys
-import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,47 +95,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         validate(self)
 
+    def method_config(self) -> Any:
+        """A fresh method config object built from `method` (validation already built it once)."""
+        return copy.deepcopy(self._method)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# -- documentation --------------------------------------------------------------------------
-
-def documented_keys() -> list[tuple[str, Any, str]]:
-    """(dotted key, default, doc) for every config key, in declaration order."""
-    rows = []
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "data":
-            for sub in dataclasses.fields(DataConfig):
-                rows.append((f"data.{sub.name}", sub.default, sub.metadata["doc"]))
-            continue
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        rows.append((f.name, default, f.metadata["doc"]))
-    return rows
-
-
-def format_value(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...").strip()
-
-
-def keys_help() -> str:
-    """Every key with its default and meaning, for `leantune train --help`."""
-    rows = documented_keys()
-    width = max(len(key) + len(format_value(default)) for key, default, _ in rows) + 3
-    lines = ["config keys (default) — set in CONFIG.yaml or with --set key=value:"]
-    for key, default, doc in rows:
-        lines.append(f"  {key} = {format_value(default)}".ljust(width + 4) + f" {doc}")
-    return "\n".join(lines) + "\n\n" + resume_rule()
-
-
-def resume_rule() -> str:
-    """What --resume may change, for `leantune train --help`."""
-    text = (f"--resume may change only {', '.join(RESUMABLE_KEYS)} from the run's out_dir/config.yaml: they "
-            "decide how long the run goes on and what it reports or saves, not what it computes (a new "
-            "max_steps or epochs stretches the learning-rate schedule to the new total). A change to any other "
-            "key is refused, since the checkpoint would then continue a different run; for that, start a new "
-            "run with another out_dir or with --overwrite.")
-    return textwrap.fill(text, width=100)
 
 
 # -- building a config -------------------------------------------------------------------------
@@ -357,7 +323,7 @@ def validate(config: TrainConfig) -> None:
         _bool(config, key)
     if not isinstance(config.out_dir, str) or not config.out_dir.strip():
         _fail("out_dir", "a directory path", config.out_dir)
-    build_method(config)
+    config._method = build_method(config)
 
 
 def method_dict(config: TrainConfig) -> dict[str, Any]:
@@ -390,49 +356,16 @@ def resolved_dict(config: TrainConfig) -> dict[str, Any]:
     return document
 
 
-# -- resuming ---------------------------------------------------------------------------------------
-
-def resume_differences(saved: dict[str, Any], config: TrainConfig) -> list[tuple[str, Any, Any]]:
-    """(dotted key, value in the run's config.yaml, value now) for each key that differs.
-
-    Keys the saved file lacks (an older leantune) are not compared; method mappings are compared
-    with their defaults filled in, so `{name: lora, r: 8}` equals `{name: lora, r: 8, alpha: 16}`.
-    """
-    differences = []
-    for key, new in resolved_dict(config).items():
-        if key == "out_dir" or key not in saved:
-            continue
-        old = saved[key]
-        if key == "method":
-            differences += _method_differences(old, new)
-        elif key in MAPPING_KEYS:
-            differences += _mapping_differences(key, old, new)
-        elif old != new:
-            differences.append((key, old, new))
-    return differences
-
-
-def _mapping_differences(prefix: str, old: Any, new: Any) -> list[tuple[str, Any, Any]]:
-    if not (isinstance(old, dict) and isinstance(new, dict)):
-        return [] if old == new else [(prefix, old, new)]
-    keys = list(new) + [key for key in old if key not in new]
-    return [(f"{prefix}.{key}", old.get(key), new.get(key)) for key in keys if old.get(key) != new.get(key)]
-
-
-def _method_differences(old: Any, new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    if isinstance(old, dict) and old.get("name") != new.get("name"):
-        return [("method.name", old.get("name"), new.get("name"))]
-    return _mapping_differences("method", _with_defaults(old), _with_defaults(new))
-
-
-def _with_defaults(method: Any) -> Any:
-    from ..methods import config_from_dict
-
-    try:
-        return config_from_dict(method).to_dict()
-    except (LeantuneError, TypeError):  # written by another leantune version: compare as written
-        return method
-
-
 def to_yaml(document: dict[str, Any]) -> str:
     return yaml.safe_dump(document, sort_keys=False)
+
+
+def as_config(config: Any) -> TrainConfig:
+    """A TrainConfig from a TrainConfig, a mapping or a YAML path."""
+    if isinstance(config, TrainConfig):
+        return config
+    if isinstance(config, dict):
+        return build_config(config)
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config)
+    raise LeantuneError(f"train expects a TrainConfig, a mapping or a YAML path, got {type(config).__name__}")

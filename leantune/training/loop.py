@@ -1,4 +1,4 @@
-"""The training job: config -> model + adapter -> data -> AdamW loop -> checkpoints -> adapter + summary.
+"""The training loop: config -> model + adapter -> data -> AdamW steps -> checkpoints -> adapter + summary.
 
 Everything a user can get wrong (config, data, out_dir) is checked before anything is written.
 On CPU with a fixed seed the run is deterministic, and a run resumed from any checkpoint ends
@@ -9,31 +9,29 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import shlex
-import shutil
-import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from .. import api
+from ..adapters import save_adapter
+from ..data import BatchStream, prepare_dataset
 from ..errors import LeantuneError
+from ..eval.metrics import loss_and_perplexity
+from ..files import atomic_write_text
+from ..loss import causal_lm_loss, count_loss_tokens
+from ..models import load_model, load_tokenizer
 from . import checkpoint as ckpt
-from .config import RESUMABLE_KEYS, RUN_LENGTH_KEYS, TIME_PLACEHOLDER, TrainConfig, build_config, \
-    expand_out_dir, format_value, load_config, load_yaml, resolved_dict, resume_differences, to_yaml
+from .config import TrainConfig, resolved_dict, to_yaml
 from .optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from .reporting import MetricsLog, Progress, format_summary, peak_memory_bytes
-
-# Files a run writes directly in out_dir; --overwrite removes exactly these.
-RUN_ARTIFACTS = ("checkpoints", "adapter", "config.yaml", "metrics.jsonl", "summary.json", "tensorboard",
-                 "unit_tests.json")
+from .rundir import (check_out_dir, check_resume_identity, describe_resume_changes, remove_run_artifacts,
+                     resolve_out_dir, resume_command)
+from .runtime import RunEnvironment, enable_gradient_checkpointing, say_from_signal_handler
 
 
 class TrainingDiverged(LeantuneError):
@@ -51,132 +49,12 @@ class TrainResult:
     tokenizer: Any = None
 
 
-def train(config: TrainConfig | dict | str | os.PathLike, resume: bool = False, overwrite: bool = False,
-          model: Any = None, tokenizer: Any = None, command: list[str] | None = None) -> TrainResult:
-    """Run the training job described by `config` (a TrainConfig, a mapping, or a YAML path).
-
-    `model` / `tokenizer` may be passed to train an already loaded model (then `config.model` only
-    names it in saved files). `command` is the command line that rebuilds this config (without
-    out_dir); the Ctrl-C message extends it into the resume command.
-    """
-    trainer = Trainer(_as_config(config), resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer)
+def run_training(config: TrainConfig, resume: bool = False, overwrite: bool = False, model: Any = None,
+                 tokenizer: Any = None, command: list[str] | None = None) -> TrainResult:
+    """The training loop alone (`lt.train` is the job: this, then the study its config asks for)."""
+    trainer = Trainer(config, resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer)
     trainer.command = command
     return trainer.run()
-
-
-def _as_config(config: Any) -> TrainConfig:
-    if isinstance(config, TrainConfig):
-        return config
-    if isinstance(config, dict):
-        return build_config(config)
-    if isinstance(config, (str, os.PathLike)):
-        return load_config(config)
-    raise LeantuneError(f"train expects a TrainConfig, a mapping or a YAML path, got {type(config).__name__}")
-
-
-# -- out_dir --------------------------------------------------------------------------------
-
-def resolve_out_dir(pattern: str, resume: bool) -> Path:
-    """Expand {time}; when resuming, the newest existing directory that matches the pattern."""
-    if TIME_PLACEHOLDER not in pattern:
-        return Path(pattern).expanduser()
-    if not resume:
-        return Path(expand_out_dir(pattern)).expanduser()
-    base = Path(pattern).expanduser()
-    matches = sorted(base.parent.glob(base.name.replace(TIME_PLACEHOLDER, "*")))
-    matches = [m for m in matches if m.is_dir()]
-    if not matches:
-        raise LeantuneError(f"--resume: no run directory matches out_dir '{pattern}'")
-    return matches[-1]
-
-
-def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise LeantuneError(f"out_dir '{out_dir}' is a file")
-    if resume and overwrite:
-        raise LeantuneError("--resume and --overwrite contradict each other; pass one of them")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (resume or overwrite):
-        raise LeantuneError(f"out_dir '{out_dir}' is not empty; pass --resume to continue that run "
-                            "or --overwrite to replace it")
-
-
-def check_resume_identity(out_dir: Path, config: TrainConfig) -> list[tuple[str, Any, Any]]:
-    """Refuse a resume whose config changes more than RESUMABLE_KEYS; return the changes it may make."""
-    saved_path = out_dir / "config.yaml"
-    if not saved_path.is_file():
-        return []
-    differences = resume_differences(load_yaml(saved_path), config)
-    refused = [change for change in differences if change[0].split(".")[0] not in RESUMABLE_KEYS]
-    if refused:
-        raise LeantuneError(resume_refusal(out_dir, refused))
-    return differences
-
-
-def resume_refusal(out_dir: Path, refused: list[tuple[str, Any, Any]]) -> str:
-    alternative = ("start a new run with another out_dir or with --overwrite "
-                   "(leantune train --help lists the keys a resume may change)")
-    if len(refused) == 1:
-        key, old, new = refused[0]
-        return (f"--resume: config key '{key}' is {format_value(new)} but the run in '{out_dir}' used "
-                f"{format_value(old)}; keep {format_value(old)} to resume that run, or {alternative}")
-    changes = ", ".join(f"'{key}' ({format_value(new)}, the run used {format_value(old)})" for key, old, new in refused)
-    return (f"--resume: config keys {changes} differ from the run in '{out_dir}'; keep the run's values "
-            f"to resume it, or {alternative}")
-
-
-def describe_resume_changes(changes: list[tuple[str, Any, Any]], total_steps: int) -> str:
-    """The one line that announces what a resumed run changes."""
-    listed = ", ".join(f"{key} {format_value(old)} -> {format_value(new)}" for key, old, new in changes)
-    schedule = (f"; the learning-rate schedule now spans {total_steps} steps"
-                if any(key in RUN_LENGTH_KEYS for key, _, _ in changes) else "")
-    return f"--resume with changed keys: {listed}{schedule}"
-
-
-# -- devices and precision ----------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LeantuneError("config key 'device' is cuda, but no CUDA device is available")
-    return torch.device(name)
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    if precision == "fp32":
-        return
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise LeantuneError("config key 'precision' is bf16, but this GPU does not support bfloat16")
-    try:
-        with torch.autocast(device.type, dtype=dtype):
-            torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
-    except (RuntimeError, AssertionError) as err:
-        raise LeantuneError(f"config key 'precision' is {precision}, which {device.type} autocast does not support: "
-                            f"{str(err).splitlines()[0]}") from None
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def enable_gradient_checkpointing(model: Any) -> None:
-    """Non-reentrant checkpointing: frozen inputs (the usual PEFT case) still get adapter gradients."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise LeantuneError("config key 'gradient_checkpointing': this model does not support it")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # -- the job ----------------------------------------------------------------------------------------
@@ -195,20 +73,13 @@ class Trainer:
 
     # Preparation: nothing is written until every input has been checked.
     def prepare(self) -> None:
-        from .. import api
-        from ..data import BatchStream, prepare_dataset
-        from ..models import load_model, load_tokenizer
-        from .config import build_method
-
         cfg = self.config
-        self.device = resolve_device(cfg.device)
-        check_precision(cfg.precision, self.device)
+        self.env = RunEnvironment.from_config(cfg)
+        self.device = self.env.device
         self.out_dir = resolve_out_dir(cfg.out_dir, self.resume)
         check_out_dir(self.out_dir, self.resume, self.overwrite)
         resume_changes = check_resume_identity(self.out_dir, cfg) if self.resume else []
-        method = build_method(cfg)
-        if cfg.unit_test_table:
-            _require_unit_test_table()
+        method = cfg.method_config()
 
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(cfg.model)
@@ -226,7 +97,7 @@ class Trainer:
         if self.model is None:
             self.model = load_model(cfg.model)
         self.model.to(self.device)
-        seed_everything(cfg.seed)  # adapter initialisation depends on it
+        self.env.seed(cfg.seed)  # adapter initialisation depends on it
         api.attach(self.model, method)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
@@ -236,7 +107,7 @@ class Trainer:
         self.warmup = warmup_steps(cfg.warmup, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.chunked = None if cfg.chunked_loss == "auto" else bool(cfg.chunked_loss)
-        if resume_changes:
+        if resume_changes and self.env.is_writer:
             print(describe_resume_changes(resume_changes, self.total_steps), file=sys.stderr, flush=True)
 
     def _total_steps(self) -> int:
@@ -246,17 +117,11 @@ class Trainer:
         return max(1, math.ceil(cfg.epochs * self.train_stream.batches_per_epoch / cfg.grad_accum))
 
     def run(self) -> TrainResult:
-        threads = torch.get_num_threads()
-        if self.config.threads is not None:
-            torch.set_num_threads(self.config.threads)
-        try:
+        with RunEnvironment.from_config(self.config).cpu_threads():
             return self._run()
-        finally:
-            torch.set_num_threads(threads)  # a Python caller's process keeps its own setting
 
     def _run(self) -> TrainResult:
         self.prepare()
-        cfg = self.config
         state = self._start_state()
         if state.get("finished"):
             print(f"the run in {self.out_dir} already finished at step {state['step']}; nothing to do", file=sys.stderr)
@@ -306,22 +171,17 @@ class Trainer:
         return {k: v for k, v in state.items() if k not in ("format_version", "scaler")}
 
     def _write_start_files(self, state: dict[str, Any]) -> None:
+        if not self.env.is_writer:
+            return
         if self.overwrite and self.out_dir.is_dir():
-            for name in RUN_ARTIFACTS:
-                target = self.out_dir / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+            remove_run_artifacts(self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        from ..files import atomic_write_text
-
         atomic_write_text(self.out_dir / "config.yaml", to_yaml(resolved_dict(self.config)))
 
     def _announce(self, state: dict[str, Any]) -> None:
-        from ..api import summary
-
-        info = summary(self.model)
+        if not self.env.is_writer:
+            return
+        info = api.summary(self.model)
         cfg = self.config
         lines = [
             f"model {cfg.model} + {info_methods(info)}: {info['trainable']:,} trainable of {info['total']:,} parameters",
@@ -378,8 +238,6 @@ class Trainer:
 
     def _step(self, state: dict[str, Any]) -> tuple[float, int, int, float, float]:
         """One optimizer step over grad_accum micro-batches; the loss is the mean over all their loss tokens."""
-        from ..loss import causal_lm_loss, count_loss_tokens
-
         cfg = self.config
         lr = cfg.lr * lr_factor(state["step"], self.total_steps, self.warmup, cfg.schedule)
         set_lr(self.optimizer, lr)
@@ -388,7 +246,7 @@ class Trainer:
         total = 0.0
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with autocast(cfg.precision, self.device):
+            with self.env.autocast():
                 loss = causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
                                       chunk_tokens=cfg.loss_chunk_tokens, chunked=self.chunked, num_items=loss_tokens)
             value = loss.item()
@@ -423,43 +281,26 @@ class Trainer:
         """Mean loss per loss token over the eval set (None without eval data)."""
         if self.eval_examples is None:
             return None
-        from ..eval.metrics import loss_and_perplexity
-
-        with autocast(self.config.precision, self.device):
+        with self.env.autocast():
             return loss_and_perplexity(self.model, self.eval_examples, self.pad_id, self.config.batch_size,
                                        progress=self.config.progress)["loss"]
 
-    def save(self, state: dict[str, Any]) -> Path:
+    def save(self, state: dict[str, Any], saved_adapter: Path | None = None) -> Path:
         self.writing_checkpoint = True
         try:
-            return self._write_checkpoint(state)
+            return self._write_checkpoint(state, saved_adapter)
         finally:
             self.writing_checkpoint = False
 
-    def _write_checkpoint(self, state: dict[str, Any]) -> Path:
+    def _write_checkpoint(self, state: dict[str, Any], saved_adapter: Path | None) -> Path:
         trainer_state = {k: v for k, v in state.items() if k != "finished"}
         trainer_state["epoch"] = state["position"] // self.train_stream.batches_per_epoch
         trainer_state["schedule"] = {"name": self.config.schedule, "total_steps": self.total_steps,
                                      "warmup_steps": self.warmup, "peak_lr": self.config.lr}
         if self.scaler is not None:
             trainer_state["scaler"] = self.scaler.state_dict()
-        return ckpt.save_checkpoint(self.out_dir, self.model, self.optimizer, trainer_state, self.config.keep_checkpoints)
-
-    def unit_test_table(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """Base vs tuned model writing tests for the held-out humaneval-tests functions; saved to unit_tests.json."""
-        from ..data import builtin_records
-        from ..eval.unit_tests import before_after
-        from ..files import atomic_write_text
-
-        cfg = self.config
-        records = builtin_records("humaneval-tests:test")[:cfg.unit_test_limit]
-        print(f"\nbefore/after: base and tuned model each write a unit test for {len(records)} held-out functions",
-              file=sys.stderr, flush=True)
-        result = before_after(self.model, self.tokenizer, records, max_new_tokens=cfg.unit_test_max_new_tokens,
-                              eval_loss_before=summary["eval_loss_before"], eval_loss_after=summary["eval_loss_after"],
-                              progress=cfg.progress)
-        atomic_write_text(self.out_dir / "unit_tests.json", json.dumps(result, indent=2, default=str) + "\n")
-        return {label: {k: v for k, v in result[label].items() if k != "rows"} for label in ("base", "tuned")}
+        return ckpt.save_checkpoint(self.out_dir, self.model, self.optimizer, trainer_state, self.config.keep_checkpoints,
+                                    saved_adapter)
 
     # -- Ctrl-C ------------------------------------------------------------------------------------
     # The first Ctrl-C ends the run after the current step with a checkpoint; the second stops at
@@ -467,9 +308,7 @@ class Trainer:
     # Ctrl-C leaves the latest checkpoint complete and never a half-written one. Later presses
     # are ignored: the run is already on its way out.
     def _install_sigint(self) -> Any:
-        if not _in_main_thread():
-            return None
-        return signal.signal(signal.SIGINT, self._on_sigint)
+        return self.env.install_sigint(self._on_sigint)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self.interrupts += 1
@@ -502,19 +341,14 @@ class Trainer:
         return TrainResult(self.out_dir, None, state["step"], interrupted=True, summary=state,
                            model=self.model, tokenizer=self.tokenizer)
 
-    @staticmethod
-    def _restore_sigint(previous: Any) -> None:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+    def _restore_sigint(self, previous: Any) -> None:
+        self.env.restore_sigint(previous)
 
     # -- the end ------------------------------------------------------------------------------------
     def _finish(self, state: dict[str, Any]) -> TrainResult:
-        from ..adapters import save_adapter
-        from ..files import atomic_write_text
-
-        if self.config.save_every:  # a later run with a larger max_steps continues from the very end
-            self.save(state)
         adapter_dir = save_adapter(self.model, self.out_dir / "adapter")
+        if self.config.save_every:  # a later run with a larger max_steps continues from the very end
+            self.save(state, saved_adapter=adapter_dir)
         eval_after = self.evaluate()
         if eval_after is not None:
             self.metrics.write({"step": state["step"], "eval_loss": eval_after})
@@ -537,40 +371,9 @@ class Trainer:
         atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         self.metrics.close()
         print(format_summary(summary), file=sys.stderr, flush=True)
-        if self.config.unit_test_table:
-            summary["unit_tests"] = self.unit_test_table(summary)
         return TrainResult(self.out_dir, adapter_dir, state["step"], summary=summary,
                            model=self.model, tokenizer=self.tokenizer)
 
 
-def _require_unit_test_table() -> None:
-    """Fail before training, not after it, when the before/after study is unavailable."""
-    try:
-        from ..eval.unit_tests import before_after  # noqa: F401
-    except ImportError as err:
-        raise LeantuneError(f"config key 'unit_test_table' needs leantune.eval.unit_tests.before_after: {err}") from None
-
-
 def info_methods(info: dict[str, Any]) -> str:
     return ", ".join(f"{a['method']}" for a in info["adapters"].values()) or "no adapter"
-
-
-def resume_command(out_dir: Path, command: list[str] | None) -> str:
-    if command is None:
-        return f"lt.train(config, resume=True) with out_dir set to {str(out_dir)!r}"
-    return shlex.join([*command, "--set", f"out_dir={out_dir}", "--resume"])
-
-
-def say_from_signal_handler(message: str) -> None:
-    """Write to stderr's file descriptor directly: a handler that printed through sys.stderr could
-    re-enter a write the interrupted code was in the middle of (a RuntimeError)."""
-    try:
-        os.write(sys.stderr.fileno(), message.encode())
-    except (AttributeError, OSError, ValueError):  # a stream without a descriptor, e.g. captured in tests
-        sys.stderr.write(message)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

@@ -1,4 +1,4 @@
-"""The before/after study of the main job: do generated unit tests parse, and do they pass?
+"""The unit-test study in its smallest form, the main job's before/after: do generated tests parse, and pass?
 
 For each held-out record (a `humaneval-tests` record: `prompt` ends with `def test_<name>():\\n`),
 the base model (adapters disabled) and the tuned model each write a test body. The body is cut
@@ -10,6 +10,7 @@ when the test also calls the function under test, since an empty-handed test pas
 from __future__ import annotations
 
 import ast
+import json
 import string
 import sys
 import time
@@ -18,9 +19,13 @@ from typing import Any, Sequence
 from torch import nn
 
 from .. import api
+from ..data import builtin_records
+from ..data.formats import HUMANEVAL_TESTS
 from ..data.humaneval import unit_test_name
-from .generation import generate
-from .sandbox import Limits, run_many
+from ..errors import LeantuneError
+from ..eval.generation import generate
+from ..eval.sandbox import Limits, run_many
+from ..files import atomic_write_text
 
 OUTCOME_KEYS = ("pass", "fail", "error", "timeout", "syntax")
 # A line that starts at column 0 ends the test function: stop generating there.
@@ -155,3 +160,33 @@ def format_table(result: dict[str, Any]) -> str:
     text.append(f"({n} held-out functions; parse/pass: share of generated tests; pass+call: passing tests "
                 "that call the function)")
     return "\n".join(text)
+
+
+# -- after a training run ------------------------------------------------------------------------
+
+STUDY_SPLIT = f"{HUMANEVAL_TESTS}:test"  # the held-out functions when the run has no eval data
+
+
+def study_records(config: Any) -> list[dict[str, Any]]:
+    """The held-out functions of a run's config: its eval data when that is a humaneval-tests split
+    (the study needs reference solutions to run tests against), else an error naming the key."""
+    source = config.data.eval if config.data.eval is not None else STUDY_SPLIT
+    if source.split(":")[0] != HUMANEVAL_TESTS:
+        raise LeantuneError(f"config key 'unit_test_table' needs functions with reference solutions, but data.eval "
+                            f"is '{source}'; set data.eval to a {HUMANEVAL_TESTS} split (or null for {STUDY_SPLIT}), "
+                            "or unit_test_table: false")
+    return builtin_records(source)[:config.unit_test_limit]
+
+
+def run_after_training(result: Any, config: Any) -> dict[str, Any]:
+    """Base vs tuned model of a finished run (`lt.train`'s result) writing tests for the held-out
+    functions; the whole result goes to out_dir/unit_tests.json, the per-model summaries are returned."""
+    records = study_records(config)
+    print(f"\nbefore/after: base and tuned model each write a unit test for {len(records)} held-out functions",
+          file=sys.stderr, flush=True)
+    summary = result.summary
+    table = before_after(result.model, result.tokenizer, records, max_new_tokens=config.unit_test_max_new_tokens,
+                         eval_loss_before=summary["eval_loss_before"], eval_loss_after=summary["eval_loss_after"],
+                         progress=config.progress)
+    atomic_write_text(result.out_dir / "unit_tests.json", json.dumps(table, indent=2, default=str) + "\n")
+    return {label: {k: v for k, v in table[label].items() if k != "rows"} for label in ("base", "tuned")}

@@ -1,0 +1,124 @@
+"""Where and how a run computes, and which of its processes writes: the run environment.
+
+The loop asks this module for its device, autocast, seed and thread settings and whether it is the
+process that writes files, prints and handles Ctrl-C; it never decides those itself. A run is one
+process today (rank 0 of 1); distributed launchers add their ranks here, not in the loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import sys
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import LeantuneError
+
+
+@dataclass
+class RunEnvironment:
+    device: torch.device
+    precision: str  # fp32, bf16 or fp16 (autocast)
+    threads: int | None = None  # CPU threads for torch; None: torch's default
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_config(cls, config: Any) -> "RunEnvironment":
+        device = resolve_device(config.device)
+        check_precision(config.precision, device)
+        return cls(device, config.precision, config.threads)
+
+    @property
+    def is_writer(self) -> bool:
+        """The one process that writes files and prints (rank 0)."""
+        return self.rank == 0
+
+    def autocast(self) -> Any:
+        return autocast(self.precision, self.device)
+
+    def seed(self, seed: int) -> None:
+        seed_everything(seed)
+
+    @contextlib.contextmanager
+    def cpu_threads(self) -> Iterator[None]:
+        """torch's thread count for the run; a Python caller's process keeps its own setting afterwards."""
+        before = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def install_sigint(self, handler: Callable[[int, Any], None]) -> Any:
+        """Ctrl-C goes to `handler` in the writing process's main thread; returns the previous handler."""
+        if not self.is_writer or threading.current_thread() is not threading.main_thread():
+            return None
+        return signal.signal(signal.SIGINT, handler)
+
+    @staticmethod
+    def restore_sigint(previous: Any) -> None:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LeantuneError("config key 'device' is cuda, but no CUDA device is available")
+    return torch.device(name)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp32":
+        return
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise LeantuneError("config key 'precision' is bf16, but this GPU does not support bfloat16")
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise LeantuneError(f"config key 'precision' is {precision}, which {device.type} autocast does not support: "
+                            f"{str(err).splitlines()[0]}") from None
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Non-reentrant checkpointing: frozen inputs (the usual PEFT case) still get adapter gradients."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise LeantuneError("config key 'gradient_checkpointing': this model does not support it")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def say_from_signal_handler(message: str) -> None:
+    """Write to stderr's file descriptor directly: a handler that printed through sys.stderr could
+    re-enter a write the interrupted code was in the middle of (a RuntimeError)."""
+    try:
+        os.write(sys.stderr.fileno(), message.encode())
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor, e.g. captured in tests
+        sys.stderr.write(message)
