@@ -90,3 +90,16 @@ def test_a_model_without_save_pretrained_is_refused(tmp_path):
     with pytest.raises(lt.LeantuneError, match="needs a Hugging Face model"):
         lt.save_merged_model(TwoLayer(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_merged_folder_holds_only_the_adapters_a_plain_forward_runs(tokens, tmp_path):
+    model = lt.load_model("tiny-llama")
+    lt.attach(model, lt.LoRA(r=4, alpha=8), adapter_name="a")
+    lt.attach(model, lt.PaCA(r=4, alpha=8), adapter_name="b")
+    randomize_adapter(model)
+    lt.use(model, "b")
+    expected = _logits(model, tokens)
+    lt.save_merged_model(model, tmp_path / "model")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    torch.testing.assert_close(_logits(loaded, tokens), expected, rtol=1e-5, atol=1e-5)
+    assert set(lt.attached(model)) == {"a", "b"}  # the caller's model keeps both

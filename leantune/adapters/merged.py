@@ -20,7 +20,8 @@ from .native import attach_with_state
 
 def save_merged_model(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
                       in_place: bool = False) -> Path:
-    """Fold every adapter into its base and write a plain Hugging Face model folder (atomically).
+    """Fold the adapters a plain forward runs into the base and write a plain Hugging Face model folder
+    (atomically); adapters `lt.use` left out are dropped, so the folder computes what the model does.
 
     NF4 and sketched bases become dense first (their rounded values), so the merge adds each
     update in full precision instead of rounding it back into 4 bits. The model is left as it was
@@ -31,6 +32,8 @@ def save_merged_model(model: nn.Module, path: str | os.PathLike, tokenizer: Any 
         raise LeantuneError(f"a merged export needs a Hugging Face model (with save_pretrained), got {type(model).__name__}")
     if not in_place:
         model = copy.deepcopy(model)
+    for name in [name for name in api.attached(model) if not api.router(model).runs(name)]:
+        api.detach(model, name)
     _dequantize_bases(model)
     if api.attached(model):
         api.detach(model, keep_merged=True)
