@@ -8,7 +8,8 @@ from torch import nn
 
 from .errors import LeantuneError
 from .methods.base import MethodConfig
-from .methods.layer import AdapterLayer, Router, adapter_layers, named_adapter_layers
+from .methods.hybrid import Hybrid
+from .methods.layer import PART_SEPARATOR, AdapterLayer, Router, adapter_layers, named_adapter_layers, owner_name
 from .methods.targets import replace_module
 
 _REGISTRY_ATTR = "leantune_adapters"
@@ -20,13 +21,20 @@ def attached(model: nn.Module) -> dict[str, MethodConfig]:
     return model.__dict__.setdefault(_REGISTRY_ATTR, {})
 
 
-def attach(model: nn.Module, config: MethodConfig, adapter_name: str = "default") -> nn.Module:
-    """Adapt `model` in place with `config`, freeze everything else, and return the model."""
+def attach(model: nn.Module, config: MethodConfig | list[MethodConfig], adapter_name: str = "default") -> nn.Module:
+    """Adapt `model` in place with `config`, freeze everything else, and return the model.
+
+    A list of configs on disjoint targets (e.g. prefix tuning plus a parallel adapter, the MAM
+    adapter) becomes one hybrid adapter: trained, saved and loaded as one."""
+    if isinstance(config, (list, tuple)):
+        config = Hybrid(parts=list(config))
     if not isinstance(config, MethodConfig):
         raise LeantuneError(f"attach expects a method config such as lt.LoRA(...), got {type(config).__name__}")
     registry = attached(model)
     if adapter_name in registry:
         raise LeantuneError(f"an adapter named '{adapter_name}' is already attached; detach it or choose another adapter_name")
+    if not isinstance(adapter_name, str) or not adapter_name or PART_SEPARATOR in adapter_name:
+        raise LeantuneError(f"adapter_name must be a non-empty string without '{PART_SEPARATOR}', got {adapter_name!r}")
     config.attach_to_model(model, adapter_name)
     registry[adapter_name] = config
     for layer in adapter_layers(model, adapter_name):  # new layers take the mode of what they wrap
@@ -89,12 +97,18 @@ def _names(model: nn.Module, adapter_name: str | None) -> list[str]:
 
 
 def _layers_of(model: nn.Module, names: list[str]) -> list[AdapterLayer]:
-    return [layer for layer in adapter_layers(model) if layer.adapter_name in names]
+    return [layer for layer in adapter_layers(model) if owner_name(layer.adapter_name) in names]
 
 
 def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Fold adapters into the base weights; inner (earlier) adapters first."""
-    for layer in reversed(_layers_of(model, _names(model, adapter_name))):
+    names = _names(model, adapter_name)
+    for name in names:
+        config = attached(model)[name]
+        if not config.mergeable:
+            raise LeantuneError(f"{config.method_name} adapters cannot be merged into the base weights (adapter "
+                                f"'{name}'); run them unmerged, or save the adapter instead of a merged model")
+    for layer in reversed(_layers_of(model, names)):
         layer.merge()
     return model
 
@@ -181,7 +195,7 @@ def use(model: nn.Module, adapter_names: str | list[str] | None) -> nn.Module:
     if routes.switched_off:
         raise LeantuneError("lt.use cannot change which adapters run inside an lt.disabled block")
     left_out = [name for name in registry if name not in names]
-    merged = [layer.adapter_name for layer in _layers_of(model, left_out) if layer.merged]
+    merged = [owner_name(layer.adapter_name) for layer in _layers_of(model, left_out) if layer.merged]
     if merged:
         raise LeantuneError(f"adapter '{merged[0]}' is merged into the base weights; lt.unmerge it before "
                             "lt.use leaves it out")

@@ -67,6 +67,10 @@ CASES = [
     Case("bitfit-add-bias", lambda _: lt.BitFit(add_bias=True), scale=0.5),  # merge adds biases, unmerge drops them
     Case("full", lambda _: lt.Full(keep_base=True), scale=0.05, merge="exact", detach="trained"),
     Case("paca", lambda _: lt.PaCA(r=8, alpha=16, seed=5), merge="exact"),
+    # a hybrid adapter: parts on disjoint targets, one adapter to the API
+    Case("hybrid", lambda _: lt.Hybrid(parts=[lt.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj"]),
+                                              lt.PaCA(r=8, alpha=16, targets=["down_proj"]),
+                                              lt.IA3(targets=["k_proj"], feedforward=[])])),
     # NF4 bases: merging requantizes, so the merged output is only near the adapted one
     Case("lora-nf4", lambda _: lt.LoRA(r=4, alpha=8, quantize="nf4"), merge="quantized",
          base="attached"),

@@ -4,6 +4,7 @@ from .layer import AdapterLayer
 from .bitfit import BitFit
 from .dora import DoRA
 from .full import Full
+from .hybrid import Hybrid
 from .ia3 import IA3
 from .lora import LoRA
 from .paca import PaCA
@@ -11,5 +12,5 @@ from .sketch import SketchTune
 
 __all__ = [
     "METHODS", "AdapterLayer", "MethodConfig", "ModelMethod", "ModuleMethod", "config_from_dict", "method_class",
-    "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune",
+    "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune", "Hybrid",
 ]

@@ -11,6 +11,14 @@ from torch import nn
 from ..errors import LeantuneError
 
 
+PART_SEPARATOR = "/"  # "name/0": part 0 of the hybrid adapter "name" (methods/hybrid.py)
+
+
+def owner_name(adapter_name: str) -> str:
+    """The adapter a layer belongs to: itself, or the hybrid adapter whose part it is."""
+    return adapter_name.partition(PART_SEPARATOR)[0]
+
+
 class Router:
     """Which adapters a forward of one model runs; one per model, read by all of its adapter layers.
 
@@ -23,6 +31,7 @@ class Router:
         self.switched_off: set[str] = set()
 
     def runs(self, adapter_name: str) -> bool:
+        adapter_name = owner_name(adapter_name)
         if adapter_name in self.switched_off:
             return False
         return self.selected is None or adapter_name in self.selected
@@ -197,7 +206,10 @@ def adapter_layers(model: nn.Module, adapter_name: str | None = None) -> Iterato
 
 
 def named_adapter_layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, AdapterLayer]]:
-    """Adapter layers in pre-order (an outer, later-attached layer comes before the one it wraps)."""
+    """Adapter layers in pre-order (an outer, later-attached layer comes before the one it wraps).
+
+    `adapter_name` selects one adapter's layers; a hybrid adapter's name selects all of its parts'."""
     for name, module in model.named_modules():
-        if isinstance(module, AdapterLayer) and (adapter_name is None or module.adapter_name == adapter_name):
+        if isinstance(module, AdapterLayer) and (adapter_name is None or module.adapter_name == adapter_name
+                                                  or owner_name(module.adapter_name) == adapter_name):
             yield name, module
