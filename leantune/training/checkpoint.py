@@ -28,6 +28,7 @@ from torch import nn
 from .. import api
 from ..errors import LeantuneError
 from ..adapters import save_adapter
+from ..adapters.native import TENSOR_FILE, read_adapter_config
 from ..files import atomic_directory, atomic_write_text, load_tensors, save_tensors
 
 CHECKPOINTS = "checkpoints"
@@ -203,8 +204,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 
 
 def _load_adapter_tensors(adapter_dir: Path, model: nn.Module) -> None:
-    from ..adapters.native import TENSOR_FILE, read_adapter_config
-
     saved = read_adapter_config(adapter_dir)
     registry = api.attached(model)
     name = saved.get("adapter_name", "default")

@@ -337,7 +337,7 @@ def method_dict(config: TrainConfig) -> dict[str, Any]:
 
 def build_method(config: TrainConfig) -> Any:
     """The method config object; its own validation errors name the method key."""
-    from ..methods import config_from_dict
+    from ..methods import config_from_dict  # torch-heavy: imported on use, so `--help` stays fast
 
     try:
         return config_from_dict(method_dict(config))
