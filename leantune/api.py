@@ -35,6 +35,7 @@ def attach(model: nn.Module, config: MethodConfig | list[MethodConfig], adapter_
         raise LeantuneError(f"an adapter named '{adapter_name}' is already attached; detach it or choose another adapter_name")
     if not isinstance(adapter_name, str) or not adapter_name or PART_SEPARATOR in adapter_name:
         raise LeantuneError(f"adapter_name must be a non-empty string without '{PART_SEPARATOR}', got {adapter_name!r}")
+    _refuse_stacking_with_full(registry, config)
     config.attach_to_model(model, adapter_name)
     registry[adapter_name] = config
     for layer in adapter_layers(model, adapter_name):  # new layers take the mode of what they wrap
@@ -48,6 +49,17 @@ def attach(model: nn.Module, config: MethodConfig | list[MethodConfig], adapter_
     return model
 
 
+def _refuse_stacking_with_full(registry: dict[str, MethodConfig], config: MethodConfig) -> None:
+    """Full fine-tuning trains every weight, the other adapters' included: it cannot share a model."""
+    full = [name for name, existing in registry.items() if existing.method_name == "full"]
+    if full:
+        raise LeantuneError(f"adapter '{full[0]}' is full fine-tuning, which trains every weight of the model; "
+                            "detach it before attaching another adapter")
+    if config.method_name == "full" and registry:
+        raise LeantuneError(f"full fine-tuning trains every weight of the model, but adapter '{next(iter(registry))}' "
+                            "is attached; detach the adapters first")
+
+
 _ROUTING_GUARD_ATTR = "leantune_routing_guard"
 
 
@@ -57,11 +69,12 @@ def _refuse_per_row_routing(model: nn.Module) -> None:
     if _ROUTING_GUARD_ATTR in model.__dict__:
         return
 
-    def refuse(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
-        if "adapter_names" in kwargs:
+    def refuse(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if kwargs.get("adapter_names") is not None:
             raise LeantuneError("adapter_names= (one adapter per batch row) is not supported yet; run one "
-                                "adapter per call, choosing it with lt.disabled(model, name) around the others")
-        return None
+                                "adapter per call, choosing it with lt.use(model, name)")
+        kwargs.pop("adapter_names", None)  # None means "no per-row choice", as in PEFT
+        return args, kwargs
 
     model.__dict__[_ROUTING_GUARD_ATTR] = model.register_forward_pre_hook(refuse, with_kwargs=True)
 
@@ -103,6 +116,11 @@ def _layers_of(model: nn.Module, names: list[str]) -> list[AdapterLayer]:
 def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Fold adapters into the base weights; inner (earlier) adapters first."""
     names = _names(model, adapter_name)
+    left_out = [name for name in names if not router(model).runs(name)]
+    if adapter_name is not None and left_out:
+        raise LeantuneError(f"adapter '{adapter_name}' is left out by lt.use (or switched off by lt.disabled); "
+                            "merging it would change what a plain forward runs")
+    names = [name for name in names if name not in left_out]  # merge what a plain forward runs
     for name in names:
         config = attached(model)[name]
         if not config.mergeable:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import api
+from .methods.layer import bare_module_name
 from .methods.lora import LoRA, LoRALayer
 from .methods.paca import PaCA
 from .methods.targets import replace_module
@@ -25,7 +26,7 @@ def paca_to_lora(model: nn.Module) -> nn.Module:
         if not isinstance(config, PaCA):
             continue
         layers = list(api.named_adapter_layers(model, name))
-        targets = [n.replace(".base_layer", "") for n, _ in layers]  # names as on the bare model
+        targets = [bare_module_name(n) for n, _ in layers]
         lora = LoRA(r=config.r, alpha=config.alpha, quantize=config.quantize, targets=targets)
         for module_name, layer in reversed(layers):
             layer.unmerge()

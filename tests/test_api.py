@@ -120,15 +120,15 @@ def test_cli_help_lists_verbs():
         assert verb in out.stdout
 
 
-def test_disabled_that_cannot_start_leaves_other_adapters_enabled(plain_module):
-    lt.attach(plain_module, lt.LoRA(r=2), adapter_name="a")
-    randomize_adapter(plain_module)
+def test_disabled_that_cannot_start_leaves_the_model_as_it_was(plain_module):
     lt.attach(plain_module, lt.Full(), adapter_name="b")
+    randomize_adapter(plain_module)
     x = torch.randn(3, 16)
     before = plain_module(x)
     with pytest.raises(lt.LeantuneError, match=r"no separate base model to run; attach Full\(keep_base=True\)"):
         with lt.disabled(plain_module):
             pass
+    assert lt.api.router(plain_module).switched_off == set()
     torch.testing.assert_close(plain_module(x), before, rtol=0, atol=0)
 
 
@@ -282,3 +282,69 @@ def test_use_switches_full_fine_tuning_like_disabled(tiny_llama, tokens):
     torch.testing.assert_close(tiny_llama(tokens).logits, before, rtol=0, atol=0)
     lt.use(tiny_llama, "default")
     torch.testing.assert_close(tiny_llama(tokens).logits, tuned, rtol=0, atol=0)
+
+
+def test_merge_folds_in_only_what_a_plain_forward_runs(tiny_llama, tokens):
+    lt.attach(tiny_llama, lt.LoRA(r=4), "A")
+    lt.attach(tiny_llama, lt.LoRA(r=4, targets=["q_proj"]), "B")
+    randomize_adapter(tiny_llama)
+    lt.use(tiny_llama, "A")
+    only_a = tiny_llama(tokens).logits.detach()
+    with pytest.raises(LeantuneError, match="adapter 'B' is left out by lt.use"):
+        lt.merge(tiny_llama, "B")
+    lt.merge(tiny_llama)
+    torch.testing.assert_close(tiny_llama(tokens).logits, only_a, rtol=1e-4, atol=1e-5)
+    lt.unmerge(tiny_llama)
+    lt.use(tiny_llama, ["A", "B"])
+    with lt.disabled(tiny_llama, "B"):
+        torch.testing.assert_close(tiny_llama(tokens).logits, only_a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inner", [lambda: lt.LoRA(r=4), lambda: lt.PaCA(r=8), lambda: lt.IA3()])
+def test_pissa_on_top_of_another_adapter_is_refused(inner, tiny_llama):
+    lt.attach(tiny_llama, inner(), "A")
+    with pytest.raises(LeantuneError, match=r"init 'pissa' rewrites the base weight, but '.*' already carries a "
+                                            r"(lora|paca|ia3) adapter; attach the PiSSA adapter first"):
+        lt.attach(tiny_llama, lt.LoRA(r=2, init="pissa"), "B")
+    assert list(lt.attached(tiny_llama)) == ["A"]
+
+
+def test_full_fine_tuning_shares_a_model_with_no_other_adapter(tiny_llama):
+    lt.attach(tiny_llama, lt.Full(keep_base=True), "F")
+    with pytest.raises(LeantuneError, match="adapter 'F' is full fine-tuning, which trains every weight"):
+        lt.attach(tiny_llama, lt.LoRA(r=2), "L")
+    other = lt.attach(lt.load_model("tiny-llama"), lt.LoRA(r=2), "L")
+    with pytest.raises(LeantuneError, match="full fine-tuning trains every weight of the model, but adapter 'L'"):
+        lt.attach(other, lt.Full(), "F")
+
+
+def test_an_inner_adapter_saves_and_exports_under_the_bare_module_names(tiny_llama, tokens, tmp_path):
+    from peft import PeftModel
+
+    lt.attach(tiny_llama, lt.LoRA(r=2), "A")
+    randomize_adapter(tiny_llama)
+    with torch.no_grad():
+        only_a = tiny_llama(tokens).logits
+    lt.attach(tiny_llama, lt.LoRA(r=2), "B")
+    lt.save_adapter(tiny_llama, tmp_path / "a", adapter_name="A")
+    lt.export_peft(tiny_llama, tmp_path / "peft", adapter_name="A")
+    loaded = lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "a")
+    torch.testing.assert_close(loaded(tokens).logits, only_a, rtol=0, atol=0)
+    peft_model = PeftModel.from_pretrained(lt.load_model("tiny-llama"), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(tokens).logits, only_a, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_names_none_is_the_plain_forward(tiny_llama, tokens):
+    lt.attach(tiny_llama, lt.LoRA(r=2))
+    torch.testing.assert_close(tiny_llama(tokens, adapter_names=None).logits, tiny_llama(tokens).logits,
+                               rtol=0, atol=0)
+
+
+def test_stacking_on_a_quantized_base_names_the_adapter_not_a_class(tiny_llama):
+    lt.attach(tiny_llama, lt.LoRA(r=2, quantize="nf4"), "q")
+    with pytest.raises(LeantuneError, match="carries a lora adapter whose base lora cannot wrap") as caught:
+        lt.attach(tiny_llama, lt.LoRA(r=2, targets=["q_proj"]), "x")
+    assert "NF4Linear" not in str(caught.value)
+    with pytest.raises(LeantuneError, match="targets 'all-linear' found no plain linear: the linears carry a lora"):
+        lt.attach(tiny_llama, lt.LoRA(r=2), "y")

@@ -28,7 +28,7 @@ from ..files import atomic_directory, save_tensors
 from ..methods.base import MethodConfig
 from ..methods.dora import DoRALayer
 from ..methods.ia3 import IA3, IA3Layer
-from ..methods.layer import AdapterLayer, named_adapter_layers
+from ..methods.layer import AdapterLayer, bare_module_name, named_adapter_layers
 from ..methods.lora import LoRA, LoRALayer
 from ..methods.targets import candidate_modules
 from .native import single_adapter_name
@@ -51,7 +51,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
     if convert is not None:  # on a copy: the caller's model keeps its own adapter
         model = convert(copy.deepcopy(model))
         config = api.attached(model)[name]
-    layers = list(named_adapter_layers(model, name))
+    layers = [(bare_module_name(n), layer) for n, layer in named_adapter_layers(model, name)]
     if isinstance(config, IA3):
         document, tensors = _ia3_export(model, layers)
     else:

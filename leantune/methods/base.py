@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import LeantuneError
 from ..quant import quantize_base
-from .layer import AdapterLayer, adapter_layers, named_adapter_layers
+from .layer import AdapterLayer, adapter_layers, bare_module_name, named_adapter_layers
 from .targets import replace_module, resolve_targets
 
 METHODS: dict[str, type["MethodConfig"]] = {}
@@ -182,10 +182,10 @@ class ModuleMethod(MethodConfig):
             yield from layer.adapter_parameters()
 
     def state_dict(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-        state = {}
+        state = {}  # keyed by names on the bare model, so an adapter under another one loads on a fresh base
         for module_name, layer in named_adapter_layers(model, adapter_name):
             for key, tensor in layer.adapter_state_dict().items():
-                state[f"{module_name}.{key}"] = tensor
+                state[f"{bare_module_name(module_name)}.{key}"] = tensor
         return state
 
     def load_state_dict(self, model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor]) -> None:

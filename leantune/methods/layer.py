@@ -200,6 +200,11 @@ def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
         module.weight.copy_(weight.to(module.weight.dtype))
 
 
+def bare_module_name(name: str) -> str:
+    """A module's name as on the unadapted model (an inner adapter's layer sits under `.base_layer`)."""
+    return name.replace(".base_layer", "")
+
+
 def adapter_layers(model: nn.Module, adapter_name: str | None = None) -> Iterator[AdapterLayer]:
     for _, layer in named_adapter_layers(model, adapter_name):
         yield layer

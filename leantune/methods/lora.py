@@ -48,6 +48,10 @@ class LoRA(ModuleMethod):
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     def check_target(self, name: str, module: nn.Module) -> None:
+        if self.init == "pissa" and isinstance(module, AdapterLayer):
+            # PiSSA rewrites the base weight; under it, another adapter's output is not that weight's
+            raise LeantuneError(f"{self.method_name}: init 'pissa' rewrites the base weight, but '{name}' already "
+                                f"carries a {module.method_name} adapter; attach the PiSSA adapter first or on its own")
         # B A has rank at most min(in, out): a larger r adds memory, never expressiveness.
         limit = min(module.in_features, module.out_features)
         if self.r > limit:

@@ -69,6 +69,11 @@ def resolve_targets(model: nn.Module, config: "ModuleMethod") -> list[tuple[str,
         heads = output_head_names(model)
         chosen = [(n, m) for n, m in modules if isinstance(unwrap(m), nn.Linear) and n not in heads]
         if not chosen:
+            adapted = next((m for _, m in modules if isinstance(m, AdapterLayer)), None)
+            if adapted is not None:  # e.g. every linear is sketched or NF4 under another adapter
+                raise LeantuneError(f"{config.method_name}: targets 'all-linear' found no plain linear: the linears "
+                                    f"carry a {adapted.method_name} adapter whose base {config.method_name} cannot "
+                                    "wrap; stack it on a plain or unquantized base instead")
             raise LeantuneError("targets 'all-linear' matched no nn.Linear module in this model")
     elif isinstance(targets, str):
         chosen = _by_regex(modules, targets)
@@ -81,6 +86,9 @@ def resolve_targets(model: nn.Module, config: "ModuleMethod") -> list[tuple[str,
     if not chosen:
         raise LeantuneError(f"{config.method_name}: targets {targets!r} with exclude/layers filters leave no module to adapt")
     for name, module in chosen:
+        if not isinstance(unwrap(module), kinds) and isinstance(module, AdapterLayer):
+            raise LeantuneError(f"{config.method_name}: target '{name}' carries a {module.method_name} adapter whose "
+                                f"base {config.method_name} cannot wrap; stack it on a plain or unquantized base instead")
         if not isinstance(unwrap(module), kinds):
             allowed = ", ".join(k.__name__ for k in kinds)
             raise LeantuneError(
