@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..builtin_datasets import HUMANEVAL_TESTS
 from ..errors import LeantuneError
 
-DEFAULT_DATA = "humaneval-tests:test"
+DEFAULT_DATA = f"{HUMANEVAL_TESTS}:test"
 
 EPILOG = """\
 Data sources: a JSONL file of {"prompt", "completion"} or chat {"messages"} records (loss on the
