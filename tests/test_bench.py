@@ -222,7 +222,8 @@ def test_targets_judge_ratios_own_bytes_and_loss_pairs_in_row_order():
      ", target 0: metric 'step_time' needs 'against' (a row's own metrics: base_bytes_vs_fp32)"),
     ('{"targets": [{"row": "paca", "against": "floor", "metric": "step_time", "op": "=<", "bound": 1}]}',
      ", target 0: op '=<' is not one of <=, >=, <, >"),
-    ('{"targets": [{"row": "paca", "against": "floor", "metric": "step_time", "op": "<="}]}', ", target 0: missing bound"),
+    ('{"targets": [{"row": "paca", "against": "floor", "metric": "step_time", "op": "<="}]}',
+     ", target 0: missing bound"),
     ('[]', ": expected an object with a list under 'targets'"),
 ])
 def test_a_malformed_targets_file_is_an_error_naming_the_target(tmp_path, content, after_path):
@@ -239,7 +240,8 @@ def test_the_project_targets_file_reads():
 def test_cli_judges_and_records_the_targets_it_is_given(tmp_path, monkeypatch):
     monkeypatch.setattr(runner.BenchPlan, "default_runner", _fake_default_runner())
     targets = tmp_path / "goals.json"
-    targets.write_text('{"targets": [{"row": "lora", "against": "floor", "metric": "step_time", "op": "<=", "bound": 1.5}]}')
+    targets.write_text(json.dumps({"targets": [
+        {"row": "lora", "against": "floor", "metric": "step_time", "op": "<=", "bound": 1.5}]}))
     out = tmp_path / "run"
     assert cli.main([*BENCH_ARGS, "--chunked-loss", "off", "--targets", str(targets), "--out", str(out)]) == 0
     document = json.loads((out / "results.json").read_text())

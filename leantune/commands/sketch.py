@@ -21,10 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groups-per-row", type=int, default=1, choices=(1, 2, 4, 8),
                         help="tables per row, each for a contiguous group of columns (default: 1)")
     parser.add_argument("--calib", default=HUMANEVAL_TESTS,
-                        help=f"calibration text: '{HUMANEVAL_TESTS}' (its train split) or a text file (default: {HUMANEVAL_TESTS})")
+                        help=f"calibration text: '{HUMANEVAL_TESTS}' (its train split) or a text file "
+                             f"(default: {HUMANEVAL_TESTS})")
     parser.add_argument("--heldout", default=None,
-                        help=f"held-out text for perplexity: '{HUMANEVAL_TESTS}' (its test split), a text file, or 'none' "
-                             f"(default: {HUMANEVAL_TESTS} when calibrating on it, else none)")
+                        help=f"held-out text for perplexity: '{HUMANEVAL_TESTS}' (its test split), a text file, "
+                             f"or 'none' (default: {HUMANEVAL_TESTS} when calibrating on it, else none)")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
     parser.add_argument("--targets", default="all-linear", help="modules to sketch (default: all-linear)")

@@ -196,7 +196,8 @@ def load_split(split: str = "train") -> list[dict[str, str]]:
     test (the whole reference test function).
     """
     if split not in HUMANEVAL_TESTS_SPLITS:
-        raise LeantuneError(f"unknown {HUMANEVAL_TESTS} split '{split}'; choose one of {', '.join(HUMANEVAL_TESTS_SPLITS)}")
+        raise LeantuneError(f"unknown {HUMANEVAL_TESTS} split '{split}'; "
+                            f"choose one of {', '.join(HUMANEVAL_TESTS_SPLITS)}")
     records = [dict(record) for record in _all_records()]
     if split == "all":
         return records
