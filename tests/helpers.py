@@ -1,6 +1,18 @@
 """Helpers shared by several test files (fixtures live in conftest.py)."""
 from __future__ import annotations
 
+import re
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import leantune as lt
+from leantune.methods.lora import LoRALayer
+from leantune.methods.paca import PaCALayer
+from leantune.methods.sketch import SketchTune
+
 IGNORE = -100
 
 # SketchTune calibration text: short, repetitive code that a tiny model sketches in seconds.
@@ -9,8 +21,6 @@ CALIB_TEXT = "\n".join(
 
 
 def sketch_config(calib_file, **kwargs):
-    from leantune.methods.sketch import SketchTune
-
     return SketchTune(calib=calib_file, samples=4, seq_len=48, **kwargs)
 
 
@@ -57,6 +67,20 @@ def chatml_example(messages: list[dict[str, str]], im_start: int, im_end: int) -
     return ids, labels
 
 
+def assert_matches_reference(out: torch.Tensor, expected: torch.Tensor,
+                             gradients: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+                             upstream: torch.Tensor | None = None) -> None:
+    """`out` equals the dense reference `expected` (torch's default tolerances for the dtype); then
+    one upstream gradient (random unless given) flows back through both, and each (got, want) pair
+    that `gradients()` returns afterwards is equal too."""
+    torch.testing.assert_close(out, expected)
+    upstream = torch.randn_like(out) if upstream is None else upstream
+    out.backward(upstream)
+    expected.backward(upstream)
+    for got, want in gradients():
+        torch.testing.assert_close(got, want)
+
+
 def relative_error(got, want) -> float:
     """‖got − want‖ / ‖want‖ in float64 (Frobenius norms)."""
     got, want = got.detach().double(), want.detach().double()
@@ -68,10 +92,6 @@ def check_bf16_autocast_against_dense_twin(model, tokens):
     dense twin under the same autocast: the same loss and the same adapter gradients up to bf16
     rounding; and the loss is within bf16 rounding of the float32 one, far closer than the adapter
     moves it."""
-    import torch
-
-    import leantune as lt
-
     twin, pairs = dense_twin(model)
     model.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -99,14 +119,6 @@ def dense_twin(model, name="tiny-llama"):
     """A fresh `name` model whose LoRA / PaCA-adapted linears are replaced by plain modules that
     compute the method's formula from the original weight, with copies of the adapter tensors as
     their own parameters. Returns (twin, {adapter parameter name: twin parameter})."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    import leantune as lt
-    from leantune.methods.lora import LoRALayer
-    from leantune.methods.paca import PaCALayer
-
     class DenseLoRA(nn.Module):
         """W x + b + s (x Aᵀ) Bᵀ."""
 
@@ -153,8 +165,6 @@ def dense_twin(model, name="tiny-llama"):
 def assert_one_line_user_error(err: str, verb: str, sentence: str) -> None:
     """A CLI user error: stderr is exactly `leantune VERB: error: <sentence>` on one line (sentence: a
     regular expression for the whole message), without a traceback."""
-    import re
-
     assert "Traceback" not in err, err
     assert err.endswith("\n") and err.count("\n") == 1, err
     prefix = f"leantune {verb}: error: "

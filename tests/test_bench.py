@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -10,10 +11,12 @@ import torch
 
 from helpers import assert_one_line_user_error
 from leantune import cli
+from leantune.errors import LeantuneError
 from leantune.bench import measure, report, runner
 from leantune.bench.profile import classify
 from leantune.bench.rows import PRESETS, parse_overrides, parse_row_names, row_settings
 from leantune.bench.search import longest_fitting
+from leantune.bench.targets import read_targets, target_rows
 from leantune.bench.worker import WorkerSpec
 from leantune.bench.worker import run_measurement as measure_in_process
 
@@ -146,6 +149,7 @@ def _fake_result(spec, step, saved, peak, max_fit=None):
             "fits": max_fit is None or spec.seq <= max_fit}
 
 
+PROJECT_TARGETS = Path(__file__).resolve().parents[1] / "benchmarks" / "targets.json"
 FAKE = {"floor": (4.0, 1000, 3000, 4096), "lora": (5.0, 1900, 3600, 2048), "peft-lora": (5.5, 2000, 4000, 1536),
         "paca": (4.2, 1090, 3200, 2560)}
 
@@ -186,13 +190,63 @@ def test_run_plan_interleaves_aggregates_and_compares():
                                                     "max_seq_len": True, "seq_step": 512, "seq_limit": 8192,
                                                     "mem_cap_bytes": 10**9},
                                        "machine": {"device": "cpu", "cpu": "x", "cores": 2, "torch_threads": 2,
-                                                   "torch": "t", "transformers": "t", "peft": "p"}})
+                                                   "torch": "t", "transformers": "t", "peft": "p"},
+                                       "targets": read_targets(PROJECT_TARGETS)})
     assert "| paca | full | 4.200 (3.780–4.620)" in markdown and "0.76×" in markdown
-    # the PaCA targets, judged on these numbers
+    # the project's PaCA targets, judged on these numbers
     assert "| paca step time × peft-lora <= 0.9 | full | 0.764 | yes |" in markdown
     assert "| paca step time × floor <= 1.03 | full | 1.050 | **no** |" in markdown
     assert "| paca saved above floor × peft-lora <= 0.1 | full | 0.090 | yes |" in markdown
     assert "error: LeantuneError: unknown method 'dora'" in markdown
+
+
+def test_targets_judge_ratios_own_bytes_and_loss_pairs_in_row_order():
+    rows = [{"row": "lora", "loss": "chunked", "ratios": {"peft-lora": {"step_time": 0.97}},
+             "chunked_vs_full": {"peak_memory": 0.8}},
+            {"row": "qpaca", "loss": "chunked", "ratios": {}, "adapted_base_bytes": {"stored": 10, "fp32": 100}},
+            {"row": "paca", "loss": "chunked", "error": "boom", "ratios": {"peft-lora": {"step_time": 0.5}}}]
+    targets = [{"row": "*", "against": "full-logits loss", "metric": "peak_memory", "op": "<", "bound": 1},
+               {"row": "qpaca", "metric": "base_bytes_vs_fp32", "op": "<=", "bound": 0.15},
+               {"row": "paca", "against": "peft-lora", "metric": "step_time", "op": "<=", "bound": 0.9},
+               {"row": "lora", "against": "peft-lora", "metric": "step_time", "op": ">=", "bound": 0.99}]
+    assert target_rows(rows, targets) == [
+        ["lora step time × peft-lora >= 0.99", "chunked", "0.970", "**no**"],
+        ["qpaca base bytes vs fp32 <= 0.15", "chunked", "0.100", "yes"],
+        ["lora peak memory, chunked loss < full-logits loss", "both", "0.800", "yes"],
+    ]  # a row that failed is judged on nothing
+    assert target_rows(rows, []) == []
+
+
+@pytest.mark.parametrize("content, after_path", [
+    ('{"targets": [{"row": "paca", "metric": "step_time", "op": "<=", "bound": 1}]}',
+     ", target 0: metric 'step_time' needs 'against' (a row's own metrics: base_bytes_vs_fp32)"),
+    ('{"targets": [{"row": "paca", "against": "floor", "metric": "step_time", "op": "=<", "bound": 1}]}',
+     ", target 0: op '=<' is not one of <=, >=, <, >"),
+    ('{"targets": [{"row": "paca", "against": "floor", "metric": "step_time", "op": "<="}]}',
+     ", target 0: missing bound"),
+    ('[]', ": expected an object with a list under 'targets'"),
+])
+def test_a_malformed_targets_file_is_an_error_naming_the_target(tmp_path, content, after_path):
+    path = tmp_path / "targets.json"
+    path.write_text(content)
+    with pytest.raises(LeantuneError, match=f"^{re.escape(str(path) + after_path)}$"):
+        read_targets(path)
+
+
+def test_the_project_targets_file_reads():
+    assert {t["row"] for t in read_targets(PROJECT_TARGETS)} >= {"paca", "lora", "dora", "sketchtune", "qpaca"}
+
+
+def test_cli_judges_and_records_the_targets_it_is_given(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner.BenchPlan, "default_runner", _fake_default_runner())
+    targets = tmp_path / "goals.json"
+    targets.write_text(json.dumps({"targets": [
+        {"row": "lora", "against": "floor", "metric": "step_time", "op": "<=", "bound": 1.5}]}))
+    out = tmp_path / "run"
+    assert cli.main([*BENCH_ARGS, "--chunked-loss", "off", "--targets", str(targets), "--out", str(out)]) == 0
+    document = json.loads((out / "results.json").read_text())
+    assert document["targets"] == read_targets(targets) and document["command"].endswith(f"--targets {targets}")
+    assert "| lora step time × floor <= 1.5 | full | 1.250 | yes |" in (out / "results.md").read_text()
 
 
 def test_sketchtune_is_prepared_once_and_a_failed_preparation_is_a_row_error(tmp_path, monkeypatch):
@@ -295,6 +349,7 @@ def test_cli_end_to_end_on_tiny_llama(tmp_path, capsys):
     (["--mem-cap", "six gigs", "--max-seq-len"], r"--mem-cap 'six gigs' is not a size like 6GiB, 6000MB or 6442450944"),
     (["--steps", "0"], r"--steps must be >= 1, got 0"),
     (["--model", "no-such-model"], r"unknown model 'no-such-model': not a folder, not a hub id \(owner/name\), .*"),
+    (["--targets", "no-such-targets.json"], r"targets file 'no-such-targets.json' does not exist"),
 ])
 def test_cli_errors_exit_2_naming_the_culprit(argv, sentence, capsys):
     assert cli.main(["bench", "--model", "tiny-llama", *argv]) == 2

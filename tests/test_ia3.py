@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 import leantune as lt
 from conftest import TwoLayer, randomize_adapter
+from helpers import assert_matches_reference
 from leantune.methods.ia3 import IA3Layer
 
 
@@ -30,14 +31,8 @@ def test_forward_and_gradients_match_reference(feedforward):
     x_ref = x.detach().clone().requires_grad_(True)
     hidden = torch.relu(reference_ia3(x_ref, model.up.weight, model.up.bias, up_l, False))
     expected = reference_ia3(hidden, layer.weight, layer.bias, down_l, feedforward)
-    torch.testing.assert_close(out, expected)
-
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad)
-    torch.testing.assert_close(model.up.ia3_l.grad, up_l.grad)
-    torch.testing.assert_close(layer.ia3_l.grad, down_l.grad)
+    assert_matches_reference(out, expected, lambda: [(x.grad, x_ref.grad), (model.up.ia3_l.grad, up_l.grad),
+                                                     (layer.ia3_l.grad, down_l.grad)])
     assert layer.base_layer.weight.grad is None
 
 

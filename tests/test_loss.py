@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import leantune as lt
 from conftest import randomize_adapter
-from helpers import relative_error
+from helpers import assert_matches_reference, relative_error
 from leantune.errors import LeantuneError
 from leantune.loss import causal_lm_loss, count_loss_tokens, full_logits_loss
 
@@ -72,12 +72,9 @@ def test_head_with_bias_matches_plain_cross_entropy():
     total = _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, 4, torch.float64, True)
     refs = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
     expected = F.cross_entropy(F.linear(refs[0], refs[1], refs[2]), targets, reduction="sum")
-    torch.testing.assert_close(total, expected)
-    grad = torch.tensor(0.7, dtype=torch.float64)
-    total.backward(grad)
-    expected.backward(grad)
-    for mine, ref in zip((hidden, weight, bias), refs):
-        torch.testing.assert_close(mine.grad, ref.grad)
+    mine = (hidden, weight, bias)
+    assert_matches_reference(total, expected, lambda: [(t.grad, ref.grad) for t, ref in zip(mine, refs)],
+                             upstream=torch.tensor(0.7, dtype=torch.float64))
 
 
 def test_float32_chunked_matches_full_logits_and_num_items(tiny_llama):

@@ -20,11 +20,11 @@ import torch
 
 import leantune as lt
 from conftest import randomize_adapter
+from helpers import CALIB_TEXT, sketch_config
 from leantune.methods.base import MethodConfig
 from leantune.methods.layer import AdapterLayer, named_adapter_layers
 from leantune.methods.sketch import SketchTune
 from leantune.methods.sketch.layer import SketchedLinear
-from test_sketch import CALIB_TEXT, sketch_config
 
 # The tolerance of "merged == adapted" for dense float32 bases (float64 ones use torch's defaults).
 MERGE_FLOAT32 = {"rtol": 1e-4, "atol": 1e-5}

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import leantune as lt
 from conftest import TwoLayer, randomize_adapter
-from helpers import check_bf16_autocast_against_dense_twin
+from helpers import assert_matches_reference, check_bf16_autocast_against_dense_twin
 from leantune.methods.paca import PaCALayer, choose_columns
 
 
@@ -47,12 +47,8 @@ def test_forward_and_gradients_match_dense_reference(shape, bias):
     x_ref = x.detach().clone().requires_grad_(True)
     expected, (d,) = dense_reference(x_ref, w0, None if base.bias is None else base.bias.detach(),
                                      [(layer.paca_index, layer.paca_delta.detach(), 2.0)])
-    torch.testing.assert_close(out, expected)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad)
-    torch.testing.assert_close(layer.paca_delta.grad, d.grad[:, layer.paca_index])
+    assert_matches_reference(out, expected,
+                             lambda: [(x.grad, x_ref.grad), (layer.paca_delta.grad, d.grad[:, layer.paca_index])])
     assert base.weight.grad is None
 
 
@@ -85,12 +81,8 @@ def test_only_x_columns_are_saved_for_backward():
     # ... and what backward rebuilds from them is the dense result
     x_ref = x.detach().clone().requires_grad_(True)
     expected, (d,) = dense_reference(x_ref, w0, base.bias.detach(), [(layer.paca_index, layer.paca_delta.detach(), layer.scale)])
-    torch.testing.assert_close(out, expected)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad)
-    torch.testing.assert_close(layer.paca_delta.grad, d.grad[:, layer.paca_index])
+    assert_matches_reference(out, expected,
+                             lambda: [(x.grad, x_ref.grad), (layer.paca_delta.grad, d.grad[:, layer.paca_index])])
 
 
 def test_optimizer_step_refreshes_only_the_selected_columns():
@@ -320,12 +312,8 @@ def test_stacked_gradients_match_reference():
     expected, (d_inner, d_outer) = dense_reference(
         x, w0, base.bias.detach(), [(inner.paca_index, inner.paca_delta.detach(), 1.0),
                                     (outer.paca_index, outer.paca_delta.detach(), 2.0)])
-    torch.testing.assert_close(out, expected)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    torch.testing.assert_close(inner.paca_delta.grad, d_inner.grad[:, inner.paca_index])
-    torch.testing.assert_close(outer.paca_delta.grad, d_outer.grad[:, outer.paca_index])
+    assert_matches_reference(out, expected, lambda: [(inner.paca_delta.grad, d_inner.grad[:, inner.paca_index]),
+                                                     (outer.paca_delta.grad, d_outer.grad[:, outer.paca_index])])
 
 
 def test_paca_on_top_of_lora_adds_its_columns():

@@ -8,7 +8,7 @@ from torch import nn
 
 import leantune as lt
 from conftest import randomize_adapter
-from helpers import CALIB_TEXT, assert_one_line_user_error, sketch_config  # noqa: F401  (CALIB_TEXT: also imported from here by other files)
+from helpers import CALIB_TEXT, assert_matches_reference, assert_one_line_user_error, sketch_config
 from leantune.methods.sketch import SketchTune
 from leantune.methods.sketch.fit import (
     FitSettings, error_feedback_sweep, fit_sketch, fit_weight, nearest_entry_codes, weighted_kmeans)
@@ -80,15 +80,8 @@ def test_table_gradients_match_dense_autograd(with_bias):
     bias_ref = bias.detach().clone().requires_grad_(True) if with_bias else None
     x_ref = x.detach().clone().requires_grad_(True)
     expected = F.linear(x_ref, reference_weight(codes, tables_ref), bias_ref)
-    torch.testing.assert_close(out, expected)
-
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad)
-    torch.testing.assert_close(tables_mine.grad, tables_ref.grad)
-    if with_bias:
-        torch.testing.assert_close(bias.grad, bias_ref.grad)
+    assert_matches_reference(out, expected, lambda: [(x.grad, x_ref.grad), (tables_mine.grad, tables_ref.grad)]
+                             + ([(bias.grad, bias_ref.grad)] if with_bias else []))
 
 
 def test_backward_saves_the_input_not_a_dense_weight():

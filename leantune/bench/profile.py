@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Callable
 
+import torch
+from torch.profiler import ProfilerActivity, profile
+
 GROUPS = ("matmul", "attention", "elementwise", "reduction/norm/loss", "memory/layout", "optimizer", "other")
 PHASES = ("bench/forward+loss", "bench/backward", "bench/optimizer")
 
@@ -77,9 +80,6 @@ def summarize_events(events) -> dict[str, Any]:
 
 def profile_step(step: Callable[[], None], device) -> dict[str, Any]:
     """Run `step` once under torch.profiler and return its grouped summary."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)

@@ -10,11 +10,17 @@ import json
 import os
 import platform
 import re
+from importlib.metadata import PackageNotFoundError, version
 from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+import transformers
+
 from ..errors import LeantuneError
+from ..files import atomic_write_bytes, atomic_write_text
+from .targets import target_rows
 
 MIB = 2**20
 RESULT_FILES = ("results.json", "results.md", "profile.md", "chart.png")
@@ -46,9 +52,6 @@ def _total_memory() -> int | None:
 
 
 def machine_info(device: str) -> dict[str, Any]:
-    import torch
-    import transformers
-
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -69,8 +72,6 @@ def machine_info(device: str) -> dict[str, Any]:
 
 def _installed_version(package: str) -> str | None:
     """The version of an installed package, without importing it (peft would pull in bitsandbytes)."""
-    from importlib.metadata import PackageNotFoundError, version  # only the bench needs it
-
     try:
         return version(package)
     except PackageNotFoundError:
@@ -81,8 +82,6 @@ def device_label(device: str) -> str:
     """'cpu', or 'cuda-' plus the GPU's name as a path-safe slug."""
     if not device.startswith("cuda"):
         return "cpu"
-    import torch
-
     name = torch.cuda.get_device_name(torch.device(device))
     return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
@@ -161,52 +160,6 @@ def ratio_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return table
 
 
-# The issues' targets: (row, baseline row, metric, bound, "<=" or ">="). Metrics are the keys of a
-# row's ratios; "base_bytes_vs_fp32" is the row's own stored/fp32 base-weight bytes.
-TARGETS = [
-    ("paca", "peft-lora", "step_time", 0.90, "<="),
-    ("paca", "floor", "step_time", 1.03, "<="),
-    ("paca", "peft-lora", "peak_memory", 0.84, "<="),
-    ("paca", "peft-lora", "saved_above_floor", 0.10, "<="),
-    ("paca", "peft-lora", "max_seq_len", 1.2, ">="),
-    ("lora", "peft-lora", "step_time", 0.95, "<="),
-    ("dora", "peft-dora", "step_time", 0.90, "<="),
-    ("dora", "peft-dora", "saved_bytes", 0.6, "<="),
-    ("dora", "lora", "step_time", 1.10, "<="),
-    ("sketchtune", "lora", "step_time", 1.10, "<="),
-    ("sketchtune", "lora", "saved_bytes", 1.0, "<="),
-    ("qpaca", None, "base_bytes_vs_fp32", 0.15, "<="),
-]
-
-
-def target_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """Each target whose rows were measured: the measured ratio and whether it is met."""
-    table = []
-    for entry in rows:
-        if entry.get("error"):
-            continue
-        for row, baseline, metric, bound, op in TARGETS:
-            if entry["row"] != row:
-                continue
-            if baseline is None:
-                base = entry.get("adapted_base_bytes") or {}
-                value = base["stored"] / base["fp32"] if base.get("fp32") else None
-            else:
-                value = entry["ratios"].get(baseline, {}).get(metric)
-            if value is None:
-                continue
-            met = value <= bound if op == "<=" else value >= bound
-            against = f" × {baseline}" if baseline else ""
-            table.append([f"{row} {metric.replace('_', ' ')}{against} {op} {bound}", entry["loss"],
-                          f"{value:.3f}", "yes" if met else "**no**"])
-    for entry in rows:
-        pair = entry.get("chunked_vs_full")
-        if pair and pair.get("peak_memory") is not None:
-            table.append([f"{entry['row']} peak memory, chunked loss < full-logits loss", "both",
-                          f"{pair['peak_memory']:.3f}", "yes" if pair["peak_memory"] < 1 else "**no**"])
-    return table
-
-
 def render_markdown(document: dict[str, Any]) -> str:
     rows, settings, machine = document["rows"], document["settings"], document["machine"]
     lines = [
@@ -243,7 +196,7 @@ def render_markdown(document: dict[str, Any]) -> str:
         lines += _table(["row", "peak memory", "saved for backward", "step time"], [
             [e["row"], _x(e["chunked_vs_full"]["peak_memory"]), _x(e["chunked_vs_full"]["saved_bytes"]),
              _x(e["chunked_vs_full"]["step_time"])] for e in pairs])
-    targets = target_rows(rows)
+    targets = target_rows(rows, document.get("targets") or [])
     if targets:
         lines += ["", "## Targets from the issues", ""]
         lines += _table(["target", "loss", "measured", "met"], targets)
@@ -285,9 +238,9 @@ def chart_unavailable() -> str | None:
 
 def chart_png(document: dict[str, Any]) -> bytes:
     """Step time and peak memory of every measured row, as PNG bytes."""
-    import matplotlib  # optional, so imported only here
+    import matplotlib  # optional: the 'bench' extra brings it
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # before pyplot, which would otherwise pick a display backend
     import matplotlib.pyplot as plt
 
     both = len(document["settings"]["losses"]) > 1
@@ -336,8 +289,6 @@ def start_results(out_dir: Path) -> None:
 
 def write_tables(document: dict[str, Any], out_dir: Path) -> None:
     """results.json, results.md (and profile.md when profiling), each replaced atomically."""
-    from ..files import atomic_write_text  # leantune.files loads torch; this module must not
-
     atomic_write_text(out_dir / "results.json", json.dumps(document, indent=2, sort_keys=False) + "\n")
     atomic_write_text(out_dir / "results.md", render_markdown(document))
     if document["settings"].get("profile"):
@@ -346,8 +297,6 @@ def write_tables(document: dict[str, Any], out_dir: Path) -> None:
 
 def write_results(document: dict[str, Any], out_dir: Path, log: Callable[[str], None] = print) -> Path:
     """The finished run: the tables, then chart.png when there is a measured row and matplotlib."""
-    from ..files import atomic_write_bytes  # leantune.files loads torch; this module must not
-
     measured = any(not e.get("error") for e in document["rows"])
     skipped = chart_unavailable() if measured else None
     document = {**document, "complete": True, "chart": CHART_FILE if measured and not skipped else None}

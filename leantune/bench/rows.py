@@ -52,7 +52,7 @@ PEFT_COUNTERPART = {"lora": "peft-lora", "dora": "peft-dora", "ia3": "peft-ia3"}
 
 
 def known_rows() -> list[str]:
-    from ..methods import METHODS
+    from ..methods import METHODS  # loads torch: `leantune bench --help` imports this module
 
     return sorted({FLOOR, *PRESETS, *PEFT_PRESETS, *METHODS})
 

@@ -6,6 +6,7 @@ aggregated per row (median and min–max) and compared with PEFT LoRA, the floor
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from ..models import cache_dir
 from .rows import FLOOR, PEFT_COUNTERPART, needs_preparation, row_kind, row_settings
 from .search import longest_fitting
 from .worker import WorkerSpec
@@ -185,10 +187,6 @@ def _compared_rows(plan: BenchPlan, configs: list[tuple[str, str]],
 
 def prepared_path(plan: BenchPlan, settings: dict[str, Any]) -> Path:
     """Where a prepared artefact for these settings lives: the leantune cache, keyed by their hash."""
-    import hashlib
-
-    from ..models import cache_dir
-
     key = json.dumps({"model": plan.model, "dtype": plan.dtype, "settings": settings}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     slug = "".join(c if c.isalnum() else "-" for c in plan.model.lower())

@@ -20,6 +20,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from ..api import attach, base_weight_bytes
+from ..loss import causal_lm_loss
+from ..methods import LoRA, config_from_dict
+from ..methods.sketch.pack import save_sketch
+from ..methods.targets import resolve_targets
+from ..models import load_model
+from . import measure as m
+from .profile import profile_step
+
 LOSSES = ("full", "chunked")
 
 
@@ -53,11 +64,7 @@ class WorkerSpec:
 # -- building the row's model --------------------------------------------------------------
 
 def build_model(spec: WorkerSpec):
-    import torch
-
-    import leantune as lt
-
-    model = lt.load_model(spec.model, dtype=getattr(torch, spec.dtype), device=spec.device)
+    model = load_model(spec.model, dtype=getattr(torch, spec.dtype), device=spec.device)
     if spec.kind == "floor":
         model.requires_grad_(False)
         # Backward must still run through the whole model, as it does for any adapter: make the
@@ -66,17 +73,12 @@ def build_model(spec: WorkerSpec):
     elif spec.kind == "peft":
         model = _attach_peft(model, dict(spec.settings or {}))
     else:
-        from leantune.methods import config_from_dict
-
-        lt.attach(model, config_from_dict(dict(spec.settings or {})))
+        attach(model, config_from_dict(dict(spec.settings or {})))
     return model.train()
 
 
 def _attach_peft(model, settings: dict[str, Any]):
-    import peft
-
-    from leantune.methods.targets import resolve_targets
-    from leantune.methods import LoRA
+    import peft  # optional: only the peft-* rows need it
 
     kind = settings.pop("peft")
     if kind == "lora":
@@ -106,14 +108,12 @@ def describe_model(model, kind: str) -> dict[str, Any]:
         "adapted_base_bytes": None,
     }
     if kind == "leantune":
-        from leantune.api import base_weight_bytes
-
         info["adapted_base_bytes"] = base_weight_bytes(model)
     elif kind == "peft":
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer  # optional: a peft-* row has it
 
-        stored = sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, BaseTunerLayer)
-                     for t in m.get_base_layer().parameters())
+        stored = sum(t.numel() * t.element_size() for module in model.modules() if isinstance(module, BaseTunerLayer)
+                     for t in module.get_base_layer().parameters())
         info["adapted_base_bytes"] = {"stored": stored}
     return info
 
@@ -121,10 +121,6 @@ def describe_model(model, kind: str) -> dict[str, Any]:
 # -- the step ------------------------------------------------------------------------------
 
 def make_step(model, input_ids, optimizer, loss: str) -> Callable[[], None]:
-    import torch
-
-    from leantune.loss import causal_lm_loss
-
     loss_fn = partial(causal_lm_loss, chunked=(loss == "chunked"))
     record = torch.profiler.record_function
 
@@ -142,12 +138,8 @@ def make_step(model, input_ids, optimizer, loss: str) -> Callable[[], None]:
 
 
 def run_measurement(spec: WorkerSpec, result: dict[str, Any]) -> None:
-    import torch
-
-    from . import measure as m
-
     if spec.preload_peft:
-        import peft  # noqa: F401
+        import peft  # noqa: F401  (optional; see WorkerSpec.preload_peft)
     torch.manual_seed(spec.seed)
     device = torch.device(spec.device)
     if device.type == "cuda" and spec.mem_cap:
@@ -194,8 +186,6 @@ def run_measurement(spec: WorkerSpec, result: dict[str, Any]) -> None:
     result["fits"] = spec.mem_cap is None or result["peak_memory_bytes"] <= spec.mem_cap
 
     if spec.profile:
-        from .profile import profile_step
-
         result["phase"] = "profile"
         result["profile"] = profile_step(step, device)
     result["phase"] = "done"
@@ -203,13 +193,7 @@ def run_measurement(spec: WorkerSpec, result: dict[str, Any]) -> None:
 
 def prepare(spec: WorkerSpec, result: dict[str, Any]) -> None:
     """Fit the row's sketch on the model and save it where the measuring processes will load it."""
-    import torch
-
-    import leantune as lt
-    from leantune.methods import config_from_dict
-    from leantune.methods.sketch.pack import save_sketch
-
-    model = lt.load_model(spec.model, dtype=getattr(torch, spec.dtype), device=spec.device)
+    model = load_model(spec.model, dtype=getattr(torch, spec.dtype), device=spec.device)
     config = config_from_dict(dict(spec.settings or {}))
     result["phase"] = "prepare"
     sketch, report = config.fit(model)
@@ -219,8 +203,6 @@ def prepare(spec: WorkerSpec, result: dict[str, Any]) -> None:
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
-    import torch
-
     return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(err).lower()
 
 

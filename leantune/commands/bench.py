@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import re
 import shlex
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..bench.rows import DEFAULT_METHODS as _DEFAULT_ROWS
 from ..errors import LeantuneError
@@ -15,6 +17,8 @@ if TYPE_CHECKING:
     from ..bench.runner import BenchPlan
 
 DEFAULT_METHODS = ",".join(_DEFAULT_ROWS)
+# The project's acceptance targets, beside the results folder; judged when the file is there.
+DEFAULT_TARGETS = Path("benchmarks") / "targets.json"
 LOSS_CHOICES = {"on": ["chunked"], "off": ["full"], "both": ["full", "chunked"]}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -60,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true", help="profile one step per row into profile.md")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before a worker is killed (default: 1800)")
     parser.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<date>-<device>)")
+    parser.add_argument("--targets", default=None, metavar="FILE.json",
+                        help=f"acceptance targets to judge the rows against (default: {DEFAULT_TARGETS}, if present)")
 
 
 def parse_size(text: str) -> int:
@@ -82,7 +88,7 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def _resolve_device(text: str) -> str:
-    import torch
+    import torch  # not at module level: `leantune --help` must not load torch
 
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -109,18 +115,17 @@ def canonical_command(args: argparse.Namespace) -> str:
         parts += ["--set", item]
     parts += ["--profile"] if args.profile else []
     parts += ["--out", args.out] if args.out else []
+    parts += ["--targets", args.targets] if args.targets else []
     return shlex.join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
     # imported here, not at module level: `leantune --help` must not load torch
-    import importlib.util
-    from pathlib import Path
-
     from ..bench.report import (default_out_dir, machine_info, render_markdown, start_results, write_results,
                                 write_tables)
     from ..bench.rows import parse_overrides, parse_row_names, row_kind
     from ..bench.runner import BenchPlan, run_plan
+    from ..bench.targets import read_targets
     from ..models import TINY_MODELS, resolve_model_path
 
     _check_counts(args)
@@ -133,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
     if any(row_kind(r) == "peft" for r in rows) and importlib.util.find_spec("peft") is None:
         raise LeantuneError("the peft-* rows need Hugging Face PEFT: pip install peft "
                             "(or install leantune with its 'bench' extra)")
+    targets_file = args.targets or (DEFAULT_TARGETS if DEFAULT_TARGETS.is_file() else None)
+    targets = read_targets(targets_file) if targets_file else []
 
     plan = BenchPlan(model=args.model, rows=rows, losses=LOSS_CHOICES[args.chunked_loss], batch=args.batch,
                      seq=args.seq, steps=args.steps, warmup=args.warmup, repeats=args.repeats, device=device,
@@ -141,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
                      seq_limit=args.seq_limit, seq_start=args.seq_start, timeout_s=args.timeout)
     out_dir = Path(args.out) if args.out else default_out_dir(device)
     start_results(out_dir)
-    header = _header(args, plan, device, machine_info(device))
+    header = _header(args, plan, device, machine_info(device), targets)
     total = len(rows) * len(plan.losses) * plan.repeats
     print(f"leantune bench: {len(rows)} rows × {len(plan.losses)} loss(es) × {plan.repeats} repeats on {device}; "
           f"results in {out_dir}", flush=True)
@@ -163,8 +170,9 @@ def run(args: argparse.Namespace) -> int:
     return 0 if any(not e.get("error") for e in result["rows"]) else 1
 
 
-def _header(args: argparse.Namespace, plan: BenchPlan, device: str, machine: dict) -> dict:
-    """Everything results.json holds besides the rows: the command, the machine, the settings."""
+def _header(args: argparse.Namespace, plan: BenchPlan, device: str, machine: dict,
+            targets: list[dict[str, Any]]) -> dict:
+    """Everything results.json holds besides the rows: the command, the machine, the settings, the targets."""
     return {
         "command": canonical_command(args),
         "argv": sys.argv,
@@ -177,4 +185,5 @@ def _header(args: argparse.Namespace, plan: BenchPlan, device: str, machine: dic
             "mem_cap_bytes": plan.mem_cap, "seq_step": args.seq_step, "seq_limit": args.seq_limit,
             "optimizer": "AdamW(lr=1e-4) over the trainable parameters; none for the floor",
         },
+        "targets": targets,
     }

@@ -4,14 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..builtin_datasets import HUMANEVAL_TESTS, HUMANEVAL_TESTS_SPLITS
 from ..errors import LeantuneError
 
-DEFAULT_DATA = "humaneval-tests:test"
+DEFAULT_DATA = f"{HUMANEVAL_TESTS}:test"
 
-EPILOG = """\
-Data sources: a JSONL file of {"prompt", "completion"} or chat {"messages"} records (loss on the
+EPILOG = f"""\
+Data sources: a JSONL file of {{"prompt", "completion"}} or chat {{"messages"}} records (loss on the
 completions / assistant turns), a plain-text file (loss on every token), or a built-in name:
-humaneval-tests[:train|test|all]. The default is the held-out split, humaneval-tests:test.
+{HUMANEVAL_TESTS}[:{'|'.join(HUMANEVAL_TESTS_SPLITS)}]. The default is the held-out split, {DEFAULT_DATA}.
 
 examples:
   leantune eval --adapter out/adapter

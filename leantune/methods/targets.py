@@ -7,18 +7,25 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import TYPE_CHECKING
+from typing import ClassVar, Protocol
 
 from torch import nn
 
 from ..errors import LeantuneError
 from .layer import AdapterLayer
 
-if TYPE_CHECKING:  # the configs import this module to resolve their targets
-    from .base import ModuleMethod
-
 ALL_LINEAR = "all-linear"
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+class TargetSelection(Protocol):
+    """What `resolve_targets` reads of a method config (methods.base.ModuleMethod has it all)."""
+
+    method_name: ClassVar[str]
+    target_types: ClassVar[tuple[type, ...]]
+    targets: str | list[str]
+    exclude: list[str]
+    layers: list[int] | None
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -61,7 +68,7 @@ def _matches_suffix(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
-def resolve_targets(model: nn.Module, config: "ModuleMethod") -> list[tuple[str, nn.Module]]:
+def resolve_targets(model: nn.Module, config: TargetSelection) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs `config` touches, in model order; errors if a target matches nothing."""
     modules = candidate_modules(model)
     targets, kinds = config.targets, config.target_types

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -64,8 +65,6 @@ class Progress:
     """A tqdm bar over optimizer steps with loss, learning rate and tokens/s; tqdm adds the ETA."""
 
     def __init__(self, total: int, initial: int, enabled: bool = True):
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled,
                         file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 

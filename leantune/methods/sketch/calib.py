@@ -6,18 +6,13 @@ from typing import Any
 
 import torch
 
+from ...builtin_datasets import HUMANEVAL_TESTS
+from ...data.humaneval import load_split
 from ...errors import LeantuneError
 from ...loss import causal_lm_loss
 
-BUILTIN = "humaneval-tests"
-
 
 def _humaneval_text(split: str) -> str:
-    try:
-        from ...data.humaneval import load_split
-    except ImportError:
-        raise LeantuneError(f"the '{BUILTIN}' calibration set needs leantune.data.humaneval, which this "
-                            "installation lacks; pass a text file instead") from None
     records = load_split(split)
     texts = []
     for record in records:
@@ -28,18 +23,18 @@ def _humaneval_text(split: str) -> str:
 
 def check_source(source: str) -> Path | None:
     """The file behind `source` (None for the built-in); an error if it is neither."""
-    if source == BUILTIN:
+    if source == HUMANEVAL_TESTS:
         return None
     path = Path(source).expanduser()
     if not path.is_file():
-        raise LeantuneError(f"calibration source '{source}' is neither '{BUILTIN}' nor an existing text file")
+        raise LeantuneError(f"calibration source '{source}' is neither '{HUMANEVAL_TESTS}' nor an existing text file")
     return path
 
 
 def source_name(source: str) -> str:
     """How to record `source`: the built-in's name, or the file's absolute path (it stays findable)."""
     path = check_source(source)
-    return BUILTIN if path is None else str(path.resolve())
+    return HUMANEVAL_TESTS if path is None else str(path.resolve())
 
 
 def source_text(source: str, split: str) -> str:

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from ...builtin_datasets import HUMANEVAL_TESTS
 from ...errors import LeantuneError
 from ...models import load_tokenizer
 from ..base import ModuleMethod, register
@@ -39,7 +40,7 @@ class SketchTune(ModuleMethod):
     sketch: str | None = None
     bits: int = 4
     groups_per_row: int = 1
-    calib: str = "humaneval-tests"
+    calib: str = HUMANEVAL_TESTS
     samples: int = 64
     seq_len: int = 512
     damp: float = 0.01
