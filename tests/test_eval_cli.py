@@ -203,3 +203,13 @@ def test_a_command_prints_no_library_noise(tmp_path):
     assert done.stdout.splitlines()[-1] == "[]"
     assert "Loading weights" not in done.stderr and "gemm_4bit_forward" not in done.stderr
     assert done.stderr == ""
+
+
+def test_a_directory_as_prompts_file_or_train_config_is_named_a_directory(tmp_path, capsys):
+    assert main(["generate", "--model", "tiny-llama", "--prompts", str(tmp_path)]) == 2
+    assert_one_line_user_error(capsys.readouterr().err, "generate",
+                               re.escape(f"prompts file '{tmp_path}' is a directory; expected a .jsonl file of "
+                                         '{"prompt": ...} records'))
+    assert main(["train", str(tmp_path)]) == 2
+    assert_one_line_user_error(capsys.readouterr().err, "train",
+                               re.escape(f"config file '{tmp_path}' is a directory; expected a YAML file"))

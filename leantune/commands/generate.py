@@ -47,6 +47,8 @@ def read_prompts(path: str) -> list[str]:
     from ..data.formats import read_jsonl  # leantune.data loads torch: `leantune --help` must not
 
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise LeantuneError(f"prompts file '{path}' is a directory; expected a .jsonl file of {{\"prompt\": ...}} records")
     if not file.is_file():
         raise LeantuneError(f"prompts file '{path}' does not exist")
     records = read_jsonl(file)

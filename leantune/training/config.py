@@ -107,6 +107,8 @@ class TrainConfig:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise LeantuneError(f"config file '{path}' is a directory; expected a YAML file")
     if not path.is_file():
         raise LeantuneError(f"config file '{path}' does not exist")
     try:
