@@ -92,9 +92,20 @@ def _layers_of(model: nn.Module, names: list[str]) -> list[AdapterLayer]:
     return [layer for layer in adapter_layers(model) if layer.adapter_name in names]
 
 
+def check_mergeable(model: nn.Module, names: list[str]) -> None:
+    """Refuse, before anything merges, an adapter whose update no change of the base weights expresses."""
+    for name in names:
+        config = attached(model)[name]
+        if not config.mergeable:
+            raise LeantuneError(f"adapter '{name}' ({config.method_name}) cannot be merged into the base weights: "
+                                "its update is not a change of weights, so it stays an adapter (lt.save_adapter, lt.load_adapter)")
+
+
 def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Fold adapters into the base weights; inner (earlier) adapters first."""
-    for layer in reversed(_layers_of(model, _names(model, adapter_name))):
+    names = _names(model, adapter_name)
+    check_mergeable(model, names)
+    for layer in reversed(_layers_of(model, names)):
         layer.merge()
     return model
 
