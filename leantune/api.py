@@ -113,6 +113,15 @@ def _layers_of(model: nn.Module, names: list[str]) -> list[AdapterLayer]:
     return [layer for layer in adapter_layers(model) if owner_name(layer.adapter_name) in names]
 
 
+def check_mergeable(model: nn.Module, names: list[str]) -> None:
+    """Refuse, before anything merges, an adapter whose update no change of the base weights expresses."""
+    for name in names:
+        config = attached(model)[name]
+        if not config.mergeable:
+            raise LeantuneError(f"adapter '{name}' ({config.method_name}) cannot be merged into the base weights: "
+                                "its update is not a change of weights, so it stays an adapter (lt.save_adapter, lt.load_adapter)")
+
+
 def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Fold adapters into the base weights; inner (earlier) adapters first."""
     names = _names(model, adapter_name)
@@ -121,11 +130,7 @@ def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
         raise LeantuneError(f"adapter '{adapter_name}' is left out by lt.use (or switched off by lt.disabled); "
                             "merging it would change what a plain forward runs")
     names = [name for name in names if name not in left_out]  # merge what a plain forward runs
-    for name in names:
-        config = attached(model)[name]
-        if not config.mergeable:
-            raise LeantuneError(f"{config.method_name} adapters cannot be merged into the base weights (adapter "
-                                f"'{name}'); run them unmerged, or save the adapter instead of a merged model")
+    check_mergeable(model, names)
     for layer in reversed(_layers_of(model, names)):
         layer.merge()
     return model

@@ -132,6 +132,22 @@ def test_worker_measures_floor_lora_and_peft_lora():
     assert again["saved_bytes"] == lora["saved_bytes"]  # deterministic, unlike peak memory
 
 
+def test_lora_fa_rows_keep_x_times_a_only_like_peft_lora_fa():
+    results = {}
+    for row in ("lora", "lora-fa", "peft-lora-fa", "adapter"):
+        kind = "peft" if row.startswith("peft-") else "leantune"
+        result = {}
+        measure_in_process(_spec(row, kind, row_settings(row), steps=1, warmup=0), result)
+        assert result["phase"] == "done", result
+        results[row] = result
+    lora, fa, peft_fa = results["lora"], results["lora-fa"], results["peft-lora-fa"]
+    # r=8: B (out x 8) trains, A does not
+    dims = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    assert fa["trainable_params"] == peft_fa["trainable_params"] == 2 * sum(8 * o for _, o in dims)
+    assert fa["saved_bytes"] == peft_fa["saved_bytes"] < lora["saved_bytes"]
+    assert results["adapter"]["trainable_params"] == 2 * 2 * 64 * 64  # bottleneck 64 after each mlp
+
+
 def test_chunked_loss_saves_fewer_bytes_than_full_logits():
     full, chunked = {}, {}
     measure_in_process(_spec("floor", "floor", None, loss="full", steps=1, warmup=0), full)
@@ -343,7 +359,7 @@ def test_cli_end_to_end_on_tiny_llama(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, sentence", [
-    (["--methods", "floor,lorra"], r"unknown benchmark method 'lorra' \(did you mean lora, .*\); known: bitfit, .*"),
+    (["--methods", "floor,lorra"], r"unknown benchmark method 'lorra' \(did you mean lora, .*\); known: .*bitfit, .*"),
     (["--methods", "floor", "--set", "paca.r=3"],
      r"--set 'paca.r=3' names row 'paca', which is not among the benchmarked rows: floor"),
     (["--mem-cap", "six gigs", "--max-seq-len"], r"--mem-cap 'six gigs' is not a size like 6GiB, 6000MB or 6442450944"),

@@ -64,6 +64,50 @@ def test_dropout_path_matches_reference_with_the_same_mask():
                                                      (layer.magnitude.grad, m.grad)])
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_freeze_a_trains_b_and_magnitude_against_reference_and_keeps_no_x(bias, dropout):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24, bias=bias).double())
+    lt.attach(model, lt.DoRA(r=4, alpha=8, dropout=dropout, freeze_a=True, targets=["0"]))
+    randomize_adapter(model, scale=0.3)
+    model.train()
+    layer = model[0]
+    assert [p for p in model.parameters() if p.requires_grad] == [layer.lora_B, layer.magnitude]
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in own:
+            saved.append((tensor.untyped_storage().data_ptr(), tensor.numel()))
+        return tensor
+
+    torch.manual_seed(7)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    sizes = [numel for _, numel in saved]
+    assert 18 * 4 in sizes and x.untyped_storage().data_ptr() not in {ptr for ptr, _ in saved}  # x Aᵀ, never x
+    if not dropout:  # (dropout keeps its mask, the size of x)
+        assert 18 * 16 not in sizes
+    torch.manual_seed(7)
+    x_ref = x.detach().clone().requires_grad_(True)
+    dropped = F.dropout(x_ref, dropout, True) if dropout else x_ref
+    a, b, m = _reference_leaves(layer)
+    a.requires_grad_(False)
+    base = layer.base_layer
+    expected = reference_dora(x_ref, base.weight.detach(), None if base.bias is None else base.bias.detach(),
+                              a, b, m, layer.scale, x_lora=dropped)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.lora_B.grad, b.grad)
+    torch.testing.assert_close(layer.magnitude.grad, m.grad)
+    assert layer.lora_A.grad is None
+
+
 def test_zero_magnitude_row_still_gets_its_gradient():
     model = _dora_linear(bias=False)
     layer = model[0]

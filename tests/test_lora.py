@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import leantune as lt
 from conftest import TwoLayer, randomize_adapter
 from helpers import assert_matches_reference, check_bf16_autocast_against_dense_twin, relative_error
+from leantune.files import load_tensors
 
 BF16_RELATIVE = 1e-2  # a few bf16 roundings (2^-9 each) of a matmul's inputs and output
 
@@ -35,6 +36,96 @@ def test_forward_and_gradients_match_reference(rslora):
     assert_matches_reference(out, expected,
                              lambda: [(x.grad, x_ref.grad), (layer.lora_A.grad, a.grad), (layer.lora_B.grad, b.grad)])
     assert base.weight.grad is None
+
+
+# -- LoRA-FA: A frozen at its random init, only B trains ------------------------------------------
+
+def _lora_fa_linear(in_features=32, out_features=48, r=4, dtype=torch.float64, dropout=0.0):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(in_features, out_features).to(dtype)
+    model = torch.nn.Sequential(base)
+    lt.attach(model, lt.LoRA(r=r, alpha=2 * r, dropout=dropout, freeze_a=True, targets=["0"]))
+    randomize_adapter(model)
+    return model, model[0]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_lora_fa_forward_and_gradients_match_dense_autograd(fused, monkeypatch):
+    from leantune.methods.lora import LoRALayer
+
+    model, layer = _lora_fa_linear()
+    if not fused:
+        monkeypatch.setattr(LoRALayer, "_can_fuse", lambda self: False)
+    a0 = layer.lora_A.detach().clone()
+    assert not layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert [p for p in model.parameters() if p.requires_grad] == [layer.lora_B]
+    assert torch.count_nonzero(layer.lora_A) == layer.lora_A.numel()  # random, not zero
+
+    x = torch.randn(3, 5, 32, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    b = layer.lora_B.detach().clone().requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = reference_lora(x_ref, layer.base_layer.weight.detach(), layer.base_layer.bias.detach(), a0, b, layer.scale)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=1e-12, atol=1e-12)
+    assert layer.lora_A.grad is None and layer.base_layer.weight.grad is None
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    optimizer.step()
+    assert torch.equal(layer.lora_A, a0) and not torch.equal(layer.lora_B, b.detach())
+
+
+def _saved_activation_bytes(model, x):
+    """Bytes autograd keeps for backward of `model(x)`, not counting the model's own tensors."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in own:
+            saved[tensor.untyped_storage().data_ptr()] = (tuple(tensor.shape), tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    return list(saved.values())
+
+
+def test_lora_fa_saves_only_x_times_a_for_backward():
+    tokens, r = 2 * 9, 4
+    fa, _ = _lora_fa_linear(r=r, dtype=torch.float32)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    saved = _saved_activation_bytes(fa, x)
+    assert sum(size for _, size in saved) == tokens * r * 4  # x Aᵀ: tokens × r float32, and nothing else
+    assert all(torch.Size(shape).numel() != tokens * 32 for shape, _ in saved)  # never x
+
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(32, 48))
+    lt.attach(plain, lt.LoRA(r=r, alpha=2 * r, targets=["0"]))
+    assert sum(size for _, size in _saved_activation_bytes(plain, x)) == tokens * (32 + r) * 4  # x and x Aᵀ
+
+
+def test_lora_fa_adapter_holds_a_and_merges_and_disables(tiny_llama, tokens, tmp_path):
+    base = tiny_llama(tokens).logits.detach()
+    lt.attach(tiny_llama, lt.LoRA(r=4, alpha=8, freeze_a=True))
+    trainable = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith("lora_B") for n in trainable) and len(trainable) == 14
+    assert lt.summary(tiny_llama)["trainable"] == 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64) * 4
+    randomize_adapter(tiny_llama)
+    adapted = tiny_llama(tokens).logits.detach()
+    with lt.disabled(tiny_llama):
+        torch.testing.assert_close(tiny_llama(tokens).logits, base, rtol=0, atol=0)
+    lt.save_adapter(tiny_llama, tmp_path / "fa")
+    saved = load_tensors(tmp_path / "fa" / "adapter.safetensors")
+    assert sum(k.endswith("lora_A") for k in saved) == 14
+    fresh = lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "fa")
+    assert lt.attached(fresh)["default"].freeze_a and not fresh.model.layers[0].self_attn.q_proj.lora_A.requires_grad
+    torch.testing.assert_close(fresh(tokens).logits, adapted, rtol=0, atol=0)
+    lt.merge(tiny_llama)
+    torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=1e-4, atol=1e-5)
 
 
 def test_unfused_path_matches_fused_path(monkeypatch):
@@ -89,6 +180,7 @@ def test_plain_module_works(plain_module):
 @pytest.mark.parametrize("kwargs, culprit", [
     ({"r": 0}, "'r'"), ({"r": 2.5}, "'r'"), ({"alpha": -1}, "'alpha'"),
     ({"dropout": 1.5}, "'dropout'"), ({"init": "xavier"}, "'init'"), ({"quantize": "int3"}, "'quantize'"),
+    ({"freeze_a": "yes"}, "lora: 'freeze_a' must be true or false"),
 ])
 def test_bad_config_values_name_the_key(kwargs, culprit):
     with pytest.raises(lt.LeantuneError, match=culprit):

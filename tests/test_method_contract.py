@@ -6,6 +6,8 @@
   a merge keeps the adapted output; unmerge gives back the exact base tensors and the exact
   adapted output; detach gives back the exact base model (Full: keeps the trained weights);
 - `detach(keep_merged=True)` keeps the merged output and leaves no adapter behind;
+- a method that cannot be merged (bottleneck adapters) is refused by `lt.merge` and
+  `detach(keep_merged=True)` with one sentence, before anything changes;
 - save/load onto a fresh base rebuilds the same adapter and the exact same output.
 
 Method-specific behaviour (forward/gradient references, options, errors) stays in test_<method>.py.
@@ -29,6 +31,7 @@ from leantune.methods.sketch.layer import SketchedLinear
 # The tolerance of "merged == adapted" for dense float32 bases (float64 ones use torch's defaults).
 MERGE_FLOAT32 = {"rtol": 1e-4, "atol": 1e-5}
 EXACT = {"rtol": 0, "atol": 0}
+UNMERGEABLE = r"adapter 'default' \(\w+\) cannot be merged into the base weights: its update is not a change of weights"
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Case:
     base: str = "original"  # "original": disabled runs the model as loaded; "attached": the base attach built
     detach: str = "base"  # "base": the exact base comes back; "dense-sketch": Ŵ as nn.Linear; "trained": Full
     rewrites_base: bool = False  # the init moves part of W0 into the adapter (PiSSA): the base tensors differ
+    mergeable: bool = True  # False: lt.merge refuses with UNMERGEABLE, and the model is left as it was
     dtypes: tuple = (torch.float32, torch.float64)
 
 
@@ -54,6 +58,8 @@ CASES = [
     Case("lora-rslora", lambda _: lt.LoRA(r=4, alpha=8, rslora=True)),
     # dropout > 0 takes the unfused path; in eval mode (load_model's) it must not drop anything
     Case("lora-dropout", lambda _: lt.LoRA(r=4, alpha=8, dropout=0.3)),
+    Case("lora-fa", lambda _: lt.LoRA(r=4, alpha=8, freeze_a=True)),  # A frozen at its init, saved with B
+    Case("dora-fa", lambda _: lt.DoRA(r=4, alpha=8, freeze_a=True), init={"rtol": 1e-5, "atol": 1e-5}),
     # PiSSA: the base holds W0 - s B0 A0, the factors start at B0, A0; detach must give W0 (or the merge) back
     Case("lora-pissa", lambda _: lt.LoRA(r=4, alpha=8, init="pissa"), init={"rtol": 1e-4, "atol": 1e-5},
          rewrites_base=True),
@@ -82,6 +88,12 @@ CASES = [
     Case("sketchtune", lambda sketch_dir: SketchTune(sketch=str(sketch_dir)), scale=0.02,
          merge_tolerance={"rtol": 1e-5, "atol": 1e-5}, base="attached", detach="dense-sketch",
          dtypes=(torch.float32,)),
+    # bottleneck adapters around whole sublayers: after the feed-forward (Pfeiffer), after both (Houlsby),
+    # beside attention (parallel, on tiny-qwen2 whose attention has biases)
+    Case("adapter", lambda _: lt.Adapter(bottleneck=8), scale=0.5, mergeable=False),
+    Case("adapter-houlsby", lambda _: lt.Adapter(bottleneck=8, where="both"), scale=0.5, mergeable=False),
+    Case("adapter-parallel", lambda _: lt.Adapter(reduction=16, placement="parallel", where="attn", activation="silu",
+                                                  scale=4.0), model="tiny-qwen2", scale=0.5, mergeable=False),
 ]
 CASE_IDS = [case.id for case in CASES]
 DTYPE_CASES = [pytest.param(case, dtype, id=f"{case.id}-{str(dtype).removeprefix('torch.')}")
@@ -159,6 +171,17 @@ def assert_merged_output(case: Case, dtype, merged, adapted, base) -> None:
         torch.testing.assert_close(merged, adapted, **merge_tolerance(case, dtype))
 
 
+def assert_merge_refused(model, merge: Callable[[], object], tokens, adapted) -> None:
+    """`merge()` raises the one-sentence refusal and leaves the adapter attached, unmerged, unchanged."""
+    attached, state = dict(lt.attached(model)), base_state(model)
+    with pytest.raises(lt.LeantuneError, match=UNMERGEABLE) as caught:
+        merge()
+    assert "\n" not in str(caught.value) and str(caught.value).count(". ") == 0
+    assert lt.attached(model) == attached and not any(layer.merged for _, layer in named_adapter_layers(model))
+    assert_same_tensors(base_state(model), state)
+    torch.testing.assert_close(logits(model, tokens), adapted, **EXACT)
+
+
 def attach_to_base(case: Case, config: MethodConfig, tokens, dtype=torch.float32):
     """A fresh base with the case's adapter attached; returns the model and the base logits (from `disabled`).
 
@@ -221,12 +244,15 @@ def test_merge_unmerge_disabled_detach(case, dtype, make_config, tokens):
             torch.testing.assert_close(logits(model, tokens), base, **EXACT)
     torch.testing.assert_close(logits(model, tokens), adapted, **EXACT)
 
-    lt.merge(model)
-    merged = logits(model, tokens)
-    assert_merged_output(case, dtype, merged, adapted, base)
-    with lt.disabled(model):
-        torch.testing.assert_close(logits(model, tokens), base, **EXACT)
-    torch.testing.assert_close(logits(model, tokens), merged, **EXACT)  # merged again after the block
+    if case.mergeable:
+        lt.merge(model)
+        merged = logits(model, tokens)
+        assert_merged_output(case, dtype, merged, adapted, base)
+        with lt.disabled(model):
+            torch.testing.assert_close(logits(model, tokens), base, **EXACT)
+        torch.testing.assert_close(logits(model, tokens), merged, **EXACT)  # merged again after the block
+    else:
+        assert_merge_refused(model, lambda: lt.merge(model), tokens, adapted)
 
     lt.unmerge(model)
     if case.detach != "trained":  # Full has no separate base tensors: its weights are the trained ones
@@ -251,6 +277,9 @@ def test_merge_unmerge_disabled_detach(case, dtype, make_config, tokens):
 def test_detach_keep_merged_keeps_the_merged_output(case, make_config, tokens):
     model, base = attach_to_base(case, make_config(case), tokens)
     adapted = randomize(case, model, base, tokens)
+    if not case.mergeable:
+        assert_merge_refused(model, lambda: lt.detach(model, keep_merged=True), tokens, adapted)
+        return
     adapted_names = [name for name, _ in named_adapter_layers(model)]
     lt.detach(model, keep_merged=True)
     assert lt.attached(model) == {} and not any(isinstance(m, AdapterLayer) for m in model.modules())

@@ -49,13 +49,38 @@ def test_lora_weights_copied_into_a_peft_lora_model_give_the_same_logits(tiny_ll
     torch.testing.assert_close(_logits(reference, tokens), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_fa_trains_what_peft_lora_fa_trains_with_the_same_gradients(tiny_llama, tokens):
+    from peft.optimizers import create_lorafa_optimizer
+
+    targets = ["q_proj", "v_proj", "up_proj"]
+    lt.attach(tiny_llama, lt.LoRA(r=4, alpha=8, freeze_a=True, targets=targets))
+    randomize_adapter(tiny_llama)
+    reference = _peft_model(peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    create_lorafa_optimizer(reference, r=4, lora_alpha=8, lr=1e-3)  # freezes every lora_A
+    with torch.no_grad():
+        for name, module in tiny_llama.named_modules():
+            if isinstance(module, LoRALayer):
+                target = reference.base_model.model.get_submodule(name)
+                target.lora_A["default"].weight.copy_(module.lora_A)
+                target.lora_B["default"].weight.copy_(module.lora_B)
+    tiny_llama(tokens, labels=tokens).loss.backward()
+    reference(input_ids=tokens, labels=tokens).loss.backward()
+    ours = {n: p for n, p in tiny_llama.named_parameters() if p.requires_grad}
+    theirs = {n.removeprefix(PEFT_PREFIX).replace(".default.weight", ""): p
+              for n, p in reference.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys() and len(ours) == 6 and all(n.endswith("lora_B") for n in ours)
+    for name, param in ours.items():
+        torch.testing.assert_close(param.grad, theirs[name].grad, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("config", [
     lt.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]),
     lt.LoRA(r=4, alpha=6, rslora=True),
+    lt.LoRA(r=4, alpha=8, freeze_a=True),  # LoRA-FA is plain LoRA once trained
     lt.DoRA(r=4, alpha=8),
     lt.IA3(),
     lt.IA3(targets=["q_proj", "up_proj", "down_proj"], feedforward=["up_proj", "down_proj"]),
-], ids=["lora", "lora-rslora-all-linear", "dora", "ia3", "ia3-two-feedforward"])
+], ids=["lora", "lora-rslora-all-linear", "lora-fa", "dora", "ia3", "ia3-two-feedforward"])
 def test_export_loads_in_peft_with_the_same_logits(config, tiny_llama, tokens, tmp_path):
     lt.attach(tiny_llama, config)
     randomize_adapter(tiny_llama)
@@ -160,10 +185,11 @@ def test_tensor_shapes_that_do_not_fit_leave_the_model_unchanged(tmp_path):
     assert lt.attached(model) == {} and not any(isinstance(m, LoRALayer) for m in model.modules())
 
 
-def test_methods_without_a_peft_equivalent_are_refused(tmp_path):
+@pytest.mark.parametrize("config", [lt.BitFit(), lt.Adapter()], ids=["bitfit", "adapter"])
+def test_methods_without_a_peft_equivalent_are_refused(config, tmp_path):
     model = lt.load_model("tiny-qwen2")
-    lt.attach(model, lt.BitFit())
-    with pytest.raises(lt.LeantuneError, match="cannot be written in Hugging Face PEFT format"):
+    lt.attach(model, config)
+    with pytest.raises(lt.LeantuneError, match=f"method '{config.method_name}' cannot be written in Hugging Face PEFT format"):
         lt.export_peft(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -80,7 +80,7 @@ def lora_factors(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor, float
     hook = getattr(layer, "lora_factors", None)
     if callable(hook):
         return hook()
-    raise LeantuneError(f"{layer.method_name} adapters cannot be written in Hugging Face PEFT format; exportable: {EXPORTABLE}")
+    raise LeantuneError(f"method '{layer.method_name}' cannot be written in Hugging Face PEFT format; exportable: {EXPORTABLE}")
 
 
 def _lora_export(model: nn.Module, config: MethodConfig,

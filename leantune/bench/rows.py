@@ -24,6 +24,7 @@ DEFAULT_METHODS = ("floor", "full", "lora", "dora", "ia3", "paca", "qlora", "qpa
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {"name": "full"},
     "lora": {"name": "lora", "r": 8, "alpha": 16},
+    "lora-fa": {"name": "lora", "r": 8, "alpha": 16, "freeze_a": True},
     "dora": {"name": "dora", "r": 8, "alpha": 16},
     "ia3": {"name": "ia3"},
     "bitfit": {"name": "bitfit"},
@@ -44,11 +45,15 @@ PEFT_PRESETS: dict[str, dict[str, Any]] = {
     "peft-dora": {"peft": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "use_dora": True},
     "peft-ia3": {"peft": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"],
                  "feedforward_modules": ["down_proj"]},
+    # PEFT does LoRA-FA in its optimizer (peft.optimizers.create_lorafa_optimizer): it freezes A and
+    # steps B with a projected AdamW, so this row's optimizer is that one, not the plain AdamW.
+    "peft-lora-fa": {"peft": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "optimizer": "lorafa"},
 }
-PEFT_ROWS = tuple(PEFT_PRESETS)
+# What `--peft` appends: the counterparts of the default rows (peft-lora-fa is asked for by name).
+PEFT_ROWS = ("peft-lora", "peft-dora", "peft-ia3")
 
 # Each leantune row and the PEFT row that does the same thing.
-PEFT_COUNTERPART = {"lora": "peft-lora", "dora": "peft-dora", "ia3": "peft-ia3"}
+PEFT_COUNTERPART = {"lora": "peft-lora", "dora": "peft-dora", "ia3": "peft-ia3", "lora-fa": "peft-lora-fa"}
 
 
 def known_rows() -> list[str]:

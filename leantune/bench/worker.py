@@ -5,8 +5,9 @@
 Loads the model (cheap after the first conversion), builds the row (floor, a leantune method or
 Hugging Face PEFT), then: one untimed step that records the bytes saved for backward, `warmup`
 untimed steps, `steps` timed steps, and optionally one profiled step. A step is forward + loss +
-backward + AdamW step over the trainable parameters (the floor has none: no optimizer). The
-result (or the error, with the phase it happened in) is written as JSON to RESULT.json.
+backward + AdamW step over the trainable parameters (the floor has none: no optimizer; peft-lora-fa
+steps with PEFT's LoRA-FA optimizer). The result (or the error, with the phase it happened in) is
+written as JSON to RESULT.json.
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def _attach_peft(model, settings: dict[str, Any]):
     import peft  # optional: only the peft-* rows need it
 
     kind = settings.pop("peft")
+    settings.pop("optimizer", None)  # make_optimizer's business
     if kind == "lora":
         if "target_modules" not in settings:
             # exactly the modules leantune's "all-linear" adapts
@@ -91,6 +93,18 @@ def _attach_peft(model, settings: dict[str, Any]):
     else:
         raise ValueError(f"no Hugging Face PEFT builder for '{kind}'")
     return peft.get_peft_model(model, config)
+
+
+def make_optimizer(model, spec: WorkerSpec):
+    """AdamW over the trainable parameters (None for the floor), or PEFT's LoRA-FA optimizer, which
+    also freezes every lora_A: so it is built before anything counts the trainable parameters."""
+    settings = spec.settings or {}
+    if spec.kind == "peft" and settings.get("optimizer") == "lorafa":
+        from peft.optimizers import create_lorafa_optimizer  # optional: only the PEFT rows need peft
+
+        return create_lorafa_optimizer(model, r=settings["r"], lora_alpha=settings["lora_alpha"], lr=spec.lr)
+    params = trainable_parameters(model)
+    return torch.optim.AdamW(params, lr=spec.lr) if params else None
 
 
 def trainable_parameters(model) -> list:
@@ -146,8 +160,7 @@ def run_measurement(spec: WorkerSpec, result: dict[str, Any]) -> None:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec.mem_cap / total), device)
     model = build_model(spec)
-    params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=spec.lr) if params else None
+    optimizer = make_optimizer(model, spec)
     generator = torch.Generator().manual_seed(spec.seed)
     input_ids = torch.randint(0, model.config.vocab_size, (spec.batch, spec.seq), generator=generator).to(device)
     step = make_step(model, input_ids, optimizer, spec.loss)

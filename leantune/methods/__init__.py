@@ -1,6 +1,7 @@
 """Method configs, one file each; importing this package registers them all."""
 from .base import METHODS, MethodConfig, ModelMethod, ModuleMethod, config_from_dict, method_class
 from .layer import AdapterLayer
+from .adapter import Adapter
 from .bitfit import BitFit
 from .dora import DoRA
 from .full import Full
@@ -12,5 +13,5 @@ from .sketch import SketchTune
 
 __all__ = [
     "METHODS", "AdapterLayer", "MethodConfig", "ModelMethod", "ModuleMethod", "config_from_dict", "method_class",
-    "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune", "Hybrid",
+    "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune", "Adapter", "Hybrid",
 ]

@@ -2,7 +2,7 @@
 
 A method is a small dataclass (its config), of one of two kinds:
 - a `ModuleMethod` replaces each targeted module with an `AdapterLayer` (methods/layer.py) that
-  keeps the original as `base_layer`: LoRA, DoRA, PaCA, IA3, BitFit, SketchTune;
+  keeps the original as `base_layer`: LoRA, DoRA, PaCA, IA3, BitFit, SketchTune, Adapter;
 - a `ModelMethod` acts on the model as a whole (its weights, inputs or forward): full fine-tuning.
 Both answer the same calls (attach, detach, disabled, trainable parameters, state to save and
 load), so the API and the contract test treat them alike.

@@ -6,7 +6,8 @@ The norm never forms the dense update: ‖W0 + sBA‖²_row = ‖W0‖²_row (a 
 
 Gradient convention: n is treated as a constant in backward (detached), as the DoRA paper
 (section 4.3) suggests and as Hugging Face PEFT does, so A and B receive no gradient through n.
-The fused autograd function saves x, x·Aᵀ (as r × tokens) and one tokens×out tensor for the magnitude
+The fused autograd function saves x (after dropout, and only while A trains: `freeze_a` keeps A
+at its init, as LoRA-FA does), x·Aᵀ (as r × tokens) and one tokens×out tensor for the magnitude
 gradient — the layer's own output when it has no bias (the next op usually keeps that tensor
 anyway; autograd's version check reports a later in-place edit of it) — and never a weight-sized
 tensor: backward fetches W0 again from the base module (quantized bases dequantize again).
@@ -28,7 +29,7 @@ from .lora import LoRA, LoRALayer
 @register
 @dataclass
 class DoRA(LoRA):
-    """LoRA's fields (r, alpha, dropout, rslora, init, quantize) with a learned magnitude per output row."""
+    """LoRA's fields (r, alpha, dropout, rslora, init, quantize, freeze_a) with a learned magnitude per output row."""
 
     method_name: ClassVar[str] = "dora"
 
@@ -61,13 +62,14 @@ class _FusedDoRA(torch.autograd.Function):
         # The magnitude gradient needs z = y / factor (bias-free). Saving y itself costs nothing
         # extra where the next op keeps y too; a bias, or a zero magnitude, makes z unrecoverable.
         keep_output = bias is None and not bool((magnitude == 0).any())
+        x_for_grad_a = xd2 if ctx.needs_input_grad[4] else None
         if keep_output:
             out = z.mul_(factor).view(*x.shape[:-1], weight.shape[0])
-            ctx.save_for_backward(x2, xd2, xa_t, lora_a, lora_b, magnitude, norm, factor, out)
+            ctx.save_for_backward(x_for_grad_a, xa_t, lora_a, lora_b, magnitude, norm, factor, out)
         else:
             out = torch.addcmul(bias, z, factor) if bias is not None else z * factor
             out = out.view(*x.shape[:-1], weight.shape[0])
-            ctx.save_for_backward(x2, xd2, xa_t, lora_a, lora_b, magnitude, norm, factor, z)
+            ctx.save_for_backward(x_for_grad_a, xa_t, lora_a, lora_b, magnitude, norm, factor, z)
         ctx.keep_output = keep_output
         ctx.get_weight = get_weight
         ctx.scale = scale
@@ -76,7 +78,7 @@ class _FusedDoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xd2, xa_t, lora_a, lora_b, magnitude, norm, factor, kept = ctx.saved_tensors
+        xd2, xa_t, lora_a, lora_b, magnitude, norm, factor, kept = ctx.saved_tensors
         scale = ctx.scale
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         gc = g2 * factor  # gradient at z = x W0ᵀ + s xa Bᵀ

@@ -3,12 +3,17 @@
 The common case (no dropout, plain frozen nn.Linear base) runs as one fused autograd function:
 the adapter product is added into the base output in place, the backward reuses G·B for both
 dX and dA, and only x and x·Aᵀ (r × tokens) are saved.
+
+LoRA-FA (`freeze_a=True`): A stays at its random init and only B trains. A is then a frozen
+parameter, saved with the adapter (it defines the update) but never given to the optimizer, and
+backward needs x only for dA: the fused function keeps x·Aᵀ alone, r × tokens instead of
+in × tokens.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +37,7 @@ class LoRA(ModuleMethod):
     rslora: bool = False
     init: str = "kaiming"
     quantize: str | None = None
+    freeze_a: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -40,6 +46,7 @@ class LoRA(ModuleMethod):
         self._require_number("dropout", low=0, high=0.999)
         self._require_choice("init", INITS)
         self._require_choice("quantize", (None, "nf4"))
+        self._require_bool("freeze_a")
         if self.init == "pissa" and self.quantize is not None:
             raise LeantuneError(f"{self.method_name}: init 'pissa' rewrites the base weight and cannot be combined with quantize")
 
@@ -67,7 +74,8 @@ class _FusedLoRA(torch.autograd.Function):
 
     The rank-r intermediates x Aᵀ and G B are formed as r × tokens (A xᵀ, Bᵀ Gᵀ): on CPU these
     skinny products run 2-3× faster in that layout than as tokens × r, and so do the two
-    factor gradients that read them.
+    factor gradients that read them. Saved for backward: x Aᵀ (for dB), and x only when A
+    trains (dA = s (G B)ᵀ x); dX = G W + s (G B) A needs only the weights.
     """
 
     @staticmethod
@@ -76,7 +84,7 @@ class _FusedLoRA(torch.autograd.Function):
         xa_t = lora_a @ x2.t()
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         out.addmm_(xa_t.t(), lora_b.t(), alpha=scale)
-        ctx.save_for_backward(x2, xa_t, weight, lora_a, lora_b)
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, xa_t, weight, lora_a, lora_b)
         ctx.scale = scale
         ctx.x_shape = x.shape
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -104,8 +112,9 @@ class LoRALayer(AdapterLayer):
         weight = self.base_module().weight
         self.scale = config.scale
         self.dropout = config.dropout
+        self.freeze_a = config.freeze_a
         kind = {"dtype": adapter_dtype(weight), "device": weight.device}
-        self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, **kind))
+        self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, **kind), requires_grad=not config.freeze_a)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, **kind))
         self._original_weight: torch.Tensor | None = None
         if config.init == "pissa":
@@ -114,6 +123,12 @@ class LoRALayer(AdapterLayer):
             nn.init.normal_(self.lora_A, std=1.0 / config.r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        """The trainable tensors: LoRA-FA leaves A out (it stays in the saved state)."""
+        for param in super().adapter_parameters():
+            if not (self.freeze_a and param is self.lora_A):
+                yield param
 
     # -- PiSSA: principal singular directions move from W0 into A and B -----------------
     def _init_pissa(self, r: int) -> None:
