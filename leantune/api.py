@@ -8,11 +8,10 @@ from torch import nn
 
 from .errors import LeantuneError
 from .methods.base import MethodConfig
-from .methods.layer import AdapterLayer, Router, adapter_layers, named_adapter_layers
+from .methods.layer import AdapterLayer, Router, adapter_layers, model_router, named_adapter_layers
 from .methods.targets import replace_module
 
 _REGISTRY_ATTR = "leantune_adapters"
-_ROUTER_ATTR = "leantune_router"
 
 
 def attached(model: nn.Module) -> dict[str, MethodConfig]:
@@ -60,7 +59,7 @@ def _refuse_per_row_routing(model: nn.Module) -> None:
 
 def router(model: nn.Module) -> Router:
     """The model's router: which adapters its forwards run (methods/layer.py)."""
-    return model.__dict__.setdefault(_ROUTER_ATTR, Router())
+    return model_router(model)
 
 
 def bind_layers(model: nn.Module) -> None:
@@ -94,9 +93,20 @@ def _layers_of(model: nn.Module, names: list[str]) -> list[AdapterLayer]:
 
 def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Fold adapters into the base weights; inner (earlier) adapters first."""
+    refuse_unmergeable(model, _names(model, adapter_name))
     for layer in reversed(_layers_of(model, _names(model, adapter_name))):
         layer.merge()
     return model
+
+
+def refuse_unmergeable(model: nn.Module, names: list[str]) -> None:
+    """Adapters whose method has no weight update to fold in (`mergeable = False`) stop a merge before it starts."""
+    registry = attached(model)
+    for name in names:
+        if not registry[name].mergeable:
+            method = registry[name].method_name
+            raise LeantuneError(f"{method} adapters cannot be merged into the base weights (adapter '{name}'); "
+                                "save the adapter instead (lt.save_adapter or lt.export_peft)")
 
 
 def unmerge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:

@@ -1,11 +1,14 @@
 """The contract every method keeps, checked once for all of them on a tiny model.
 
-- attach changes the output by nothing (within the init tolerance) and makes exactly the
-  method's own tensors trainable; a backward reaches each of them and nothing else;
+- attach changes the output by nothing (within the init tolerance; prompt tuning's virtual tokens
+  act from the start) and makes exactly the method's own tensors trainable; a backward reaches
+  each of them and nothing else;
 - with random (never zero) adapter tensors: `disabled` is the exact base, before and after a merge;
   a merge keeps the adapted output; unmerge gives back the exact base tensors and the exact
   adapted output; detach gives back the exact base model (Full: keeps the trained weights);
 - `detach(keep_merged=True)` keeps the merged output and leaves no adapter behind;
+- a method that cannot be merged (`mergeable = False`) makes lt.merge, detach(keep_merged=True)
+  and the merged export refuse with one sentence naming it, and leaves the model as it was;
 - save/load onto a fresh base rebuilds the same adapter and the exact same output.
 
 Method-specific behaviour (forward/gradient references, options, errors) stays in test_<method>.py.
@@ -20,6 +23,7 @@ import torch
 
 import leantune as lt
 from conftest import randomize_adapter
+from leantune.errors import LeantuneError
 from leantune.methods.base import MethodConfig
 from leantune.methods.layer import AdapterLayer, named_adapter_layers
 from leantune.methods.sketch import SketchTune
@@ -47,6 +51,8 @@ class Case:
     detach: str = "base"  # "base": the exact base comes back; "dense-sketch": Ŵ as nn.Linear; "trained": Full
     rewrites_base: bool = False  # the init moves part of W0 into the adapter (PiSSA): the base tensors differ
     dtypes: tuple = (torch.float32, torch.float64)
+    keeps_output: bool = True  # attach leaves the output as it was (within `init`)
+    mergeable: bool = True  # False: every merge refuses, naming the method
 
 
 CASES = [
@@ -78,6 +84,7 @@ CASES = [
     Case("sketchtune", lambda sketch_dir: SketchTune(sketch=str(sketch_dir)), scale=0.02,
          merge_tolerance={"rtol": 1e-5, "atol": 1e-5}, base="attached", detach="dense-sketch",
          dtypes=(torch.float32,)),
+    Case("prompt", lambda _: lt.PromptTuning(num_virtual_tokens=3), scale=0.05, keeps_output=False, mergeable=False),
 ]
 CASE_IDS = [case.id for case in CASES]
 DTYPE_CASES = [pytest.param(case, dtype, id=f"{case.id}-{str(dtype).removeprefix('torch.')}")
@@ -124,11 +131,15 @@ def logits(model, tokens):
 
 
 def base_state(model) -> dict[str, torch.Tensor]:
-    """The model's tensors under the names detach will give them: adapter tensors left out, base_layer unwrapped."""
+    """The model's tensors under the names detach will give them: adapter tensors left out, base_layer unwrapped,
+    and so are tensors of modules the base did not have (a model method's own, e.g. prompt tuning's)."""
     adapter_keys = {f"{name}.{key}" if name else key
                     for name, layer in named_adapter_layers(model) for key in layer.adapter_state_dict()}
-    return {key.replace(".base_layer.", "."): value.detach().clone()
-            for key, value in model.state_dict().items() if key not in adapter_keys}
+    base_modules = model.__dict__.get("base_module_names")
+    state = {key.replace(".base_layer.", "."): value.detach().clone()
+             for key, value in model.state_dict().items() if key not in adapter_keys}
+    return {key: value for key, value in state.items()
+            if base_modules is None or key.rpartition(".")[0] in base_modules}
 
 
 def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -162,6 +173,7 @@ def attach_to_base(case: Case, config: MethodConfig, tokens, dtype=torch.float32
     none of its tensors."""
     model = load_base(case, dtype)
     original_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.__dict__["base_module_names"] = {name for name, _ in model.named_modules()}
     original = logits(model, tokens)
     lt.attach(model, config)
     with lt.disabled(model):
@@ -187,7 +199,10 @@ def test_attach_keeps_the_output_and_trains_only_the_adapter(case, make_config, 
     config = make_config(case)
     model, base = attach_to_base(case, config, tokens)
     assert lt.attached(model) == {"default": config}
-    torch.testing.assert_close(logits(model, tokens), base, **(case.init or EXACT))
+    if case.keeps_output:
+        torch.testing.assert_close(logits(model, tokens), base, **(case.init or EXACT))
+    else:
+        assert not torch.allclose(logits(model, tokens), base, atol=1e-3)
 
     own = {id(p) for p in config.trainable_parameters(model, "default")}
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -217,12 +232,17 @@ def test_merge_unmerge_disabled_detach(case, dtype, make_config, tokens):
             torch.testing.assert_close(logits(model, tokens), base, **EXACT)
     torch.testing.assert_close(logits(model, tokens), adapted, **EXACT)
 
-    lt.merge(model)
-    merged = logits(model, tokens)
-    assert_merged_output(case, dtype, merged, adapted, base)
-    with lt.disabled(model):
-        torch.testing.assert_close(logits(model, tokens), base, **EXACT)
-    torch.testing.assert_close(logits(model, tokens), merged, **EXACT)  # merged again after the block
+    assert type(model_config(model)).mergeable == case.mergeable
+    if case.mergeable:
+        lt.merge(model)
+        merged = logits(model, tokens)
+        assert_merged_output(case, dtype, merged, adapted, base)
+        with lt.disabled(model):
+            torch.testing.assert_close(logits(model, tokens), base, **EXACT)
+        torch.testing.assert_close(logits(model, tokens), merged, **EXACT)  # merged again after the block
+    else:
+        assert_merge_refused(model, lambda: lt.merge(model))
+        torch.testing.assert_close(logits(model, tokens), adapted, **EXACT)
 
     lt.unmerge(model)
     if case.detach != "trained":  # Full has no separate base tensors: its weights are the trained ones
@@ -243,10 +263,29 @@ def test_merge_unmerge_disabled_detach(case, dtype, make_config, tokens):
         torch.testing.assert_close(logits(model, tokens), adapted, **EXACT)
 
 
+def model_config(model) -> MethodConfig:
+    return lt.attached(model)["default"]
+
+
+def assert_merge_refused(model, merge) -> None:
+    """One sentence naming the method; the adapter stays attached, unmerged."""
+    sentence = rf"^{model_config(model).method_name} adapters cannot be merged into the base weights (?:(?!\. ).)*$"
+    with pytest.raises(LeantuneError, match=sentence):
+        merge()
+    assert list(lt.attached(model)) == ["default"]
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_detach_keep_merged_keeps_the_merged_output(case, make_config, tokens):
+def test_detach_keep_merged_keeps_the_merged_output(case, make_config, tokens, tmp_path):
     model, base = attach_to_base(case, make_config(case), tokens)
     adapted = randomize(case, model, base, tokens)
+    if not case.mergeable:
+        assert_merge_refused(model, lambda: lt.detach(model, keep_merged=True))
+        assert_merge_refused(model, lambda: lt.save_merged_model(model, tmp_path / "merged"))
+        assert_merge_refused(model, lambda: lt.save_merged_model(model, tmp_path / "merged", in_place=True))
+        assert not (tmp_path / "merged").exists()
+        torch.testing.assert_close(logits(model, tokens), adapted, **EXACT)
+        return
     adapted_names = [name for name, _ in named_adapter_layers(model)]
     lt.detach(model, keep_merged=True)
     assert lt.attached(model) == {} and not any(isinstance(m, AdapterLayer) for m in model.modules())

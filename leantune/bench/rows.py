@@ -35,6 +35,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # step's cost, so a small calibration set keeps that fit quick. `--set sketchtune.sketch=DIR`
     # benchmarks a sketch fitted beforehand with `leantune sketch`.
     "sketchtune": {"name": "sketchtune", "samples": 16, "seq_len": 256},
+    "prompt": {"name": "prompt", "num_virtual_tokens": 20},
 }
 
 # Hugging Face PEFT rows: the same settings as the leantune row they are compared with.
@@ -44,11 +45,13 @@ PEFT_PRESETS: dict[str, dict[str, Any]] = {
     "peft-dora": {"peft": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "use_dora": True},
     "peft-ia3": {"peft": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"],
                  "feedforward_modules": ["down_proj"]},
+    # PEFT prepends the virtual tokens only for a causal-LM task type
+    "peft-prompt": {"peft": "prompt", "num_virtual_tokens": 20, "task_type": "CAUSAL_LM"},
 }
 PEFT_ROWS = tuple(PEFT_PRESETS)
 
 # Each leantune row and the PEFT row that does the same thing.
-PEFT_COUNTERPART = {"lora": "peft-lora", "dora": "peft-dora", "ia3": "peft-ia3"}
+PEFT_COUNTERPART = {"lora": "peft-lora", "dora": "peft-dora", "ia3": "peft-ia3", "prompt": "peft-prompt"}
 
 
 def known_rows() -> list[str]:
