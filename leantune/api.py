@@ -9,11 +9,11 @@ from torch import nn
 from .errors import LeantuneError
 from .methods.base import MethodConfig
 from .methods.hybrid import Hybrid
-from .methods.layer import PART_SEPARATOR, AdapterLayer, Router, adapter_layers, named_adapter_layers, owner_name
+from .methods.layer import (PART_SEPARATOR, AdapterLayer, Router, adapter_layers, model_router, named_adapter_layers,
+                            owner_name)
 from .methods.targets import replace_module
 
 _REGISTRY_ATTR = "leantune_adapters"
-_ROUTER_ATTR = "leantune_router"
 
 
 def attached(model: nn.Module) -> dict[str, MethodConfig]:
@@ -81,7 +81,7 @@ def _refuse_per_row_routing(model: nn.Module) -> None:
 
 def router(model: nn.Module) -> Router:
     """The model's router: which adapters its forwards run (methods/layer.py)."""
-    return model.__dict__.setdefault(_ROUTER_ATTR, Router())
+    return model_router(model)
 
 
 def bind_layers(model: nn.Module) -> None:

@@ -50,6 +50,7 @@ class Case:
     detach: str = "base"  # "base": the exact base comes back; "dense-sketch": Ŵ as nn.Linear; "trained": Full
     rewrites_base: bool = False  # the init moves part of W0 into the adapter (PiSSA): the base tensors differ
     mergeable: bool = True  # False: lt.merge refuses with UNMERGEABLE, and the model is left as it was
+    keeps_output: bool = True  # attach leaves the output as it was (within `init`); prompt tokens act at once
     dtypes: tuple = (torch.float32, torch.float64)
 
 
@@ -94,6 +95,7 @@ CASES = [
     Case("adapter-houlsby", lambda _: lt.Adapter(bottleneck=8, where="both"), scale=0.5, mergeable=False),
     Case("adapter-parallel", lambda _: lt.Adapter(reduction=16, placement="parallel", where="attn", activation="silu",
                                                   scale=4.0), model="tiny-qwen2", scale=0.5, mergeable=False),
+    Case("prompt", lambda _: lt.PromptTuning(num_virtual_tokens=3), scale=0.05, keeps_output=False, mergeable=False),
 ]
 CASE_IDS = [case.id for case in CASES]
 DTYPE_CASES = [pytest.param(case, dtype, id=f"{case.id}-{str(dtype).removeprefix('torch.')}")
@@ -140,11 +142,15 @@ def logits(model, tokens):
 
 
 def base_state(model) -> dict[str, torch.Tensor]:
-    """The model's tensors under the names detach will give them: adapter tensors left out, base_layer unwrapped."""
+    """The model's tensors under the names detach will give them: adapter tensors left out, base_layer unwrapped,
+    and so are tensors of modules the base did not have (a model method's own, e.g. prompt tuning's)."""
     adapter_keys = {f"{name}.{key}" if name else key
                     for name, layer in named_adapter_layers(model) for key in layer.adapter_state_dict()}
-    return {key.replace(".base_layer.", "."): value.detach().clone()
-            for key, value in model.state_dict().items() if key not in adapter_keys}
+    base_modules = model.__dict__.get("base_module_names")
+    state = {key.replace(".base_layer.", "."): value.detach().clone()
+             for key, value in model.state_dict().items() if key not in adapter_keys}
+    return {key: value for key, value in state.items()
+            if base_modules is None or key.rpartition(".")[0] in base_modules}
 
 
 def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -190,6 +196,7 @@ def attach_to_base(case: Case, config: MethodConfig, tokens, dtype=torch.float32
     model = load_base(case, dtype)
     original_state = {k: v.clone() for k, v in model.state_dict().items()}
     original = logits(model, tokens)
+    model.__dict__["base_module_names"] = {name for name, _ in model.named_modules()}
     lt.attach(model, config)
     with lt.disabled(model):
         base = logits(model, tokens)
@@ -214,7 +221,10 @@ def test_attach_keeps_the_output_and_trains_only_the_adapter(case, make_config, 
     config = make_config(case)
     model, base = attach_to_base(case, config, tokens)
     assert lt.attached(model) == {"default": config}
-    torch.testing.assert_close(logits(model, tokens), base, **(case.init or EXACT))
+    if case.keeps_output:
+        torch.testing.assert_close(logits(model, tokens), base, **(case.init or EXACT))
+    else:
+        assert not torch.allclose(logits(model, tokens), base, atol=1e-3)
 
     own = {id(p) for p in config.trainable_parameters(model, "default")}
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -274,11 +284,15 @@ def test_merge_unmerge_disabled_detach(case, dtype, make_config, tokens):
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_detach_keep_merged_keeps_the_merged_output(case, make_config, tokens):
+def test_detach_keep_merged_keeps_the_merged_output(case, make_config, tokens, tmp_path):
     model, base = attach_to_base(case, make_config(case), tokens)
     adapted = randomize(case, model, base, tokens)
     if not case.mergeable:
         assert_merge_refused(model, lambda: lt.detach(model, keep_merged=True), tokens, adapted)
+        assert_merge_refused(model, lambda: lt.save_merged_model(model, tmp_path / "merged"), tokens, adapted)
+        assert_merge_refused(model, lambda: lt.save_merged_model(model, tmp_path / "merged", in_place=True),
+                             tokens, adapted)
+        assert not (tmp_path / "merged").exists()
         return
     adapted_names = [name for name, _ in named_adapter_layers(model)]
     lt.detach(model, keep_merged=True)

@@ -1,6 +1,7 @@
 """Export to the Hugging Face PEFT adapter format (`adapter_config.json` + `adapter_model.safetensors`,
 tensors named `base_model.model.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector`
-(DoRA) or `.ia3_l`), the files and keys PEFT's and vLLM's loaders read.
+(DoRA) or `.ia3_l`; prompt tuning's one tensor is `prompt_embeddings`), the files and keys PEFT's
+and vLLM's loaders read.
 
 LoRA and DoRA layers export their factors directly (PiSSA's residual base is folded back in as
 extra rank). Methods whose adapters are exactly a LoRA update export as LoRA in one of two
@@ -30,6 +31,7 @@ from ..methods.dora import DoRALayer
 from ..methods.ia3 import IA3, IA3Layer
 from ..methods.layer import AdapterLayer, bare_module_name, named_adapter_layers
 from ..methods.lora import LoRA, LoRALayer
+from ..methods.prompt import PromptTuning
 from ..methods.targets import candidate_modules
 from .native import single_adapter_name
 
@@ -37,7 +39,7 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_TENSOR_FILE = "adapter_model.safetensors"
 PEFT_PICKLE_FILE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
-EXPORTABLE = "lora, dora, ia3, paca (and methods whose layers define lora_factors)"
+EXPORTABLE = "lora, dora, ia3, paca, prompt (and methods whose layers define lora_factors)"
 
 # method name -> function that replaces that method's adapters on a model by equal LoRA adapters
 LORA_CONVERSIONS: dict[str, Callable[[nn.Module], nn.Module]] = {"paca": paca_to_lora}
@@ -52,7 +54,9 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
         model = convert(copy.deepcopy(model))
         config = api.attached(model)[name]
     layers = [(bare_module_name(n), layer) for n, layer in named_adapter_layers(model, name)]
-    if isinstance(config, IA3):
+    if isinstance(config, PromptTuning):
+        document, tensors = _prompt_tuning_export(model, config, name)
+    elif isinstance(config, IA3):
         document, tensors = _ia3_export(model, layers)
     else:
         document, tensors = _lora_export(model, config, layers)
@@ -61,7 +65,6 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
         "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
         "inference_mode": True,
         "modules_to_save": None,
-        "fan_in_fan_out": False,
     })
     with atomic_directory(path) as tmp:
         save_tensors(tensors, tmp / PEFT_TENSOR_FILE, metadata={"format": "pt"})
@@ -119,6 +122,7 @@ def _lora_export(model: nn.Module, config: MethodConfig,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
+        "fan_in_fan_out": False,
     }
     return document, tensors
 
@@ -137,8 +141,42 @@ def _ia3_export(model: nn.Module, layers: list[tuple[str, IA3Layer]]) -> tuple[d
         "target_modules": short if short_ff is not None else names,
         "feedforward_modules": short_ff if short_ff is not None else feedforward,
         "init_ia3_weights": True,
+        "fan_in_fan_out": False,
     }
     return document, tensors
+
+
+# leantune's prompt-tuning init -> PEFT's prompt_tuning_init
+PEFT_PROMPT_INITS = {"random": "RANDOM", "text": "TEXT", "vocab": "SAMPLE_VOCAB"}
+
+
+def _prompt_tuning_export(model: nn.Module, config: PromptTuning,
+                          name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """PEFT's PROMPT_TUNING: one (num_virtual_tokens, token_dim) table, the keys PEFT writes for it."""
+    prompt = config.state_dict(model, name)["prompt_embeddings"].detach()
+    model_config = getattr(model, "config", None)
+    text = config.init == "text"
+    document = {
+        "peft_type": "PROMPT_TUNING",
+        "auto_mapping": None,
+        "revision": None,
+        "num_virtual_tokens": prompt.shape[0],
+        "token_dim": prompt.shape[1],
+        "num_transformer_submodules": 1,
+        "num_attention_heads": _first_attribute(model_config, ("num_attention_heads", "n_head", "num_heads")),
+        "num_layers": _first_attribute(model_config, ("num_hidden_layers", "num_layers", "n_layer")),
+        "prompt_tuning_init": PEFT_PROMPT_INITS[config.init],
+        "prompt_tuning_init_text": config.init_text if text else None,
+        # PEFT requires a tokenizer name with TEXT; leantune embedded the text with the model's own
+        "tokenizer_name_or_path": getattr(model_config, "_name_or_path", None) if text else None,
+        "tokenizer_kwargs": None,
+    }
+    return document, {"prompt_embeddings": prompt}
+
+
+def _first_attribute(config: Any, names: tuple[str, ...]) -> Any:
+    """The first of `names` the model config sets (architectures name their sizes differently)."""
+    return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
 
 
 def _default_and_pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

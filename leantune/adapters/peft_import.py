@@ -1,5 +1,5 @@
-"""Import of Hugging Face PEFT adapters: `import_peft` attaches what PEFT's own loader would apply
-to the same base, or refuses, naming the key: other PEFT types, options leantune has no
+"""Import of Hugging Face PEFT adapters (LoRA, DoRA, IA3, prompt tuning): `import_peft` attaches what
+PEFT's own loader would apply to the same base, or refuses, naming the key: other PEFT types, options leantune has no
 equivalent for, inits that rewrote the base weights (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ), and
 configs that disagree with their tensors. Only safetensors are read; a pickled
 `adapter_model.bin` is refused.
@@ -20,9 +20,10 @@ from ..methods.base import MethodConfig
 from ..methods.dora import DoRA
 from ..methods.ia3 import IA3
 from ..methods.lora import LoRA
+from ..methods.prompt import PromptTuning
 from ..methods.targets import ALL_LINEAR, candidate_modules, closest_names, output_head_names, resolve_targets, unwrap
 from .native import attach_with_state
-from .peft_export import PEFT_CONFIG_FILE, PEFT_PICKLE_FILE, PEFT_PREFIX, PEFT_TENSOR_FILE
+from .peft_export import PEFT_CONFIG_FILE, PEFT_PICKLE_FILE, PEFT_PREFIX, PEFT_PROMPT_INITS, PEFT_TENSOR_FILE
 
 
 PEFT_METADATA_KEYS = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
@@ -35,6 +36,10 @@ PEFT_READ_KEYS = {
                        "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
                        "megatron_core"}),
     "IA3": frozenset({"target_modules", "exclude_modules", "feedforward_modules", "init_ia3_weights"}),
+    # the sizes are checked against the tensor and the model; the tokenizer only ever served PEFT's TEXT init
+    "PROMPT_TUNING": frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules",
+                                "num_attention_heads", "num_layers", "prompt_tuning_init", "prompt_tuning_init_text",
+                                "tokenizer_name_or_path", "tokenizer_kwargs"}),
 }
 # PEFT options leantune has no equivalent for, each at the value where it changes nothing. Any other
 # key is unknown to import_peft and must be empty (null, false, [], {}, "").
@@ -45,6 +50,7 @@ PEFT_NEUTRAL_OPTIONS = {
              "target_parameters": None, "ensure_weight_tying": False, "velora_config": None,
              "monteclora_config": None, "kasa_config": None, "use_bdlora": None, "arrow_config": None},
     "IA3": {"fan_in_fan_out": False, "modules_to_save": None},
+    "PROMPT_TUNING": {"modules_to_save": None},
 }
 # init_lora_weights values (lower-cased) whose init leaves the base weights alone: the saved factors are the
 # whole adapter.
@@ -56,16 +62,19 @@ SELECTION_KEYS = ("target_modules", "exclude_modules", "layers_to_transform", "l
 
 
 def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
-    """Attach the Hugging Face PEFT adapter (LoRA, DoRA or IA3) in directory `path` to `model`."""
+    """Attach the Hugging Face PEFT adapter (LoRA, DoRA, IA3 or prompt tuning) in directory `path` to `model`."""
     path = Path(path)
     document = _read_peft_config(path)
     source = path / PEFT_CONFIG_FILE
     peft_type = document["peft_type"]
-    # checked before the tensors are read: prompt-learning files hold no per-module tensors
+    # checked before the tensors are read: other prompt-learning files hold no per-module tensors
     if not isinstance(peft_type, str) or peft_type not in PEFT_READ_KEYS:
         raise LeantuneError(f"'{path}' holds a PEFT adapter of type {peft_type!r}, which import_peft does not support "
-                            "yet (it imports LORA, with or without use_dora, and IA3)")
+                            "yet (it imports LORA, with or without use_dora, IA3 and PROMPT_TUNING)")
     _refuse_unsupported(document, source, PEFT_READ_KEYS[peft_type], PEFT_NEUTRAL_OPTIONS[peft_type])
+    if peft_type == "PROMPT_TUNING":
+        config, state = _prompt_tuning_import(document, source, load_tensors(path / PEFT_TENSOR_FILE))
+        return attach_with_state(model, config, adapter_name, state)
     if peft_type == "LORA":
         _refuse_base_rewriting_init(document.get("init_lora_weights", True), source)
     tensors = _read_peft_tensors(path)
@@ -190,6 +199,33 @@ def _ia3_import(model: nn.Module, document: dict[str, Any],
     config = IA3(targets=_targets_for(model, IA3, names, document.get("target_modules"), feedforward=hint),
                  feedforward=hint)
     return config, _flatten(modules)
+
+
+def _prompt_tuning_import(document: dict[str, Any], source: Path,
+                          tensors: dict[str, torch.Tensor]) -> tuple[MethodConfig, dict[str, torch.Tensor]]:
+    """PEFT's one `prompt_embeddings` table, prepended to a causal LM's decoder input (the shape is checked
+    against the model when the tensor is loaded)."""
+    if document.get("task_type") != "CAUSAL_LM":
+        raise LeantuneError(f"'{source}' has task_type={document.get('task_type')!r}; import_peft reads prompt tuning "
+                            "for causal LMs only (task_type 'CAUSAL_LM')")
+    if document.get("num_transformer_submodules") not in (None, 1):
+        raise LeantuneError(f"'{source}' has num_transformer_submodules={document['num_transformer_submodules']!r}; "
+                            "a causal LM's prompt goes in front of one decoder (1)")
+    if set(tensors) != {"prompt_embeddings"}:
+        other = sorted(set(tensors) - {"prompt_embeddings"}) or ["(none)"]
+        raise LeantuneError(f"'{source.parent}' holds tensor '{other[0]}'; a PEFT prompt-tuning adapter holds exactly "
+                            "one, 'prompt_embeddings'")
+    inits = {peft: ours for ours, peft in PEFT_PROMPT_INITS.items()}
+    peft_init = str(document.get("prompt_tuning_init") or "RANDOM").upper()
+    if peft_init not in inits:
+        raise LeantuneError(f"'{source}' has prompt_tuning_init={document.get('prompt_tuning_init')!r}, which import_peft "
+                            f"does not know (known: {', '.join(inits)})")
+    if "num_virtual_tokens" not in document:
+        raise LeantuneError(f"PEFT prompt-tuning config '{source}' lacks 'num_virtual_tokens'")
+    init = inits[peft_init]
+    config = PromptTuning(num_virtual_tokens=document["num_virtual_tokens"], init=init,
+                          init_text=document.get("prompt_tuning_init_text") if init == "text" else None)
+    return config, {"prompt_embeddings": tensors["prompt_embeddings"]}
 
 
 def _targets_for(model: nn.Module, cls: type[MethodConfig], names: list[str], hint: Any, **fields: Any) -> list[str] | str:

@@ -36,6 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # step's cost, so a small calibration set keeps that fit quick. `--set sketchtune.sketch=DIR`
     # benchmarks a sketch fitted beforehand with `leantune sketch`.
     "sketchtune": {"name": "sketchtune", "samples": 16, "seq_len": 256},
+    "prompt": {"name": "prompt", "num_virtual_tokens": 20},
 }
 
 # Hugging Face PEFT rows: the same settings as the leantune row they are compared with.
@@ -48,12 +49,15 @@ PEFT_PRESETS: dict[str, dict[str, Any]] = {
     # PEFT does LoRA-FA in its optimizer (peft.optimizers.create_lorafa_optimizer): it freezes A and
     # steps B with a projected AdamW, so this row's optimizer is that one, not the plain AdamW.
     "peft-lora-fa": {"peft": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "optimizer": "lorafa"},
+    # PEFT prepends the virtual tokens only for a causal-LM task type
+    "peft-prompt": {"peft": "prompt", "num_virtual_tokens": 20, "task_type": "CAUSAL_LM"},
 }
 # What `--peft` appends: the counterparts of the default rows (peft-lora-fa is asked for by name).
 PEFT_ROWS = ("peft-lora", "peft-dora", "peft-ia3")
 
 # Each leantune row and the PEFT row that does the same thing.
-PEFT_COUNTERPART = {"lora": "peft-lora", "dora": "peft-dora", "ia3": "peft-ia3", "lora-fa": "peft-lora-fa"}
+PEFT_COUNTERPART = {"lora": "peft-lora", "dora": "peft-dora", "ia3": "peft-ia3", "lora-fa": "peft-lora-fa",
+                    "prompt": "peft-prompt"}
 
 
 def known_rows() -> list[str]:

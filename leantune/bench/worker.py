@@ -72,27 +72,42 @@ def build_model(spec: WorkerSpec):
         # embeddings' output a leaf that wants a gradient.
         model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
     elif spec.kind == "peft":
-        model = _attach_peft(model, dict(spec.settings or {}))
+        model = _attach_peft(model, dict(spec.settings or {}), spec.loss)
     else:
         attach(model, config_from_dict(dict(spec.settings or {})))
     return model.train()
 
 
-def _attach_peft(model, settings: dict[str, Any]):
+def _attach_peft(model, settings: dict[str, Any], loss: str = "full"):
     import peft  # optional: only the peft-* rows need it
 
     kind = settings.pop("peft")
     settings.pop("optimizer", None)  # make_optimizer's business
-    if kind == "lora":
-        if "target_modules" not in settings:
-            # exactly the modules leantune's "all-linear" adapts
-            settings["target_modules"] = sorted({n.split(".")[-1] for n, _ in resolve_targets(model, LoRA())})
-        config = peft.LoraConfig(**settings)
-    elif kind == "ia3":
-        config = peft.IA3Config(**settings)
-    else:
+    builders = {"lora": peft.LoraConfig, "ia3": peft.IA3Config, "prompt": peft.PromptTuningConfig}
+    if kind not in builders:
         raise ValueError(f"no Hugging Face PEFT builder for '{kind}'")
-    return peft.get_peft_model(model, config)
+    if kind == "lora" and "target_modules" not in settings:
+        # exactly the modules leantune's "all-linear" adapts
+        settings["target_modules"] = sorted({n.split(".")[-1] for n, _ in resolve_targets(model, LoRA())})
+    config = builders[kind](**settings)
+    model = peft.get_peft_model(model, config)
+    if config.is_prompt_learning:
+        _score_real_positions(model, config.num_virtual_tokens, loss)
+    return model
+
+
+def _score_real_positions(model, virtual_tokens: int, loss: str) -> None:
+    """PEFT's prompt-learning forward returns logits for its virtual tokens too; the bench's loss scores
+    the real positions only, as leantune's prompt tuning does."""
+    if loss == "chunked":  # PEFT adds the virtual tokens in its own forward, which the chunked loss never calls
+        raise ValueError("PEFT prompt learning puts its virtual tokens in front outside the decoder that the chunked "
+                         "loss calls; measure this row with --chunked-loss off")
+
+    def real_positions(module, args, output):
+        output.logits = output.logits[:, virtual_tokens:]
+        return output
+
+    model.register_forward_hook(real_positions)
 
 
 def make_optimizer(model, spec: WorkerSpec):

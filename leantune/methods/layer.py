@@ -20,7 +20,8 @@ def owner_name(adapter_name: str) -> str:
 
 
 class Router:
-    """Which adapters a forward of one model runs; one per model, read by all of its adapter layers.
+    """Which adapters a forward of one model runs; one per model, read by all of its adapter layers
+    (and by the forward hooks of model methods, such as prompt tuning's).
 
     `selected` is what `lt.use` chose (None: every attached adapter, stacked); `switched_off` holds
     the adapters an enclosing `lt.disabled` block turned off. The decision lives here, once, so a
@@ -38,6 +39,14 @@ class Router:
 
     def select(self, names: Iterable[str] | None) -> None:
         self.selected = None if names is None else frozenset(names)
+
+
+_ROUTER_ATTR = "leantune_router"
+
+
+def model_router(model: nn.Module) -> Router:
+    """The router of `model`, created on first use; it lives in the model's __dict__, outside its state."""
+    return model.__dict__.setdefault(_ROUTER_ATTR, Router())
 
 
 class AdapterLayer(nn.Module):

@@ -1,0 +1,249 @@
+"""Prompt tuning: trainable virtual-token embeddings put in front of every input.
+
+`PromptTuning(num_virtual_tokens=20)` trains one (num_virtual_tokens × hidden) matrix P and nothing
+else. It acts on the decoder body (`model.get_decoder()`), so the top-level forward and its
+`labels=` loss, `model.generate` and leantune's chunked loss (which calls the decoder itself) all
+run it the same way:
+
+- a forward pre-hook turns `input_ids` into `inputs_embeds` with P in front, extends a 2-D
+  attention mask with ones and, when position ids are given, gives the virtual tokens 0..V-1 and
+  moves the real ones up by V (without them the model counts 0..V+T-1, the same thing unpadded);
+- a forward hook cuts the virtual positions off `last_hidden_state` (and `hidden_states`), so the
+  head, the logits, the labels and every loss cover exactly the real tokens.
+
+The first real token is therefore not predicted, as without the adapter: a loss counts the same
+tokens with and without it. (PEFT's `labels=` loss also scores the first real token from the last
+virtual position, one term more per sequence; its logits at the real positions equal these.)
+
+With a KV cache the virtual tokens go in once, on the forward that starts from an empty cache;
+that cache is marked as holding them, and later forwards only extend the mask and shift the
+position ids. A non-empty cache without the mark (filled inside `lt.disabled`) is refused rather
+than misread. Attention masks and position ids passed in always describe the real tokens only.
+
+Init: "random" draws P from a normal at the scale (std) of the embedding matrix; "vocab" copies the
+embeddings of random vocabulary rows; both draw from `seed`. "text" embeds `init_text` tokenised by
+the model's own tokenizer (loaded by the model's name), repeated or cut to num_virtual_tokens.
+
+The virtual tokens are inputs, not a weight update, so the adapter cannot be merged.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from ..errors import LeantuneError
+from ..models import load_tokenizer
+from .base import ModelMethod, register
+from .layer import Router, adapter_dtype, model_router
+
+INITS = ("random", "text", "vocab")
+# The submodule of the model that holds each prompt adapter's virtual tokens, by adapter name.
+_PROMPTS_ATTR = "leantune_prompts"
+# Attribute on a KV cache: {adapter name: virtual tokens} that the cache already holds.
+_CACHE_MARK = "leantune_virtual_tokens"
+
+
+@register
+@dataclass
+class PromptTuning(ModelMethod):
+    method_name: ClassVar[str] = "prompt"
+    mergeable: ClassVar[bool] = False
+
+    num_virtual_tokens: int = 20
+    init: str = "random"
+    init_text: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        self._require_int("num_virtual_tokens")
+        self._require_choice("init", INITS)
+        self._require_int("seed", minimum=0)
+        if self.init == "text" and (not isinstance(self.init_text, str) or not self.init_text):
+            raise LeantuneError("prompt: init='text' needs 'init_text', the text whose token embeddings start "
+                                f"the virtual tokens, got {self.init_text!r}")
+        if self.init != "text" and self.init_text is not None:
+            raise LeantuneError(f"prompt: 'init_text' is only read with init='text', got init={self.init!r}")
+
+    def attach_to_model(self, model: nn.Module, adapter_name: str) -> list[str]:
+        decoder = _decoder(model)
+        if not adapter_name or "." in adapter_name:
+            raise LeantuneError(f"prompt: adapter name {adapter_name!r} must be non-empty and without '.'")
+        initial = initial_prompt(self, model, decoder.get_input_embeddings())
+        _prompt_modules(model)[adapter_name] = VirtualTokens(initial, adapter_name, model_router(model), decoder)
+        return []
+
+    def detach_from_model(self, model: nn.Module, adapter_name: str) -> None:
+        modules = _prompt_modules(model)
+        modules[adapter_name].remove_hooks()
+        del modules[adapter_name]
+        if not len(modules):
+            delattr(model, _PROMPTS_ATTR)
+
+    def trainable_parameters(self, model: nn.Module, adapter_name: str) -> Iterator[nn.Parameter]:
+        yield _prompt_modules(model)[adapter_name].prompt_embeddings
+
+    def state_dict(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": _prompt_modules(model)[adapter_name].prompt_embeddings}
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The decoder body whose input the virtual tokens join (what `get_decoder()` returns)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    embeddings = getattr(decoder, "get_input_embeddings", lambda: None)() if isinstance(decoder, nn.Module) else None
+    weight = getattr(embeddings, "weight", None)
+    if decoder is None or decoder is model or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise LeantuneError(f"prompt tuning needs a Hugging Face causal LM with a decoder body and input embeddings "
+                            f"(get_decoder(), get_input_embeddings()); {type(model).__name__} has none")
+    return decoder
+
+
+def _prompt_modules(model: nn.Module) -> nn.ModuleDict:
+    modules = getattr(model, _PROMPTS_ATTR, None)
+    if modules is None:
+        modules = nn.ModuleDict()
+        model.add_module(_PROMPTS_ATTR, modules)
+    return modules
+
+
+# -- the initial virtual tokens -------------------------------------------------------------
+
+def initial_prompt(config: PromptTuning, model: nn.Module, embeddings: nn.Module) -> torch.Tensor:
+    """(num_virtual_tokens, hidden) starting values, in the adapter dtype, on the embeddings' device."""
+    weight = embeddings.weight.detach()
+    count, hidden = config.num_virtual_tokens, weight.shape[1]
+    dtype = adapter_dtype(weight)
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.init == "random":
+        values = torch.randn(count, hidden, generator=generator, dtype=dtype) * weight.to(dtype).std().cpu()
+    else:
+        ids = (torch.randint(0, weight.shape[0], (count,), generator=generator) if config.init == "vocab"
+               else torch.tensor(_text_ids(config, model, weight.shape[0])))
+        values = weight[ids.to(weight.device)]
+    return values.to(device=weight.device, dtype=dtype).clone()
+
+
+def _text_ids(config: PromptTuning, model: nn.Module, vocab_size: int) -> list[int]:
+    """The token ids of init_text, repeated or cut to num_virtual_tokens."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        raise LeantuneError("prompt: init='text' embeds init_text with the model's tokenizer, and this model has no "
+                            "name to load it by; use init='random' or init='vocab'")
+    try:
+        tokenizer = load_tokenizer(name)
+    except LeantuneError as err:
+        raise LeantuneError(f"prompt: init='text' needs the tokenizer of '{name}' to embed init_text ({err})") from None
+    ids = list(tokenizer(config.init_text)["input_ids"])
+    if not ids:
+        raise LeantuneError(f"prompt: init_text {config.init_text!r} has no tokens")
+    if max(ids) >= vocab_size:
+        raise LeantuneError(f"prompt: init_text has token id {max(ids)}, beyond the model's {vocab_size} embeddings")
+    count = config.num_virtual_tokens
+    return (ids * math.ceil(count / len(ids)))[:count]
+
+
+# -- the mechanism: hooks on the decoder ----------------------------------------------------
+
+class VirtualTokens(nn.Module):
+    """One adapter's virtual tokens and the two decoder hooks that put them in and take them out."""
+
+    def __init__(self, initial: torch.Tensor, adapter_name: str, router: Router, decoder: nn.Module):
+        super().__init__()
+        self.prompt_embeddings = nn.Parameter(initial)
+        self.adapter_name = adapter_name
+        self.router = router
+        self.positional_names = tuple(inspect.signature(decoder.forward).parameters)
+        # Per decoder call in flight, innermost last: how many leading positions its output must lose.
+        # A call that raised leaves its entry below the later ones, where it is never read.
+        self.pending: list[int] = []
+        self.handles = (decoder.register_forward_pre_hook(self.before_decoder, with_kwargs=True),
+                        decoder.register_forward_hook(self.after_decoder, with_kwargs=True))
+
+    @property
+    def count(self) -> int:
+        return self.prompt_embeddings.shape[0]
+
+    def remove_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def before_decoder(self, decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not self.router.runs(self.adapter_name):
+            self.pending.append(0)
+            return None
+        kwargs = {**dict(zip(self.positional_names, args)), **kwargs}
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
+            kwargs, added = self._continue(kwargs, cache), 0
+        else:
+            kwargs, added = self._prepend(decoder, kwargs), self.count
+        self.pending.append(added)
+        return (), kwargs
+
+    def after_decoder(self, decoder: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        added = self.pending.pop()
+        if not added:
+            return None
+        if isinstance(output, tuple):
+            return (output[0][:, added:], *output[1:])
+        output.last_hidden_state = output.last_hidden_state[:, added:]
+        if getattr(output, "hidden_states", None) is not None:
+            output.hidden_states = tuple(h[:, added:] for h in output.hidden_states)
+        cache = _output_cache(output)
+        if cache is not None:  # it now holds this adapter's virtual tokens: later forwards must not add them again
+            setattr(cache, _CACHE_MARK, {**getattr(cache, _CACHE_MARK, {}), self.adapter_name: added})
+        return output
+
+    def _prepend(self, decoder: nn.Module, kwargs: dict) -> dict:
+        """The first forward: P in front of the embedded inputs; mask and positions extended to match."""
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            if kwargs.get("input_ids") is None:
+                raise LeantuneError(f"prompt adapter '{self.adapter_name}': the decoder got neither input_ids "
+                                    "nor inputs_embeds")
+            embeds = decoder.get_input_embeddings()(kwargs["input_ids"])
+        prompt = self.prompt_embeddings.to(embeds.dtype)[None].expand(embeds.shape[0], -1, -1)
+        kwargs["input_ids"] = None
+        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+        self._extend_mask(kwargs)
+        positions = kwargs.get("position_ids")
+        if positions is not None:
+            virtual = torch.arange(self.count, dtype=positions.dtype, device=positions.device)
+            kwargs["position_ids"] = torch.cat([virtual.expand(*positions.shape[:-1], -1), positions + self.count],
+                                               dim=-1)
+        return kwargs
+
+    def _continue(self, kwargs: dict, cache: Any) -> dict:
+        """A later forward: the cache holds the virtual tokens; the mask and positions must count them."""
+        if self.adapter_name not in getattr(cache, _CACHE_MARK, {}):
+            raise LeantuneError(f"prompt adapter '{self.adapter_name}': the KV cache given to this forward was "
+                                "filled without its virtual tokens (e.g. inside lt.disabled); start from an empty cache")
+        self._extend_mask(kwargs)
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + self.count
+        return kwargs
+
+    def _extend_mask(self, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            return
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            shape = f"a {mask.dim()}-D tensor" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise LeantuneError(f"prompt adapter '{self.adapter_name}' extends 2-D attention masks (batch × tokens); "
+                                f"this forward got {shape}")
+        kwargs["attention_mask"] = torch.cat([mask.new_ones((mask.shape[0], self.count)), mask], dim=1)
+
+
+def _output_cache(output: Any) -> Any:
+    """The KV cache a decoder output carries (`cache`; `past_key_values` before transformers 5), read from
+    the mapping itself: ModelOutput's own look-up warns about the old name."""
+    if not isinstance(output, dict):
+        return None
+    cache = dict.get(output, "cache")
+    return cache if cache is not None else dict.get(output, "past_key_values")
