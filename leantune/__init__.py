@@ -17,7 +17,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("attach", "attached", "detach", "disabled", "merge", "summary", "unmerge", "use"), ".api"),
     "paca_to_lora": ".convert",
     **dict.fromkeys(("load_adapter", "save_adapter", "save_merged_model", "export_peft", "import_peft"), ".adapters"),
-    **dict.fromkeys(("IA3", "BitFit", "DoRA", "Full", "LoRA", "MethodConfig", "PaCA", "SketchTune"), ".methods"),
+    **dict.fromkeys(("IA3", "BitFit", "DoRA", "Full", "LoRA", "MethodConfig", "PaCA", "PrefixTuning", "SketchTune"), ".methods"),
     **dict.fromkeys(("load_model", "load_tokenizer"), ".models"),
     "train": ".job",
 }
@@ -25,7 +25,7 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "attach", "attached", "detach", "disabled", "merge", "summary", "unmerge", "use", "train",
     "LeantuneError", "load_adapter", "save_adapter", "save_merged_model", "export_peft", "import_peft",
-    "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune", "paca_to_lora", "MethodConfig",
+    "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "PrefixTuning", "SketchTune", "paca_to_lora", "MethodConfig",
     "load_model", "load_tokenizer",
 ]
 

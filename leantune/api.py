@@ -8,11 +8,10 @@ from torch import nn
 
 from .errors import LeantuneError
 from .methods.base import MethodConfig
-from .methods.layer import AdapterLayer, Router, adapter_layers, named_adapter_layers
+from .methods.layer import AdapterLayer, Router, adapter_layers, model_router, named_adapter_layers
 from .methods.targets import replace_module
 
 _REGISTRY_ATTR = "leantune_adapters"
-_ROUTER_ATTR = "leantune_router"
 
 
 def attached(model: nn.Module) -> dict[str, MethodConfig]:
@@ -60,7 +59,7 @@ def _refuse_per_row_routing(model: nn.Module) -> None:
 
 def router(model: nn.Module) -> Router:
     """The model's router: which adapters its forwards run (methods/layer.py)."""
-    return model.__dict__.setdefault(_ROUTER_ATTR, Router())
+    return model_router(model)
 
 
 def bind_layers(model: nn.Module) -> None:
@@ -92,9 +91,20 @@ def _layers_of(model: nn.Module, names: list[str]) -> list[AdapterLayer]:
     return [layer for layer in adapter_layers(model) if layer.adapter_name in names]
 
 
+def refuse_unmergeable(model: nn.Module, names: list[str]) -> None:
+    """Methods whose adapters are no weight update (`mergeable = False`) cannot be folded into the base."""
+    for name in names:
+        config = attached(model)[name]
+        if not config.mergeable:
+            raise LeantuneError(f"adapter '{name}' ({config.method_name}) cannot be merged into the base weights; "
+                                "save it with lt.save_adapter or lt.export_peft instead")
+
+
 def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     """Fold adapters into the base weights; inner (earlier) adapters first."""
-    for layer in reversed(_layers_of(model, _names(model, adapter_name))):
+    names = _names(model, adapter_name)
+    refuse_unmergeable(model, names)
+    for layer in reversed(_layers_of(model, names)):
         layer.merge()
     return model
 

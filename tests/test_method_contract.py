@@ -1,11 +1,14 @@
 """The contract every method keeps, checked once for all of them on a tiny model.
 
-- attach changes the output by nothing (within the init tolerance) and makes exactly the
-  method's own tensors trainable; a backward reaches each of them and nothing else;
+- attach changes the output by nothing (within the init tolerance; prefix tuning's random prefixes
+  act from the start) and makes exactly the method's own tensors trainable; a backward reaches each
+  of them and nothing else;
 - with random (never zero) adapter tensors: `disabled` is the exact base, before and after a merge;
   a merge keeps the adapted output; unmerge gives back the exact base tensors and the exact
   adapted output; detach gives back the exact base model (Full: keeps the trained weights);
 - `detach(keep_merged=True)` keeps the merged output and leaves no adapter behind;
+- a method that cannot be merged (`mergeable = False`) has lt.merge and `detach(keep_merged=True)`
+  refuse in one sentence, leaving the adapter as it was;
 - save/load onto a fresh base rebuilds the same adapter and the exact same output.
 
 Method-specific behaviour (forward/gradient references, options, errors) stays in test_<method>.py.
@@ -29,6 +32,8 @@ from test_sketch import CALIB_TEXT, sketch_config
 # The tolerance of "merged == adapted" for dense float32 bases (float64 ones use torch's defaults).
 MERGE_FLOAT32 = {"rtol": 1e-4, "atol": 1e-5}
 EXACT = {"rtol": 0, "atol": 0}
+UNMERGEABLE = (r"^adapter 'default' \(\w+\) cannot be merged into the base weights; save it with lt\.save_adapter "
+               r"or lt\.export_peft instead$")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ class Case:
     detach: str = "base"  # "base": the exact base comes back; "dense-sketch": Ŵ as nn.Linear; "trained": Full
     rewrites_base: bool = False  # the init moves part of W0 into the adapter (PiSSA): the base tensors differ
     dtypes: tuple = (torch.float32, torch.float64)
+    keeps_output: bool = True  # False: the adapter acts from attach on (prefix tuning's random prefixes)
+    mergeable: bool = True  # False: lt.merge and detach(keep_merged=True) refuse (UNMERGEABLE)
 
 
 CASES = [
@@ -78,6 +85,10 @@ CASES = [
     Case("sketchtune", lambda sketch_dir: SketchTune(sketch=str(sketch_dir)), scale=0.02,
          merge_tolerance={"rtol": 1e-5, "atol": 1e-5}, base="attached", detach="dense-sketch",
          dtypes=(torch.float32,)),
+    # key/value prefixes through the attention cache; GQA shapes on both tiny models
+    Case("prefix", lambda _: lt.PrefixTuning(num_virtual_tokens=5), keeps_output=False, mergeable=False),
+    Case("prefix-reparam", lambda _: lt.PrefixTuning(num_virtual_tokens=4, reparam_hidden=8), model="tiny-qwen2",
+         keeps_output=False, mergeable=False),
 ]
 CASE_IDS = [case.id for case in CASES]
 DTYPE_CASES = [pytest.param(case, dtype, id=f"{case.id}-{str(dtype).removeprefix('torch.')}")
@@ -124,11 +135,16 @@ def logits(model, tokens):
 
 
 def base_state(model) -> dict[str, torch.Tensor]:
-    """The model's tensors under the names detach will give them: adapter tensors left out, base_layer unwrapped."""
+    """The model's tensors under the names detach will give them: adapter tensors left out, base_layer unwrapped.
+
+    Once the model has been attached to (`original_state` is set), only tensors it had before count:
+    model methods keep theirs in submodules of their own."""
     adapter_keys = {f"{name}.{key}" if name else key
                     for name, layer in named_adapter_layers(model) for key in layer.adapter_state_dict()}
-    return {key.replace(".base_layer.", "."): value.detach().clone()
-            for key, value in model.state_dict().items() if key not in adapter_keys}
+    state = {key.replace(".base_layer.", "."): value.detach().clone()
+             for key, value in model.state_dict().items() if key not in adapter_keys}
+    original = getattr(model, "original_state", None)
+    return state if original is None else {key: value for key, value in state.items() if key in original}
 
 
 def assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -164,14 +180,24 @@ def attach_to_base(case: Case, config: MethodConfig, tokens, dtype=torch.float32
     original_state = {k: v.clone() for k, v in model.state_dict().items()}
     original = logits(model, tokens)
     lt.attach(model, config)
+    model.original_state = original_state
     with lt.disabled(model):
         base = logits(model, tokens)
     if case.base == "original":
         torch.testing.assert_close(base, original, **EXACT)
         if not case.rewrites_base:
             assert_same_tensors(base_state(model), original_state)
-    model.original_state = original_state
     return model, base
+
+
+def assert_merge_refused(model, adapted, tokens) -> None:
+    """lt.merge and detach(keep_merged=True) refuse in one sentence and leave the adapter running as it was."""
+    with pytest.raises(lt.LeantuneError, match=UNMERGEABLE):
+        lt.merge(model)
+    with pytest.raises(lt.LeantuneError, match=UNMERGEABLE):
+        lt.detach(model, keep_merged=True)
+    assert list(lt.attached(model)) == ["default"]
+    torch.testing.assert_close(logits(model, tokens), adapted, **EXACT)
 
 
 def randomize(case: Case, model, base, tokens):
@@ -187,7 +213,8 @@ def test_attach_keeps_the_output_and_trains_only_the_adapter(case, make_config, 
     config = make_config(case)
     model, base = attach_to_base(case, config, tokens)
     assert lt.attached(model) == {"default": config}
-    torch.testing.assert_close(logits(model, tokens), base, **(case.init or EXACT))
+    if case.keeps_output:
+        torch.testing.assert_close(logits(model, tokens), base, **(case.init or EXACT))
 
     own = {id(p) for p in config.trainable_parameters(model, "default")}
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -217,12 +244,15 @@ def test_merge_unmerge_disabled_detach(case, dtype, make_config, tokens):
             torch.testing.assert_close(logits(model, tokens), base, **EXACT)
     torch.testing.assert_close(logits(model, tokens), adapted, **EXACT)
 
-    lt.merge(model)
-    merged = logits(model, tokens)
-    assert_merged_output(case, dtype, merged, adapted, base)
-    with lt.disabled(model):
-        torch.testing.assert_close(logits(model, tokens), base, **EXACT)
-    torch.testing.assert_close(logits(model, tokens), merged, **EXACT)  # merged again after the block
+    if case.mergeable:
+        lt.merge(model)
+        merged = logits(model, tokens)
+        assert_merged_output(case, dtype, merged, adapted, base)
+        with lt.disabled(model):
+            torch.testing.assert_close(logits(model, tokens), base, **EXACT)
+        torch.testing.assert_close(logits(model, tokens), merged, **EXACT)  # merged again after the block
+    else:
+        assert_merge_refused(model, adapted, tokens)
 
     lt.unmerge(model)
     if case.detach != "trained":  # Full has no separate base tensors: its weights are the trained ones
@@ -247,6 +277,9 @@ def test_merge_unmerge_disabled_detach(case, dtype, make_config, tokens):
 def test_detach_keep_merged_keeps_the_merged_output(case, make_config, tokens):
     model, base = attach_to_base(case, make_config(case), tokens)
     adapted = randomize(case, model, base, tokens)
+    if not case.mergeable:
+        assert_merge_refused(model, adapted, tokens)
+        return
     adapted_names = [name for name, _ in named_adapter_layers(model)]
     lt.detach(model, keep_merged=True)
     assert lt.attached(model) == {} and not any(isinstance(m, AdapterLayer) for m in model.modules())

@@ -380,14 +380,14 @@ def test_options_that_change_nothing_are_ignored(tokens, tmp_path):
 
 @pytest.mark.parametrize("config, peft_type", [
     (lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), "PROMPT_TUNING"),
-    (lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), "PREFIX_TUNING"),
     (lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16), "P_TUNING"),
     (lambda: peft.LoHaConfig(r=2, target_modules=["q_proj"]), "LOHA"),
-], ids=["prompt-tuning", "prefix-tuning", "p-tuning", "loha"])
+], ids=["prompt-tuning", "p-tuning", "loha"])
 def test_other_peft_types_are_named_as_not_supported(config, peft_type, tmp_path):
     peft.get_peft_model(lt.load_model("tiny-llama"), config()).save_pretrained(tmp_path / "peft")
     with pytest.raises(lt.LeantuneError, match=rf"holds a PEFT adapter of type '{peft_type}', which import_peft does "
-                                               r"not support yet \(it imports LORA, with or without use_dora, and IA3\)$"):
+                                               r"not support yet \(it imports LORA, with or without use_dora, IA3 and "
+                                               r"PREFIX_TUNING\)$"):
         lt.import_peft(lt.load_model("tiny-llama"), tmp_path / "peft")
 
 

@@ -30,6 +30,7 @@ def save_merged_model(model: nn.Module, path: str | os.PathLike, tokenizer: Any 
     """
     if not callable(getattr(model, "save_pretrained", None)):
         raise LeantuneError(f"a merged export needs a Hugging Face model (with save_pretrained), got {type(model).__name__}")
+    api.refuse_unmergeable(model, [name for name in api.attached(model) if api.router(model).runs(name)])
     if not in_place:
         model = copy.deepcopy(model)
     for name in [name for name in api.attached(model) if not api.router(model).runs(name)]:

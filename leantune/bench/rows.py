@@ -35,6 +35,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # step's cost, so a small calibration set keeps that fit quick. `--set sketchtune.sketch=DIR`
     # benchmarks a sketch fitted beforehand with `leantune sketch`.
     "sketchtune": {"name": "sketchtune", "samples": 16, "seq_len": 256},
+    "prefix": {"name": "prefix", "num_virtual_tokens": 20},
 }
 
 # Hugging Face PEFT rows: the same settings as the leantune row they are compared with.
@@ -44,11 +45,14 @@ PEFT_PRESETS: dict[str, dict[str, Any]] = {
     "peft-dora": {"peft": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "use_dora": True},
     "peft-ia3": {"peft": "ia3", "target_modules": ["k_proj", "v_proj", "down_proj"],
                  "feedforward_modules": ["down_proj"]},
+    "peft-prefix": {"peft": "prefix", "num_virtual_tokens": 20},
 }
-PEFT_ROWS = tuple(PEFT_PRESETS)
+# What --peft always appends; another PEFT row comes along with its leantune row (peft-prefix runs
+# under the full-logits loss only, so it is not added to every run).
+PEFT_ROWS = ("peft-lora", "peft-dora", "peft-ia3")
 
 # Each leantune row and the PEFT row that does the same thing.
-PEFT_COUNTERPART = {"lora": "peft-lora", "dora": "peft-dora", "ia3": "peft-ia3"}
+PEFT_COUNTERPART = {"lora": "peft-lora", "dora": "peft-dora", "ia3": "peft-ia3", "prefix": "peft-prefix"}
 
 
 def known_rows() -> list[str]:
@@ -58,7 +62,8 @@ def known_rows() -> list[str]:
 
 
 def parse_row_names(text: str, with_peft: bool) -> list[str]:
-    """The comma-separated row names, validated, in order, without duplicates; `--peft` appends PEFT's rows."""
+    """The comma-separated row names, validated, in order, without duplicates; `--peft` appends PEFT's rows
+    (PEFT_ROWS and the counterparts of the listed rows)."""
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
     if not names:
         raise LeantuneError("--methods lists no method")
@@ -69,7 +74,7 @@ def parse_row_names(text: str, with_peft: bool) -> list[str]:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise LeantuneError(f"unknown benchmark method '{name}'{hint}; known: {', '.join(known)}")
     if with_peft:
-        names += list(PEFT_ROWS)
+        names += [*PEFT_ROWS, *(PEFT_COUNTERPART[name] for name in names if name in PEFT_COUNTERPART)]
     return list(dict.fromkeys(names))
 
 

@@ -86,6 +86,8 @@ def _attach_peft(model, settings: dict[str, Any]):
         config = peft.LoraConfig(**settings)
     elif kind == "ia3":
         config = peft.IA3Config(**settings)
+    elif kind == "prefix":
+        config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", **settings)
     else:
         raise ValueError(f"no Hugging Face PEFT builder for '{kind}'")
     return peft.get_peft_model(model, config)
@@ -125,6 +127,10 @@ def make_step(model, input_ids, optimizer, loss: str) -> Callable[[], None]:
 
     from leantune.loss import causal_lm_loss
 
+    if loss == "chunked" and getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        raise ValueError("PEFT's prompt-learning rows run under the full-logits loss only (--chunked-loss off or "
+                         "both): the chunked loss calls the decoder directly, past the PeftModel forward that adds "
+                         "the prompt")
     loss_fn = partial(causal_lm_loss, chunked=(loss == "chunked"))
     record = torch.profiler.record_function
 

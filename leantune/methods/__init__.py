@@ -7,9 +7,10 @@ from .full import Full
 from .ia3 import IA3
 from .lora import LoRA
 from .paca import PaCA
+from .prefix import PrefixTuning
 from .sketch import SketchTune
 
 __all__ = [
     "METHODS", "AdapterLayer", "MethodConfig", "ModelMethod", "ModuleMethod", "config_from_dict", "method_class",
-    "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune",
+    "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "PrefixTuning", "SketchTune",
 ]

@@ -31,6 +31,15 @@ class Router:
         self.selected = None if names is None else frozenset(names)
 
 
+_ROUTER_ATTR = "leantune_router"
+
+
+def model_router(model: nn.Module) -> Router:
+    """The model's router (kept in its __dict__, outside parameters and state_dict): adapter layers
+    read it through `api.bind_layers`, model methods' hooks ask it directly."""
+    return model.__dict__.setdefault(_ROUTER_ATTR, Router())
+
+
 class AdapterLayer(nn.Module):
     """Wraps one module of the base model.
 
