@@ -18,7 +18,7 @@ _LAZY: dict[str, str] = {
     "paca_to_lora": ".convert",
     **dict.fromkeys(("load_adapter", "save_adapter", "save_merged_model", "export_peft", "import_peft"), ".adapters"),
     **dict.fromkeys(("Adapter", "IA3", "BitFit", "DoRA", "Full", "Hybrid", "LoRA", "MethodConfig", "PaCA",
-                     "PromptTuning", "SketchTune"), ".methods"),
+                     "PrefixTuning", "PromptTuning", "SketchTune"), ".methods"),
     **dict.fromkeys(("load_model", "load_tokenizer"), ".models"),
     "train": ".job",
 }
@@ -26,8 +26,8 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "attach", "attached", "detach", "disabled", "merge", "summary", "unmerge", "use", "train",
     "LeantuneError", "load_adapter", "save_adapter", "save_merged_model", "export_peft", "import_peft",
-    "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune", "Adapter", "PromptTuning", "Hybrid",
-    "paca_to_lora", "MethodConfig",
+    "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune", "Adapter", "PromptTuning", "PrefixTuning",
+    "Hybrid", "paca_to_lora", "MethodConfig",
     "load_model", "load_tokenizer",
 ]
 

@@ -84,6 +84,7 @@ def test_profile_groups_operators_by_kind():
 
 def test_row_names_are_validated_and_peft_rows_appended():
     assert parse_row_names("floor, lora,floor", with_peft=True) == ["floor", "lora", "peft-lora", "peft-dora", "peft-ia3"]
+    assert parse_row_names("prefix", with_peft=True) == ["prefix", "peft-lora", "peft-dora", "peft-ia3", "peft-prefix"]
     with pytest.raises(Exception, match="lorra"):
         parse_row_names("floor,lorra", with_peft=False)
 

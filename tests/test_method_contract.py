@@ -1,7 +1,8 @@
 """The contract every method keeps, checked once for all of them on a tiny model.
 
-- attach changes the output by nothing (within the init tolerance) and makes exactly the
-  method's own tensors trainable; a backward reaches each of them and nothing else;
+- attach changes the output by nothing (within the init tolerance; prefix tuning's random prefixes
+  act from the start) and makes exactly the method's own tensors trainable; a backward reaches each
+  of them and nothing else;
 - with random (never zero) adapter tensors: `disabled` is the exact base, before and after a merge;
   a merge keeps the adapted output; unmerge gives back the exact base tensors and the exact
   adapted output; detach gives back the exact base model (Full: keeps the trained weights);
@@ -52,6 +53,8 @@ class Case:
     mergeable: bool = True  # False: lt.merge refuses with UNMERGEABLE, and the model is left as it was
     keeps_output: bool = True  # attach leaves the output as it was (within `init`); prompt tokens act at once
     dtypes: tuple = (torch.float32, torch.float64)
+    keeps_output: bool = True  # False: the adapter acts from attach on (prefix tuning's random prefixes)
+    mergeable: bool = True  # False: lt.merge and detach(keep_merged=True) refuse (UNMERGEABLE)
 
 
 CASES = [
@@ -96,6 +99,10 @@ CASES = [
     Case("adapter-parallel", lambda _: lt.Adapter(reduction=16, placement="parallel", where="attn", activation="silu",
                                                   scale=4.0), model="tiny-qwen2", scale=0.5, mergeable=False),
     Case("prompt", lambda _: lt.PromptTuning(num_virtual_tokens=3), scale=0.05, keeps_output=False, mergeable=False),
+    # key/value prefixes through the attention cache; GQA shapes on both tiny models
+    Case("prefix", lambda _: lt.PrefixTuning(num_virtual_tokens=5), keeps_output=False, mergeable=False),
+    Case("prefix-reparam", lambda _: lt.PrefixTuning(num_virtual_tokens=4, reparam_hidden=8), model="tiny-qwen2",
+         keeps_output=False, mergeable=False),
 ]
 CASE_IDS = [case.id for case in CASES]
 DTYPE_CASES = [pytest.param(case, dtype, id=f"{case.id}-{str(dtype).removeprefix('torch.')}")
@@ -198,13 +205,13 @@ def attach_to_base(case: Case, config: MethodConfig, tokens, dtype=torch.float32
     original = logits(model, tokens)
     model.__dict__["base_module_names"] = {name for name, _ in model.named_modules()}
     lt.attach(model, config)
+    model.original_state = original_state
     with lt.disabled(model):
         base = logits(model, tokens)
     if case.base == "original":
         torch.testing.assert_close(base, original, **EXACT)
         if not case.rewrites_base:
             assert_same_tensors(base_state(model), original_state)
-    model.original_state = original_state
     return model, base
 
 

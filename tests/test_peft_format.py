@@ -163,8 +163,8 @@ def test_unsupported_peft_type_and_options_are_named(tmp_path):
     reference.save_pretrained(tmp_path / "peft")
     config_path = tmp_path / "peft" / "adapter_config.json"
     document = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**document, "peft_type": "PREFIX_TUNING"}))
-    with pytest.raises(lt.LeantuneError, match="of type 'PREFIX_TUNING', which import_peft does not support yet"):
+    config_path.write_text(json.dumps({**document, "peft_type": "LOKR"}))
+    with pytest.raises(lt.LeantuneError, match="of type 'LOKR', which import_peft does not support yet"):
         lt.import_peft(lt.load_model("tiny-llama"), tmp_path / "peft")
     config_path.write_text(json.dumps({**document, "bias": "all"}))
     model = lt.load_model("tiny-llama")
@@ -405,14 +405,14 @@ def test_options_that_change_nothing_are_ignored(tokens, tmp_path):
 
 
 @pytest.mark.parametrize("config, peft_type", [
-    (lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), "PREFIX_TUNING"),
     (lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16), "P_TUNING"),
     (lambda: peft.LoHaConfig(r=2, target_modules=["q_proj"]), "LOHA"),
-], ids=["prefix-tuning", "p-tuning", "loha"])
+], ids=["p-tuning", "loha"])
 def test_other_peft_types_are_named_as_not_supported(config, peft_type, tmp_path):
     peft.get_peft_model(lt.load_model("tiny-llama"), config()).save_pretrained(tmp_path / "peft")
     with pytest.raises(lt.LeantuneError, match=rf"holds a PEFT adapter of type '{peft_type}', which import_peft does "
-                                               r"not support yet \(it imports LORA, with or without use_dora, IA3 and PROMPT_TUNING\)$"):
+                                               r"not support yet \(it imports LORA, with or without use_dora, IA3, "
+                                               r"PROMPT_TUNING and PREFIX_TUNING\)$"):
         lt.import_peft(lt.load_model("tiny-llama"), tmp_path / "peft")
 
 

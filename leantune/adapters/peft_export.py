@@ -1,7 +1,7 @@
 """Export to the Hugging Face PEFT adapter format (`adapter_config.json` + `adapter_model.safetensors`,
 tensors named `base_model.model.<module>.lora_A.weight`, `.lora_B.weight`, `.lora_magnitude_vector`
-(DoRA) or `.ia3_l`; prompt tuning's one tensor is `prompt_embeddings`), the files and keys PEFT's
-and vLLM's loaders read.
+(DoRA) or `.ia3_l`; prompt and prefix tuning's one tensor is `prompt_embeddings`), the files and keys
+PEFT's and vLLM's loaders read.
 
 LoRA and DoRA layers export their factors directly (PiSSA's residual base is folded back in as
 extra rank). Methods whose adapters are exactly a LoRA update export as LoRA in one of two
@@ -32,6 +32,7 @@ from ..methods.ia3 import IA3, IA3Layer
 from ..methods.layer import AdapterLayer, bare_module_name, named_adapter_layers
 from ..methods.lora import LoRA, LoRALayer
 from ..methods.prompt import PromptTuning
+from ..methods.prefix import KEYS, VALUES, PrefixTuning, prefix_shape
 from ..methods.targets import candidate_modules
 from .native import single_adapter_name
 
@@ -39,7 +40,7 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_TENSOR_FILE = "adapter_model.safetensors"
 PEFT_PICKLE_FILE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
-EXPORTABLE = "lora, dora, ia3, paca, prompt (and methods whose layers define lora_factors)"
+EXPORTABLE = "lora, dora, ia3, paca, prompt, prefix (and methods whose layers define lora_factors)"
 
 # method name -> function that replaces that method's adapters on a model by equal LoRA adapters
 LORA_CONVERSIONS: dict[str, Callable[[nn.Module], nn.Module]] = {"paca": paca_to_lora}
@@ -58,6 +59,8 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
         document, tensors = _prompt_tuning_export(model, config, name)
     elif isinstance(config, IA3):
         document, tensors = _ia3_export(model, layers)
+    elif isinstance(config, PrefixTuning):
+        document, tensors = _prefix_export(model, config, name)
     else:
         document, tensors = _lora_export(model, config, layers)
     document.update({
@@ -177,6 +180,32 @@ def _prompt_tuning_export(model: nn.Module, config: PromptTuning,
 def _first_attribute(config: Any, names: tuple[str, ...]) -> Any:
     """The first of `names` the model config sets (architectures name their sizes differently)."""
     return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+
+
+def _prefix_export(model: nn.Module, config: PrefixTuning, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """PEFT's PREFIX_TUNING adapter: the plain prefixes (prefix_projection false), its widths those of the
+    key/value heads as PEFT sets them for grouped-query models."""
+    shape = prefix_shape(model, config.num_virtual_tokens)
+    state = config.state_dict(model, name)
+    document = {
+        "peft_type": "PREFIX_TUNING",
+        "num_virtual_tokens": shape.virtual,
+        "token_dim": shape.width,
+        "num_layers": shape.layers,
+        "num_attention_heads": shape.kv_heads,
+        "num_transformer_submodules": 1,
+        "prefix_projection": False,
+        "encoder_hidden_size": shape.width,
+        "init_weights": None,
+    }
+    return document, {"prompt_embeddings": prefix_to_peft(state[KEYS].detach(), state[VALUES].detach())}
+
+
+def prefix_to_peft(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(layers, kv_heads, virtual, head_dim) keys and values -> PEFT's (virtual, layers · 2 · kv_heads · head_dim):
+    per virtual token, layer after layer, each layer's key then its value, heads side by side."""
+    both = torch.stack([keys, values], dim=1)  # (layers, 2, heads, virtual, head_dim)
+    return both.permute(3, 0, 1, 2, 4).reshape(keys.shape[2], -1)
 
 
 def _default_and_pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -1,7 +1,7 @@
-"""Import of Hugging Face PEFT adapters (LoRA, DoRA, IA3, prompt tuning): `import_peft` attaches what
-PEFT's own loader would apply to the same base, or refuses, naming the key: other PEFT types, options leantune has no
-equivalent for, inits that rewrote the base weights (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ), and
-configs that disagree with their tensors. Only safetensors are read; a pickled
+"""Import of Hugging Face PEFT adapters (LoRA, DoRA, IA3, prompt and prefix tuning): `import_peft` attaches
+what PEFT's own loader would apply to the same base, or refuses, naming the key: other PEFT types,
+options leantune has no equivalent for, inits that rewrote the base weights (PiSSA, OLoRA, CorDA,
+LoRA-GA, LoftQ), and configs that disagree with their tensors. Only safetensors are read; a pickled
 `adapter_model.bin` is refused.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ..methods.dora import DoRA
 from ..methods.ia3 import IA3
 from ..methods.lora import LoRA
 from ..methods.prompt import PromptTuning
+from ..methods.prefix import KEYS, VALUES, PrefixTuning, prefix_shape
 from ..methods.targets import ALL_LINEAR, candidate_modules, closest_names, output_head_names, resolve_targets, unwrap
 from .native import attach_with_state
 from .peft_export import PEFT_CONFIG_FILE, PEFT_PICKLE_FILE, PEFT_PREFIX, PEFT_PROMPT_INITS, PEFT_TENSOR_FILE
@@ -40,6 +41,11 @@ PEFT_READ_KEYS = {
     "PROMPT_TUNING": frozenset({"num_virtual_tokens", "token_dim", "num_transformer_submodules",
                                 "num_attention_heads", "num_layers", "prompt_tuning_init", "prompt_tuning_init_text",
                                 "tokenizer_name_or_path", "tokenizer_kwargs"}),
+    # encoder_hidden_size and init_weights shape only the training-time projection and init; the file holds
+    # the prefixes they produced (PEFT saves projected prefixes too, whatever prefix_projection says)
+    "PREFIX_TUNING": frozenset({"num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads",
+                                "num_transformer_submodules", "prefix_projection", "encoder_hidden_size",
+                                "init_weights"}),
 }
 # PEFT options leantune has no equivalent for, each at the value where it changes nothing. Any other
 # key is unknown to import_peft and must be empty (null, false, [], {}, "").
@@ -51,6 +57,7 @@ PEFT_NEUTRAL_OPTIONS = {
              "monteclora_config": None, "kasa_config": None, "use_bdlora": None, "arrow_config": None},
     "IA3": {"fan_in_fan_out": False, "modules_to_save": None},
     "PROMPT_TUNING": {"modules_to_save": None},
+    "PREFIX_TUNING": {"modules_to_save": None},
 }
 # init_lora_weights values (lower-cased) whose init leaves the base weights alone: the saved factors are the
 # whole adapter.
@@ -62,7 +69,7 @@ SELECTION_KEYS = ("target_modules", "exclude_modules", "layers_to_transform", "l
 
 
 def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> nn.Module:
-    """Attach the Hugging Face PEFT adapter (LoRA, DoRA, IA3 or prompt tuning) in directory `path` to `model`."""
+    """Attach the Hugging Face PEFT adapter (LoRA, DoRA, IA3, prompt or prefix tuning) in directory `path` to `model`."""
     path = Path(path)
     document = _read_peft_config(path)
     source = path / PEFT_CONFIG_FILE
@@ -70,10 +77,14 @@ def import_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str = "
     # checked before the tensors are read: other prompt-learning files hold no per-module tensors
     if not isinstance(peft_type, str) or peft_type not in PEFT_READ_KEYS:
         raise LeantuneError(f"'{path}' holds a PEFT adapter of type {peft_type!r}, which import_peft does not support "
-                            "yet (it imports LORA, with or without use_dora, IA3 and PROMPT_TUNING)")
+                            "yet (it imports LORA, with or without use_dora, IA3, PROMPT_TUNING and PREFIX_TUNING)")
     _refuse_unsupported(document, source, PEFT_READ_KEYS[peft_type], PEFT_NEUTRAL_OPTIONS[peft_type])
-    if peft_type == "PROMPT_TUNING":
-        config, state = _prompt_tuning_import(document, source, load_tensors(path / PEFT_TENSOR_FILE))
+    if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING"):  # one tensor for the whole model, not keyed by module
+        tensors = load_tensors(path / PEFT_TENSOR_FILE)
+        if peft_type == "PROMPT_TUNING":
+            config, state = _prompt_tuning_import(document, source, tensors)
+        else:
+            config, state = _prefix_import(model, document, tensors, source)
         return attach_with_state(model, config, adapter_name, state)
     if peft_type == "LORA":
         _refuse_base_rewriting_init(document.get("init_lora_weights", True), source)
@@ -226,6 +237,39 @@ def _prompt_tuning_import(document: dict[str, Any], source: Path,
     config = PromptTuning(num_virtual_tokens=document["num_virtual_tokens"], init=init,
                           init_text=document.get("prompt_tuning_init_text") if init == "text" else None)
     return config, {"prompt_embeddings": tensors["prompt_embeddings"]}
+
+
+def _prefix_import(model: nn.Module, document: dict[str, Any], tensors: dict[str, torch.Tensor],
+                   source: Path) -> tuple[MethodConfig, dict[str, torch.Tensor]]:
+    try:
+        config = PrefixTuning(num_virtual_tokens=document["num_virtual_tokens"])
+    except KeyError as err:
+        raise LeantuneError(f"PEFT prefix-tuning config '{source}' lacks {err.args[0]!r}") from None
+    shape = prefix_shape(model, config.num_virtual_tokens)
+    expected = {"num_layers": shape.layers, "num_attention_heads": shape.kv_heads, "token_dim": shape.width,
+                "num_transformer_submodules": 1}
+    for key, value in expected.items():
+        if document.get(key) != value:
+            raise LeantuneError(f"PEFT {key}={document.get(key)!r} in '{source}' does not fit this "
+                                f"{type(model).__name__}, whose key/value prefixes need {key}={value}")
+    if set(tensors) != {"prompt_embeddings"}:
+        raise LeantuneError(f"'{source.parent}' holds tensors {', '.join(sorted(tensors))}; a PEFT prefix-tuning "
+                            "adapter holds exactly one, 'prompt_embeddings'")
+    flat = tensors["prompt_embeddings"]
+    want = (shape.virtual, shape.layers * 2 * shape.width)
+    if tuple(flat.shape) != want:
+        raise LeantuneError(f"PEFT tensor 'prompt_embeddings' in '{source.parent}' has shape {tuple(flat.shape)}, "
+                            f"its config asks for {want}")
+    keys, values = prefix_from_peft(flat, shape.layers, shape.kv_heads)
+    return config, {KEYS: keys, VALUES: values}
+
+
+def prefix_from_peft(flat: torch.Tensor, layers: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's (virtual, layers · 2 · kv_heads · head_dim) -> keys and values, each (layers, kv_heads, virtual,
+    head_dim): the inverse of peft_export.prefix_to_peft."""
+    virtual = flat.shape[0]
+    both = flat.reshape(virtual, layers, 2, kv_heads, -1).permute(1, 2, 3, 0, 4)
+    return both[:, 0].contiguous(), both[:, 1].contiguous()
 
 
 def _targets_for(model: nn.Module, cls: type[MethodConfig], names: list[str], hint: Any, **fields: Any) -> list[str] | str:

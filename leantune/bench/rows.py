@@ -37,6 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # benchmarks a sketch fitted beforehand with `leantune sketch`.
     "sketchtune": {"name": "sketchtune", "samples": 16, "seq_len": 256},
     "prompt": {"name": "prompt", "num_virtual_tokens": 20},
+    "prefix": {"name": "prefix", "num_virtual_tokens": 20},
 }
 
 # Hugging Face PEFT rows: the same settings as the leantune row they are compared with.
@@ -51,13 +52,15 @@ PEFT_PRESETS: dict[str, dict[str, Any]] = {
     "peft-lora-fa": {"peft": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "optimizer": "lorafa"},
     # PEFT prepends the virtual tokens only for a causal-LM task type
     "peft-prompt": {"peft": "prompt", "num_virtual_tokens": 20, "task_type": "CAUSAL_LM"},
+    "peft-prefix": {"peft": "prefix", "num_virtual_tokens": 20, "task_type": "CAUSAL_LM"},
 }
-# What `--peft` appends: the counterparts of the default rows (peft-lora-fa is asked for by name).
+# What --peft always appends; another PEFT row comes along with its leantune row (peft-lora-fa,
+# and peft-prompt / peft-prefix, which run under the full-logits loss only).
 PEFT_ROWS = ("peft-lora", "peft-dora", "peft-ia3")
 
 # Each leantune row and the PEFT row that does the same thing.
 PEFT_COUNTERPART = {"lora": "peft-lora", "dora": "peft-dora", "ia3": "peft-ia3", "lora-fa": "peft-lora-fa",
-                    "prompt": "peft-prompt"}
+                    "prompt": "peft-prompt", "prefix": "peft-prefix"}
 
 
 def known_rows() -> list[str]:
@@ -67,7 +70,8 @@ def known_rows() -> list[str]:
 
 
 def parse_row_names(text: str, with_peft: bool) -> list[str]:
-    """The comma-separated row names, validated, in order, without duplicates; `--peft` appends PEFT's rows."""
+    """The comma-separated row names, validated, in order, without duplicates; `--peft` appends PEFT's rows
+    (PEFT_ROWS and the counterparts of the listed rows)."""
     names = [part.strip().lower() for part in text.split(",") if part.strip()]
     if not names:
         raise LeantuneError("--methods lists no method")
@@ -78,7 +82,7 @@ def parse_row_names(text: str, with_peft: bool) -> list[str]:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise LeantuneError(f"unknown benchmark method '{name}'{hint}; known: {', '.join(known)}")
     if with_peft:
-        names += list(PEFT_ROWS)
+        names += [*PEFT_ROWS, *(PEFT_COUNTERPART[name] for name in names if name in PEFT_COUNTERPART)]
     return list(dict.fromkeys(names))
 
 

@@ -83,26 +83,26 @@ def _attach_peft(model, settings: dict[str, Any], loss: str = "full"):
 
     kind = settings.pop("peft")
     settings.pop("optimizer", None)  # make_optimizer's business
-    builders = {"lora": peft.LoraConfig, "ia3": peft.IA3Config, "prompt": peft.PromptTuningConfig}
+    builders = {"lora": peft.LoraConfig, "ia3": peft.IA3Config, "prompt": peft.PromptTuningConfig,
+                "prefix": peft.PrefixTuningConfig}
     if kind not in builders:
         raise ValueError(f"no Hugging Face PEFT builder for '{kind}'")
     if kind == "lora" and "target_modules" not in settings:
         # exactly the modules leantune's "all-linear" adapts
         settings["target_modules"] = sorted({n.split(".")[-1] for n, _ in resolve_targets(model, LoRA())})
     config = builders[kind](**settings)
+    if config.is_prompt_learning and loss == "chunked":  # PEFT adds them in its own forward, which the chunked loss skips
+        raise ValueError("PEFT prompt learning puts its virtual tokens or prefixes in outside the decoder that the "
+                         "chunked loss calls; measure this row with --chunked-loss off")
     model = peft.get_peft_model(model, config)
-    if config.is_prompt_learning:
-        _score_real_positions(model, config.num_virtual_tokens, loss)
+    if kind == "prompt":
+        _score_real_positions(model, config.num_virtual_tokens)
     return model
 
 
-def _score_real_positions(model, virtual_tokens: int, loss: str) -> None:
-    """PEFT's prompt-learning forward returns logits for its virtual tokens too; the bench's loss scores
-    the real positions only, as leantune's prompt tuning does."""
-    if loss == "chunked":  # PEFT adds the virtual tokens in its own forward, which the chunked loss never calls
-        raise ValueError("PEFT prompt learning puts its virtual tokens in front outside the decoder that the chunked "
-                         "loss calls; measure this row with --chunked-loss off")
-
+def _score_real_positions(model, virtual_tokens: int) -> None:
+    """PEFT's prompt-tuning forward returns logits for its virtual tokens too; the bench's loss scores
+    the real positions only, as leantune's prompt tuning does (prefix tuning's live in the cache)."""
     def real_positions(module, args, output):
         output.logits = output.logits[:, virtual_tokens:]
         return output

@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument("--model", default="smollm2-135m", help="model name or folder (default: smollm2-135m)")
     parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help=f"comma-separated rows: floor, full, leantune methods, peft-lora/peft-dora/peft-ia3/peft-prompt (default: {DEFAULT_METHODS})")
-    parser.add_argument("--peft", action="store_true", help="add Hugging Face PEFT's LoRA, DoRA and (IA)3 rows")
+                        help=f"comma-separated rows: floor, full, leantune methods, peft-lora/peft-dora/peft-ia3/peft-lora-fa/peft-prompt/peft-prefix (default: {DEFAULT_METHODS})")
+    parser.add_argument("--peft", action="store_true", help="add Hugging Face PEFT's LoRA, DoRA and (IA)3 rows, and each listed row's PEFT counterpart")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (default: 256)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per process (default: 3)")

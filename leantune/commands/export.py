@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="peft", choices=FORMATS,
                         help="peft: Hugging Face PEFT adapter_config.json + adapter_model.safetensors (default); "
                              "merged: the base model with the adapter folded in, as a Hugging Face model folder "
-                             "(config.json, model.safetensors, tokenizer) for any method but bottleneck adapters")
+                             "(config.json, model.safetensors, tokenizer) for any mergeable method (not bottleneck adapters, prompt or prefix tuning)")
     parser.add_argument("--out", required=True, help="the directory to write")
     parser.add_argument("--model", default=None,
                         help="base model the adapter belongs to (default: the one named in the adapter)")

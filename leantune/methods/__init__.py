@@ -9,10 +9,11 @@ from .hybrid import Hybrid
 from .ia3 import IA3
 from .lora import LoRA
 from .paca import PaCA
+from .prefix import PrefixTuning
 from .prompt import PromptTuning
 from .sketch import SketchTune
 
 __all__ = [
     "METHODS", "AdapterLayer", "MethodConfig", "ModelMethod", "ModuleMethod", "config_from_dict", "method_class",
-    "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune", "Adapter", "PromptTuning", "Hybrid",
+    "LoRA", "DoRA", "IA3", "BitFit", "Full", "PaCA", "SketchTune", "Adapter", "PromptTuning", "PrefixTuning", "Hybrid",
 ]

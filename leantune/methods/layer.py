@@ -45,7 +45,8 @@ _ROUTER_ATTR = "leantune_router"
 
 
 def model_router(model: nn.Module) -> Router:
-    """The router of `model`, created on first use; it lives in the model's __dict__, outside its state."""
+    """The model's router (kept in its __dict__, outside parameters and state_dict): adapter layers
+    read it through `api.bind_layers`, model methods' hooks ask it directly."""
     return model.__dict__.setdefault(_ROUTER_ATTR, Router())
 
 

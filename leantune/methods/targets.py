@@ -40,11 +40,14 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Named modules a method may wrap: adapter layers stand for what they wrap; their insides are hidden."""
+    """Named modules a method may wrap: adapter layers stand for what they wrap; their insides are hidden,
+    and so are the modules model methods add to hold their own tensors (`adapter_owned = True`)."""
     found: list[tuple[str, nn.Module]] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
         for child_name, child in module.named_children():
+            if getattr(child, "adapter_owned", False):
+                continue
             name = f"{prefix}.{child_name}" if prefix else child_name
             found.append((name, child))
             if not isinstance(child, AdapterLayer):

@@ -194,6 +194,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if found > FORMAT_VERSION:
         raise LeantuneError(f"checkpoint '{path}' was written by a newer leantune")
     _load_adapter_tensors(path / "adapter", model)
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if trained != {id(p) for p in model.parameters() if p.requires_grad}:
+        raise LeantuneError(f"checkpoint '{path}' cannot resume this run: its adapter was saved in folded form (prefix "
+                            "tuning with reparam_hidden), so loading it replaced the tensors being trained; start a "
+                            "new run from its adapter instead")
     saved_names = [g.get("names") for g in opt_document["param_groups"]]
     live_names = [g.get("names") for g in optimizer.param_groups]
     if saved_names != live_names:
