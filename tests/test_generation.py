@@ -162,7 +162,7 @@ def test_judge_tells_every_outcome_apart():
     assert [row["status"] for row in rows] == ["pass", "fail", "error", "timeout", "syntax", "pass"]
     assert [row["calls_function"] for row in rows] == [True, True, True, True, False, False]
     summary = unit_tests.summarize(rows)
-    assert summary["counts"] == {"pass": 2, "fail": 1, "error": 1, "timeout": 1, "syntax": 1}
+    assert summary["counts"] == {"pass": 2, "fail": 1, "error": 1, "timeout": 1, "killed": 0, "syntax": 1}
     assert summary["parse_rate"] == pytest.approx(5 / 6)
     assert summary["pass_rate"] == pytest.approx(2 / 6)
     assert summary["pass_with_call_rate"] == pytest.approx(1 / 6)

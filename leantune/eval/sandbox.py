@@ -1,23 +1,44 @@
-"""Run untrusted Python (model-generated unit tests) in a contained child process.
+"""Run untrusted Python (model-generated unit tests, mutants of a focal function) in a contained child.
 
 Each run gets its own child interpreter (`python -I -B`: no user site, no PYTHON* variables, no
-bytecode writes) started in a fresh temporary directory with a scrubbed environment and its own
-session. Before any untrusted line runs, the child:
+bytecode writes) in its own session, started in a fresh temporary directory with a scrubbed
+environment (a few fixed variables; nothing of the caller's). The parent enforces a wall-clock
+timeout by killing the child's process group. Before any untrusted line runs, the child
+(`sandbox_child`) sets up two kinds of containment.
 
-1. moves into a new network namespace when the kernel allows it (as root, or through a user
-   namespace), so it has no network interfaces besides a down loopback;
-2. limits itself with `resource.setrlimit`: CPU seconds, address space, size of files written
-   (which also bounds its stdout/stderr), open files, no core dumps;
-3. installs an audit hook (`sys.addaudithook`) that refuses sockets, new processes, signals to
-   other processes, ctypes, and any file write, creation, deletion, rename, permission change or
-   `chdir` outside its directory.
+Kernel-enforced (a boundary; `Outcome.isolation` names the layers that took effect, since some
+need root or user namespaces):
 
-The parent enforces a wall-clock timeout by killing the child's process group. The audit hook is
-a guard against accidents of generated code, not a boundary against a determined attacker.
+- "network": a new network namespace, with only a loopback that is down: no connection anywhere;
+- "filesystem": a new mount namespace in which every mount is read-only except a bind mount of
+  the work directory (nosuid, nodev, noexec); "ipc": a new IPC namespace;
+- "unprivileged": the child is not root. A root parent has it `setuid` to `Limits.user` (nobody):
+  writes to the caller's files, reading /proc/<parent>/environ and signals to the caller's
+  processes are then refused with EACCES / EPERM. Directories that user cannot enter but `sys.path` needs (a 0700
+  /root holding the interpreter) are covered, in the child's view only, by a tmpfs holding just
+  those. A non-root parent's child keeps its uid: the kernel still refuses /proc/<parent>/environ
+  (another user namespace), not signals;
+- "process_limit": RLIMIT_NPROC (0 by default: no new process or thread). The kernel counts it
+  per user and ignores it for root, hence it holds only with "unprivileged" or a non-root caller;
+- "no_new_privs": exec can never gain privileges (setuid binaries);
+- always: rlimits on CPU seconds, address space, size of files written (which also bounds
+  stdout/stderr), open files, no core dumps.
 
-Outcome: "pass" (the code ran and the named test function returned), "fail" (an AssertionError),
-"error" (any other exception, including refused operations and MemoryError; or the child died
-without reporting), "timeout" (the wall-clock or the CPU limit was reached).
+A guard against accidents (`sys.addaudithook`; code that means harm can get around it, e.g. by
+forging the report, which the kernel layers above do not prevent): sockets, new processes
+(fork, exec, posix_spawn, subprocess, os.system), signals to any other process, ctypes, changing
+rlimits, reading another process's /proc files or any /proc/*/environ, and writing, creating,
+deleting, renaming or chmod-ing any path outside the work directory are refused with a
+PermissionError that starts with "sandbox:". It is all there is where the kernel layers are
+missing (a non-root caller without user namespaces), and against signals to processes of the
+child's own user: a non-root caller's, or other runs (as root, every run is nobody).
+
+Outcomes (`OUTCOMES`): "pass" the program ran and the named function returned; "fail" it raised
+AssertionError; "error" any other exception (refused operations, MemoryError, SystemExit from
+sys.exit() or quit()), a child that exited without reporting (os._exit()), or a sandbox that
+could not start; "timeout" the wall clock or the CPU limit (soft SIGXCPU or the hard limit's
+SIGKILL, told apart from other kills by the child's CPU time) was reached; "killed" the child died
+from any other signal: a segfault, an abort, SIGKILL from the OOM killer or itself.
 """
 from __future__ import annotations
 
@@ -25,6 +46,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -32,22 +54,30 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 from .progress import progress_bar
 
-OUTCOMES = ("pass", "fail", "error", "timeout")
+OUTCOMES = ("pass", "fail", "error", "timeout", "killed")
 TAIL_CHARS = 2000
+NOBODY = 65534
+# Passed with -c: the untrusted program cannot edit it before it runs.
+_CHILD = (Path(__file__).parent / "sandbox_child.py").read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True)
 class Limits:
     wall_seconds: float = 10.0
-    cpu_seconds: int = 5
+    cpu_seconds: int = 5               # SIGXCPU then; SIGKILL one second later
     memory_bytes: int = 1 << 30        # address space; the interpreter itself needs ~30 MB
     output_bytes: int = 1 << 20        # largest file the child may write, stdout/stderr included
     open_files: int = 64
+    processes: int = 0                 # RLIMIT_NPROC: counts every process of the child's user
+    user: int | None = NOBODY          # uid and gid the child takes when started as root; None: stay root
     isolate_network: bool = True
+    isolate_filesystem: bool = True
+    audit_hook: bool = True            # False only to test that the kernel layers hold by themselves
 
 
 @dataclass
@@ -58,105 +88,17 @@ class Outcome:
     stdout: str = ""                   # last TAIL_CHARS characters
     stderr: str = ""
     seconds: float = 0.0
-    network_isolated: bool = False
+    isolation: tuple[str, ...] = ()    # the kernel-enforced layers that took effect (see the docstring)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# The child's side. It is passed with -c, so the untrusted code cannot edit it before it runs.
-# argv: workdir, program file, name of the function to call ("" for none), result fd, limits JSON.
-_CHILD = r'''
-import json, os, sys
-
-def _isolate_network():
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
-    flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
-    return libc.unshare(flags) == 0
-
-def _limit(limits):
-    import resource
-    cpu = limits["cpu_seconds"]
-    for name, value in (("RLIMIT_CPU", (cpu, cpu + 1)),
-                        ("RLIMIT_AS", (limits["memory_bytes"],) * 2),
-                        ("RLIMIT_FSIZE", (limits["output_bytes"],) * 2),
-                        ("RLIMIT_NOFILE", (limits["open_files"],) * 2),
-                        ("RLIMIT_CORE", (0, 0))):
-        resource.setrlimit(getattr(resource, name), value)
-
-_REFUSED_PREFIXES = ("socket.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork",
-                     "os.forkpty", "os.system", "os.kill", "os.killpg", "os.startfile", "pty.",
-                     "ctypes.", "_ctypes.", "urllib.", "http.", "ftplib.", "smtplib.", "poplib.",
-                     "imaplib.", "nntplib.", "telnetlib.", "webbrowser.", "winreg.", "signal.pthread_kill")
-# Events whose path arguments must all lie inside the work directory.
-_PATH_EVENTS = {"os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.link", "os.symlink", "os.chmod",
-                "os.chown", "os.lchown", "os.chflags", "os.lchflags", "os.truncate", "os.utime",
-                "os.setxattr", "os.removexattr", "os.chdir", "os.mkfifo", "os.mknod", "shutil.rmtree",
-                "shutil.copyfile", "shutil.copymode", "shutil.copystat", "shutil.copytree",
-                "shutil.chown", "shutil.move", "shutil.make_archive", "shutil.unpack_archive"}
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-def _guard(workdir):
-    root = os.path.realpath(workdir)
-    realpath, fspath, join, sep = os.path.realpath, os.fspath, os.path.join, os.sep
-
-    def inside(path):
-        if isinstance(path, int) or path is None:
-            return True  # an already-open descriptor, or an absent optional argument
-        path = fspath(path)
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
-        full = realpath(join(os.getcwd(), path))
-        return full == root or full.startswith(root + sep)
-
-    def writes(mode, flags):
-        if isinstance(mode, str) and any(c in mode for c in "wax+"):
-            return True
-        return isinstance(flags, int) and bool(flags & _WRITE_FLAGS)
-
-    def hook(event, args):
-        if event.startswith(_REFUSED_PREFIXES):
-            raise PermissionError(f"sandbox: {event} is not allowed")
-        if event == "open":
-            if writes(args[1], args[2]) and not inside(args[0]):
-                raise PermissionError(f"sandbox: writing {args[0]!r} outside the work directory is not allowed")
-        elif event in _PATH_EVENTS:
-            for arg in args:
-                if isinstance(arg, (str, bytes, os.PathLike)) and not inside(arg):
-                    raise PermissionError(f"sandbox: {event} on {arg!r} outside the work directory is not allowed")
-
-    sys.addaudithook(hook)
-
-def _main():
-    workdir, program, call, result_fd, limits = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5])
-    isolated = limits["isolate_network"] and _isolate_network()
-    _limit(limits)
-    with open(program, encoding="utf-8") as handle:
-        source = handle.read()
-    _guard(workdir)
-    report = {"network_isolated": bool(isolated)}
-    try:
-        namespace = {"__name__": "sandboxed_program"}
-        exec(compile(source, "program.py", "exec"), namespace)
-        if call:
-            namespace[call]()
-        report["status"] = "pass"
-    except AssertionError as err:
-        report.update(status="fail", detail=("AssertionError: " + str(err))[:500])
-    except BaseException as err:
-        report.update(status="error", detail=(type(err).__name__ + ": " + str(err))[:500])
-    os.write(result_fd, json.dumps(report).encode())
-    os.close(result_fd)
-
-_main()
-'''
-
-
 def _scrubbed_environment(workdir: str) -> dict[str, str]:
+    # one thread per math library: with no new threads allowed, a thread pool would fail to start
+    threads = dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"), "1")
     return {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8"}
+            "LC_ALL": "C.UTF-8", **threads}
 
 
 def _tail(handle) -> str:
@@ -166,13 +108,25 @@ def _tail(handle) -> str:
     return handle.read().decode("utf-8", errors="replace")[-TAIL_CHARS:]
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    """SIGKILL the child's whole session (it leads its own group) and reap it."""
+def _wait(process: subprocess.Popen, wall_seconds: float) -> tuple[bool, float]:
+    """Wait up to `wall_seconds`, past that SIGKILL the child's session (it leads its own group);
+    reap it. Whether it timed out, and the CPU seconds it used (to tell the CPU limit's SIGKILL
+    from other ones)."""
+    pidfd = os.pidfd_open(process.pid)
     try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    process.wait()
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        timed_out = not poller.poll(max(0, int(wall_seconds * 1000)))
+    finally:
+        os.close(pidfd)
+    if timed_out:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return timed_out, usage.ru_utime + usage.ru_stime
 
 
 def _read_report(read_fd: int) -> dict | None:
@@ -186,21 +140,31 @@ def _read_report(read_fd: int) -> dict | None:
     return report if isinstance(report, dict) and report.get("status") in OUTCOMES else None
 
 
-def _without_report(returncode: int, limits: Limits) -> tuple[str, str]:
+def _without_report(returncode: int, cpu_seconds: float, limits: Limits) -> tuple[str, str]:
     """Status and detail for a child that stopped before writing its result."""
-    if returncode in (-signal.SIGXCPU, -signal.SIGKILL):
-        return "timeout", f"CPU limit of {limits.cpu_seconds} s reached"
+    cpu_limit = f"CPU limit of {limits.cpu_seconds} s reached"
+    if returncode == -signal.SIGXCPU:
+        return "timeout", cpu_limit
+    if returncode == -signal.SIGKILL and cpu_seconds >= limits.cpu_seconds + 0.5:
+        return "timeout", cpu_limit + " (SIGXCPU was ignored; the hard limit killed it)"
     if returncode == -signal.SIGXFSZ:
-        return "error", f"output limit of {limits.output_bytes} bytes reached"
+        return "killed", f"output limit of {limits.output_bytes} bytes reached (SIGXFSZ)"
     if returncode < 0:
-        return "error", f"killed by {signal.Signals(-returncode).name}"
-    return "error", f"exited with status {returncode} without a result"
+        return "killed", f"killed by {signal.Signals(-returncode).name}"
+    return "error", f"the test exited the interpreter (status {returncode}) before reporting an outcome"
+
+
+def _workdir(limits: Limits) -> str:
+    workdir = tempfile.mkdtemp(prefix="leantune-sandbox-")
+    if os.geteuid() == 0 and limits.user is not None:
+        os.chown(workdir, limits.user, limits.user)  # the child writes here after its setuid
+    return workdir
 
 
 def run_code(source: str, call: str | None = None, limits: Limits | None = None) -> Outcome:
     """Execute `source` (then call the function named `call`) in a contained child process."""
     limits = limits or Limits()
-    workdir = tempfile.mkdtemp(prefix="leantune-sandbox-")
+    workdir = _workdir(limits)
     read_fd, write_fd = os.pipe()
     start = time.monotonic()
     try:
@@ -215,23 +179,18 @@ def run_code(source: str, call: str | None = None, limits: Limits | None = None)
                                        pass_fds=(write_fd,), start_new_session=True)
             os.close(write_fd)
             write_fd = -1
-            try:
-                process.wait(timeout=limits.wall_seconds)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill_group(process)
+            timed_out, cpu_seconds = _wait(process, limits.wall_seconds)
             seconds = time.monotonic() - start
             report = None if timed_out else _read_report(read_fd)
             if timed_out:
                 status, detail = "timeout", f"wall-clock limit of {limits.wall_seconds} s reached"
             elif report is None:
-                status, detail = _without_report(process.returncode, limits)
+                status, detail = _without_report(process.returncode, cpu_seconds, limits)
             else:
                 status, detail = report["status"], str(report.get("detail", ""))
             return Outcome(status=status, detail=detail, returncode=process.returncode,
                            stdout=_tail(out), stderr=_tail(err), seconds=seconds,
-                           network_isolated=bool(report and report.get("network_isolated")))
+                           isolation=tuple((report or {}).get("isolation", ())))
     finally:
         os.close(read_fd)
         if write_fd >= 0:

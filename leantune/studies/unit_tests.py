@@ -4,8 +4,9 @@ For each held-out record (a `humaneval-tests` record: `prompt` ends with `def te
 the base model (adapters disabled) and the tuned model each write a test body. The body is cut
 where the function ends (the first line that is not indented), parsed with `ast`, and, when it
 parses, run against the reference solution in the sandbox. Outcomes per test: "syntax" (does not
-parse, not run), or the sandbox's pass / fail / error / timeout. A pass counts as "pass with a call"
-when the test also calls the function under test, since an empty-handed test passes trivially.
+parse, not run), or the sandbox's pass / fail / error / timeout / killed. A pass counts as "pass
+with a call" when the test also calls the function under test, since an empty-handed test passes
+trivially.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from ..eval.generation import generate
 from ..eval.sandbox import Limits, run_many
 from ..files import atomic_write_text
 
-OUTCOME_KEYS = ("pass", "fail", "error", "timeout", "syntax")
+OUTCOME_KEYS = ("pass", "fail", "error", "timeout", "killed", "syntax")
 # A line that starts at column 0 ends the test function: stop generating there.
 END_OF_FUNCTION = tuple("\n" + c for c in string.ascii_letters + string.digits + string.punctuation)
 DEFAULT_LIMITS = Limits(wall_seconds=10.0, cpu_seconds=5, memory_bytes=1 << 30)
