@@ -63,3 +63,25 @@ def test_the_training_job_trains_and_reloads_a_hybrid(tmp_path, tokens):
                        "out_dir": str(tmp_path / "out")})
     loaded = lt.load_adapter(lt.load_model("tiny-llama"), result.adapter_dir)
     torch.testing.assert_close(_logits(loaded, tokens), _logits(result.model.eval(), tokens), rtol=0, atol=0)
+
+
+def test_the_mam_adapter_prefix_tuning_plus_a_parallel_adapter_is_one_adapter(tokens, tmp_path):
+    """He et al.'s MAM adapter: a model method (prefixes) and a module method (parallel FFN adapter)."""
+    mam = [lt.PrefixTuning(num_virtual_tokens=4), lt.Adapter(bottleneck=8, placement="parallel", where="ffn")]
+    model = lt.attach(lt.load_model("tiny-llama"), mam)
+    base = lt.load_model("tiny-llama")
+    randomize_adapter(model)
+    adapted = _logits(model, tokens)
+    with lt.disabled(model):
+        torch.testing.assert_close(_logits(model, tokens), _logits(base, tokens), rtol=0, atol=0)
+    lt.use(model, None)
+    torch.testing.assert_close(_logits(model, tokens), _logits(base, tokens), rtol=0, atol=0)
+    lt.use(model, "default")
+    torch.testing.assert_close(_logits(model, tokens), adapted, rtol=0, atol=0)
+    with pytest.raises(LeantuneError, match=r"adapter 'default' \(hybrid\) cannot be merged"):
+        lt.merge(model)
+    lt.save_adapter(model, tmp_path / "mam")
+    loaded = lt.load_adapter(lt.load_model("tiny-llama"), tmp_path / "mam")
+    torch.testing.assert_close(_logits(loaded, tokens), adapted, rtol=0, atol=0)
+    lt.detach(model)
+    torch.testing.assert_close(_logits(model, tokens), _logits(base, tokens), rtol=0, atol=0)

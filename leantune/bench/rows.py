@@ -36,6 +36,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # step's cost, so a small calibration set keeps that fit quick. `--set sketchtune.sketch=DIR`
     # benchmarks a sketch fitted beforehand with `leantune sketch`.
     "sketchtune": {"name": "sketchtune", "samples": 16, "seq_len": 256},
+    # the MAM adapter (He et al.): prefix tuning plus a parallel adapter beside the feed-forward block
+    "mam": {"name": "hybrid", "parts": [{"name": "prefix", "num_virtual_tokens": 20},
+                                        {"name": "adapter", "placement": "parallel", "where": "ffn"}]},
     "prompt": {"name": "prompt", "num_virtual_tokens": 20},
     "prefix": {"name": "prefix", "num_virtual_tokens": 20},
 }
