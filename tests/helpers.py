@@ -170,3 +170,14 @@ def assert_one_line_user_error(err: str, verb: str, sentence: str) -> None:
     prefix = f"leantune {verb}: error: "
     assert err.startswith(prefix), err
     assert re.fullmatch(sentence, err[len(prefix):-1]), err
+
+
+def sharp_model():
+    """tiny-llama with larger random weights, so greedy continuations vary from token to token."""
+    model = lt.load_model("tiny-llama")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.3, generator=generator)
+    return model

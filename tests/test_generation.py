@@ -3,23 +3,17 @@ import torch
 
 import leantune as lt
 from conftest import randomize_adapter
-from leantune.studies import unit_tests
+from helpers import sharp_model
 from leantune.eval.generation import cut_at_stop, end_token_ids, generate
 from leantune.eval.sandbox import Limits
+from leantune.studies import unit_tests
 
 PROMPTS = ["def f(x):\n    return x", "hi", "a longer prompt with several more words in it", "assert 1"]
 
 
 @pytest.fixture
 def model():
-    """tiny-llama with larger random weights, so greedy continuations vary from token to token."""
-    model = lt.load_model("tiny-llama")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.3, generator=generator)
-    return model
+    return sharp_model()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 
 import leantune as lt
-from helpers import IGNORE, byte_ids
+from helpers import IGNORE, byte_ids, sharp_model
 from leantune.cli import main
 from leantune.data.formats import Example
 from leantune.errors import LeantuneError
@@ -41,17 +41,6 @@ def prompted(model, count=V, scale=0.3, seed=1, **fields):
     with torch.no_grad():
         prompt = prompt_of(model)
         prompt.copy_(torch.randn(prompt.shape, generator=torch.Generator().manual_seed(seed)) * scale)
-    return model
-
-
-def sharp_model():
-    """tiny-llama with larger random weights, so greedy continuations vary from token to token."""
-    model = lt.load_model("tiny-llama")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 2:
-                param.normal_(0, 0.3, generator=generator)
     return model
 
 

@@ -244,14 +244,20 @@ def after_ack(err: str) -> list[str]:
     return [line for line in err.split(CTRL_C_ACK, 1)[1].splitlines() if line.strip()]
 
 
-def test_a_second_ctrl_c_mid_step_stops_at_once_keeping_the_last_checkpoint(tmp_path, spawn):
+def press_ctrl_c_twice_at(tmp_path, spawn, pause: str):
+    """A run paused at `pause` gets Ctrl-C, its acknowledgement, then a second Ctrl-C; returns (out_dir, config, child)."""
     out_dir = tmp_path / "out"
     config = write_config(tmp_path, out_dir)
-    child = spawn(tmp_path, "train", config, pauses=["in-step:5"])
+    child = spawn(tmp_path, "train", config, pauses=[pause])
     child.wait_paused(0)
     child.interrupt()
     child.wait_for_text(CTRL_C_ACK)
     child.interrupt()
+    return out_dir, config, child
+
+
+def test_a_second_ctrl_c_mid_step_stops_at_once_keeping_the_last_checkpoint(tmp_path, spawn):
+    out_dir, config, child = press_ctrl_c_twice_at(tmp_path, spawn, "in-step:5")
     code, err = child.finish()
     assert code == 130 and "Traceback" not in err
     assert after_ack(err) == [f"stopped at once after step 4; the last checkpoint is {out_dir / 'checkpoints' / 'step-4'}; "
@@ -260,13 +266,7 @@ def test_a_second_ctrl_c_mid_step_stops_at_once_keeping_the_last_checkpoint(tmp_
 
 
 def test_a_second_ctrl_c_while_a_checkpoint_is_written_lets_it_finish_first(tmp_path, spawn):
-    out_dir = tmp_path / "out"
-    config = write_config(tmp_path, out_dir)
-    child = spawn(tmp_path, "train", config, pauses=["in-checkpoint:5"])
-    child.wait_paused(0)
-    child.interrupt()
-    child.wait_for_text(CTRL_C_ACK)
-    child.interrupt()
+    out_dir, config, child = press_ctrl_c_twice_at(tmp_path, spawn, "in-checkpoint:5")
     child.wait_for_text(CTRL_C_AGAIN)
     child.go(0)
     code, err = child.finish()

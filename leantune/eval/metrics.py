@@ -7,7 +7,6 @@ exp(loss).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Any, Sequence
 
@@ -17,6 +16,7 @@ from torch import nn
 from ..data import collate
 from ..errors import LeantuneError
 from ..loss import causal_lm_loss, count_loss_tokens
+from .progress import progress_bar
 
 
 @torch.no_grad()
@@ -34,6 +34,7 @@ def loss_and_perplexity(model: nn.Module, examples: Sequence[Any], pad_id: int, 
     model.eval()
     total, tokens = 0.0, 0
     start = time.perf_counter()
+    bar = progress_bar(len(order), "eval", "example", progress)
     try:
         for first in range(0, len(order), batch_size):
             batch = collate([examples[i] for i in order[first:first + batch_size]], pad_id)
@@ -41,13 +42,10 @@ def loss_and_perplexity(model: nn.Module, examples: Sequence[Any], pad_id: int, 
             total += float(causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
                                           num_items=1))
             tokens += count_loss_tokens(batch["labels"])
-            if progress:
-                done = min(first + batch_size, len(order))
-                print(f"\revaluated {done}/{len(order)} examples", end="", file=sys.stderr, flush=True)
+            bar.update(min(batch_size, len(order) - first))
     finally:
+        bar.close()
         model.train(was_training)
-        if progress:
-            print(file=sys.stderr, flush=True)
     if tokens == 0:
         raise LeantuneError("the dataset has no labelled tokens to evaluate")
     loss = total / tokens
