@@ -74,7 +74,6 @@ class Trainer:
     # Preparation: nothing is written until every input has been checked.
     def prepare(self) -> None:
         cfg = self.config
-        self.env = RunEnvironment.from_config(cfg)
         self.device = self.env.device
         self.out_dir = resolve_out_dir(cfg.out_dir, self.resume)
         check_out_dir(self.out_dir, self.resume, self.overwrite)
@@ -117,7 +116,8 @@ class Trainer:
         return max(1, math.ceil(cfg.epochs * self.train_stream.batches_per_epoch / cfg.grad_accum))
 
     def run(self) -> TrainResult:
-        with RunEnvironment.from_config(self.config).cpu_threads():
+        self.env = RunEnvironment.from_config(self.config)  # resolved once: device, precision check, threads
+        with self.env.cpu_threads():
             return self._run()
 
     def _run(self) -> TrainResult:
