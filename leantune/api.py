@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import functools
+from typing import Any, Iterator, Sequence
 
 from torch import nn
 
@@ -45,7 +46,7 @@ def attach(model: nn.Module, config: MethodConfig | list[MethodConfig], adapter_
     if chosen is not None:  # a new adapter runs, next to what lt.use chose
         router(model).select([*chosen, adapter_name])
     refreeze(model)
-    _refuse_per_row_routing(model)
+    _install_row_routing(model)
     return model
 
 
@@ -60,23 +61,86 @@ def _refuse_stacking_with_full(registry: dict[str, MethodConfig], config: Method
                             "is attached; detach the adapters first")
 
 
-_ROUTING_GUARD_ATTR = "leantune_routing_guard"
+_ROUTING_HOOKS_ATTR = "leantune_routing_hooks"
+BASE_ROW = "__base__"  # PEFT's name for "no adapter" in adapter_names; None and "base" mean the same
+ROUTABLE_METHODS = ("lora", "dora", "ia3", "paca")
 
 
-def _refuse_per_row_routing(model: nn.Module) -> None:
-    """`adapter_names=` (one adapter per batch row) would otherwise vanish into a model's **kwargs
-    and silently run the stacked adapters; until per-row routing exists, it is an error."""
-    if _ROUTING_GUARD_ATTR in model.__dict__:
+def _install_row_routing(model: nn.Module) -> None:
+    """`model(..., adapter_names=[...])` and `model.generate(..., adapter_names=[...])` give each batch
+    row its own adapter (methods/rows.py); adapter_names=None is the plain forward, as in PEFT."""
+    if _ROUTING_HOOKS_ATTR in model.__dict__:
         return
+    entered: list[bool] = []
 
-    def refuse(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if kwargs.get("adapter_names") is not None:
-            raise LeantuneError("adapter_names= (one adapter per batch row) is not supported yet; run one "
-                                "adapter per call, choosing it with lt.use(model, name)")
-        kwargs.pop("adapter_names", None)  # None means "no per-row choice", as in PEFT
+    def before(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        names = kwargs.pop("adapter_names", None)
+        entered.append(names is not None)
+        if names is not None:
+            router(model).rows = row_names(model, names)
         return args, kwargs
 
-    model.__dict__[_ROUTING_GUARD_ATTR] = model.register_forward_pre_hook(refuse, with_kwargs=True)
+    def after(_module: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> Any:
+        if entered.pop() if entered else False:
+            router(model).rows = None
+        return output
+
+    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+             model.register_forward_hook(after, with_kwargs=True, always_call=True)]
+    if callable(getattr(model, "generate", None)):
+        model.generate = functools.partial(_generate_per_row, model)
+    model.__dict__[_ROUTING_HOOKS_ATTR] = hooks
+
+
+def row_names(model: nn.Module, names: Any) -> tuple[str | None, ...]:
+    """adapter_names checked: a list with one routable adapter name, or None / "__base__" / "base", per row."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+        raise LeantuneError(f"adapter_names must be a list with one adapter name (or None) per batch row, got {names!r}")
+    registry = attached(model)
+    blocking = [name for name, config in registry.items() if config.method_name not in ROUTABLE_METHODS]
+    if blocking:
+        raise LeantuneError(f"adapter '{blocking[0]}' is {registry[blocking[0]].method_name}, which cannot run one "
+                            f"per batch row; adapter_names= works when every attached adapter is one of "
+                            f"{', '.join(ROUTABLE_METHODS)} (detach it, or serve its merged export)")
+    rows = []
+    for name in names:
+        if name is None or name == BASE_ROW or (name == "base" and "base" not in registry):
+            rows.append(None)
+        elif name in registry:
+            rows.append(name)
+        else:
+            raise LeantuneError(f"adapter_names names '{name}', which is not attached (attached: "
+                                f"{', '.join(registry) or 'none'}; None or '{BASE_ROW}' for the base model)")
+    return tuple(rows)
+
+
+def _generate_per_row(model: nn.Module, *args: Any, adapter_names: Any = None, **kwargs: Any) -> Any:
+    """model.generate with adapter_names: the rows keep their adapter through every step (beams and
+    returned sequences of a row are copies of it)."""
+    generate = type(model).generate.__get__(model)  # the class's own generate (this one shadows it)
+    if adapter_names is None:
+        return generate(*args, **kwargs)
+    rows = row_names(model, adapter_names)
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    copies = (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) * \
+        (kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1)
+    routes = router(model)
+    previous, routes.rows = routes.rows, tuple(name for name in rows for _ in range(copies))
+    try:
+        return generate(*args, **kwargs)
+    finally:
+        routes.rows = previous
+
+
+@contextlib.contextmanager
+def rows_routed(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Within the block, every forward of `model` gives batch row i the adapter adapter_names[i]."""
+    routes = router(model)
+    previous, routes.rows = routes.rows, row_names(model, list(adapter_names))
+    try:
+        yield model
+    finally:
+        routes.rows = previous
 
 
 def router(model: nn.Module) -> Router:

@@ -24,6 +24,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("bench", "measure step time and memory of every method side by side"),
     "sketch": ("sketch", "compress a model into fine-tunable SketchTune sketches"),
     "export": ("export", "export an adapter (e.g. to Hugging Face PEFT format)"),
+    "serve": ("serve", "serve a model and its adapters over an OpenAI-compatible HTTP API"),
+    "study": ("study", "run the unit-test generation study: every method trained, its tests judged"),
 }
 
 # Libraries whose warnings, log lines and progress bars are not a command's output.

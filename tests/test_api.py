@@ -178,15 +178,6 @@ def test_new_layers_take_the_eval_mode_of_the_model(how, tokens, tmp_path):
     assert not torch.allclose(first, second)  # dropout is live again in training mode
 
 
-def test_adapter_names_is_refused_until_per_row_routing_exists(tiny_llama, tokens):
-    lt.attach(tiny_llama, lt.LoRA(r=4, alpha=8))
-    with pytest.raises(LeantuneError, match="adapter_names= .*not supported yet"):
-        tiny_llama(tokens, adapter_names=["default", "default"])
-    # transformers' own check may answer first in generate; either way the call fails, naming the argument
-    with pytest.raises((LeantuneError, ValueError), match="adapter_names"):
-        tiny_llama.generate(tokens, adapter_names=["default", "default"], max_new_tokens=2, do_sample=False)
-
-
 @pytest.mark.parametrize("config, culprit", [
     (lambda: lt.LoRA(r=10**12), r"'r' = 1000000000000 exceeds the rank 64 that 'model.layers.0.self_attn.q_proj'"),
     (lambda: lt.DoRA(r=65, targets=["q_proj"]), r"dora: 'r' = 65 exceeds the rank 64"),

@@ -20,6 +20,7 @@ LAYERS = [
     "leantune.data",
     "leantune.byte_tokenizer",
     "leantune.models",  # below methods/: SketchTune loads a model's tokenizer to fit its sketch
+    "leantune.methods.rows",  # one adapter per batch row: the row form and the batched forward
     "leantune.methods.layer",
     "leantune.methods.targets",
     "leantune.methods.base",
@@ -28,6 +29,7 @@ LAYERS = [
     "leantune.convert",
     "leantune.adapters",
     "leantune.eval",
+    "leantune.serving",  # the OpenAI-compatible server: engine, running batch, HTTP layer
     "leantune.training",
     "leantune.studies",  # recipes that train and evaluate through the API
     "leantune.job",  # the main job: training, then the study its config asks for

@@ -23,6 +23,7 @@ from torch import nn
 
 from .base import register
 from .layer import AdapterLayer, dense_weight
+from .rows import RowForm
 from .lora import LoRA, LoRALayer
 
 
@@ -127,6 +128,12 @@ class DoRALayer(LoRALayer):
     def adapter_state_loaded(self) -> None:
         super().adapter_state_loaded()  # PiSSA rebuilds the residual base weight first
         self.base_sq_norm = self._base_sq_norm()
+
+    def row_form(self) -> RowForm:
+        """m / ‖W0 + s B A‖_row scales the base output and the update; the bias stays as it is."""
+        form = super().row_form()
+        form.post = self.magnitude / self.current_norms()
+        return form
 
     # -- forward / merge --------------------------------------------------------------------
     def _can_fuse(self, x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import LeantuneError
 from .base import ModuleMethod, register
 from .layer import AdapterLayer, adapter_dtype, dense_weight
+from .rows import RowForm
 from .targets import resolve_targets
 
 DEFAULT_TARGETS = ["k_proj", "v_proj", "down_proj"]
@@ -80,6 +81,12 @@ class IA3Layer(AdapterLayer):
             return self.base_layer((x.to(self.ia3_l.dtype) * self.ia3_l).to(x.dtype))
         result = self.base_layer(x)
         return (result.to(self.ia3_l.dtype) * self.ia3_l).to(result.dtype)
+
+    def row_form(self) -> RowForm:
+        """l scales the input (feed-forward) or the output, bias included."""
+        if self.feedforward:
+            return RowForm(pre=self.ia3_l)
+        return RowForm(post=self.ia3_l, post_scales_bias=True)
 
     def merge_into_base(self) -> None:
         base = self.base_module()

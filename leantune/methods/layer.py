@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import LeantuneError
+from .rows import RowForm, routed_forward
 
 
 PART_SEPARATOR = "/"  # "name/0": part 0 of the hybrid adapter "name" (methods/hybrid.py)
@@ -24,12 +25,14 @@ class Router:
     (and by the forward hooks of model methods, such as prompt tuning's).
 
     `selected` is what `lt.use` chose (None: every attached adapter, stacked); `switched_off` holds
-    the adapters an enclosing `lt.disabled` block turned off. The decision lives here, once, so a
-    layer never keeps an on/off flag of its own."""
+    the adapters an enclosing `lt.disabled` block turned off; `rows`, while set, gives each batch
+    row its own adapter (`methods/rows.py`). The decision lives here, once, so a layer never keeps
+    an on/off flag of its own."""
 
     def __init__(self) -> None:
         self.selected: frozenset[str] | None = None
         self.switched_off: set[str] = set()
+        self.rows: tuple[str | None, ...] | None = None  # one adapter per batch row (adapter_names=); None: off
 
     def runs(self, adapter_name: str) -> bool:
         adapter_name = owner_name(adapter_name)
@@ -99,6 +102,8 @@ class AdapterLayer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.router.rows is not None:
+            return routed_forward(self, x, self.router.rows)
         if self.disabled:
             return self.disabled_forward(x, *args, **kwargs)
         if self.merged:
@@ -111,6 +116,28 @@ class AdapterLayer(nn.Module):
     def disabled_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Exactly the original module; layers that edit base weights in place override this."""
         return self.base_layer(x, *args, **kwargs)
+
+    # -- one adapter per batch row (methods/rows.py) -----------------------------------------
+    def row_form(self) -> RowForm:
+        """This adapter's update in the row form; methods that have none are refused by name."""
+        raise LeantuneError(f"{self.method_name} adapters cannot run one per batch row (adapter_names=); "
+                            "that works for lora, dora, ia3 and paca. Run this adapter alone (lt.use), or serve "
+                            "its merged export")
+
+    def clean_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The base weight without any adapter's contribution (`weight`: what the layers below gave)."""
+        return dense_weight(self.base_module()) if weight is None else weight
+
+    def routing_name(self) -> str:
+        return owner_name(self.adapter_name)
+
+    def check_routable(self) -> None:
+        if self.merged:
+            raise LeantuneError(f"adapter '{self.routing_name()}' is merged into the base weights; lt.unmerge it "
+                                "before choosing adapters per row")
+        if self.training and getattr(self, "dropout", 0) > 0:
+            raise LeantuneError("adapter_names= runs adapters as in eval mode (no dropout); call model.eval() "
+                                "first, or train one adapter per batch")
 
     def release(self) -> None:
         """Called by `detach` (after unmerge) before the layer is unwrapped: undo in-place base edits."""

@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import LeantuneError
 from .base import ModuleMethod, register
 from .layer import AdapterLayer, adapter_dtype, add_to_weight, autocast_active
+from .rows import RowForm
 
 INITS = ("kaiming", "gaussian", "pissa")
 
@@ -165,6 +166,20 @@ class LoRALayer(AdapterLayer):
         if self._original_weight is not None:
             return F.linear(x, self._original_weight, self.base_module().bias)
         return self.base_layer(x, *args, **kwargs)
+
+    # -- one adapter per batch row ----------------------------------------------------------
+    def row_form(self) -> RowForm:
+        """s B A over the original weight; PiSSA's base holds W0 - s B0 A0, so its form adds -s B0 A0."""
+        a, b = self.lora_A, self.scale * self.lora_B
+        if self._original_weight is not None:
+            a = torch.cat([a, self.pissa_A0])
+            b = torch.cat([b, -self.scale * self.pissa_B0], dim=1)
+        return RowForm(a=a, b=b)
+
+    def clean_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self._original_weight is not None:
+            return self._original_weight
+        return super().clean_weight(weight)
 
     # -- forward / merge --------------------------------------------------------------------
     def _can_fuse(self) -> bool:

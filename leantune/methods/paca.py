@@ -23,6 +23,7 @@ from ..errors import LeantuneError
 from ..quant import QUANTIZE_CHOICES
 from .base import ModuleMethod, register
 from .layer import AdapterLayer, adapter_dtype, add_to_weight, autocast_active
+from .rows import RowForm
 from .paca_columns import ColumnLedger
 
 
@@ -93,7 +94,7 @@ class PaCALayer(AdapterLayer):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._ledger is None:
+        if self._ledger is None or self.router.rows is not None:
             return super().forward(x, *args, **kwargs)
         if self.disabled:
             return self.disabled_forward(x, *args, **kwargs)
@@ -105,6 +106,17 @@ class PaCALayer(AdapterLayer):
         if self._ledger is None:
             return self.base_layer(x, *args, **kwargs)
         return self._base_forward(x, *args, **kwargs)
+
+    def row_form(self) -> RowForm:
+        """PaCA's exact LoRA form: A selects its columns, B = s Δ."""
+        a = torch.zeros(self.r, self.in_features, dtype=self.paca_delta.dtype, device=self.paca_delta.device)
+        a[torch.arange(self.r, device=a.device), self.paca_index] = 1.0
+        return RowForm(a=a, b=self.scale * self.paca_delta)
+
+    def clean_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        if self._ledger is not None and weight is None:
+            self._ledger.sync_base()  # unmerged columns out of the base weight
+        return super().clean_weight(weight)
 
     def _base_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """This layer's contribution is absent (disabled) or already in the base (merged)."""

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 from statistics import NormalDist
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -148,6 +148,7 @@ def summarize_method(rows: Sequence[dict[str, Any]], resamples: int = BOOTSTRAP_
     return {
         "parse": rate(sum(bool(row["parses"]) for row in rows), n),
         "pass": rate(sum(row["status"] == "pass" for row in rows), n),
+        "pass_with_call": rate(sum(passes_with_call(row) for row in rows), n),
         "line_coverage": mean(coverage_values(rows, "line")),
         "line_coverage_passing": mean(coverage_values(rows, "line", passing_only=True)),
         "branch_coverage": mean(coverage_values(rows, "branch")),
@@ -158,22 +159,36 @@ def summarize_method(rows: Sequence[dict[str, Any]], resamples: int = BOOTSTRAP_
     }
 
 
-def paired_passes(first: Sequence[dict[str, Any]], second: Sequence[dict[str, Any]]) -> tuple[list[bool], list[bool]]:
+def passes(row: dict[str, Any]) -> bool:
+    return row["status"] == "pass"
+
+
+def passes_with_call(row: dict[str, Any]) -> bool:
+    """Passes, and calls the function under test (a test that calls nothing passes trivially)."""
+    return row["status"] == "pass" and bool(row.get("calls_function"))
+
+
+PAIRED_COLUMNS = {"pass": passes, "pass_with_call": passes_with_call}
+
+
+def paired_passes(first: Sequence[dict[str, Any]], second: Sequence[dict[str, Any]],
+                  passed: Callable[[dict[str, Any]], bool] = passes) -> tuple[list[bool], list[bool]]:
     """Pass/fail of both methods on the functions they both have, matched by task_id."""
-    passes = {row["task_id"]: row["status"] == "pass" for row in second}
-    shared = [row for row in first if row["task_id"] in passes]
-    return [row["status"] == "pass" for row in shared], [passes[row["task_id"]] for row in shared]
+    outcome = {row["task_id"]: passed(row) for row in second}
+    shared = [row for row in first if row["task_id"] in outcome]
+    return [passed(row) for row in shared], [outcome[row["task_id"]] for row in shared]
 
 
 def compare_methods(first: Sequence[dict[str, Any]], second: Sequence[dict[str, Any]],
                     names: tuple[str, str] = ("base", "tuned")) -> dict[str, Any]:
-    """Per column: both estimates and the verdict; pass also carries McNemar's exact test."""
+    """Per column: both estimates and the verdict; pass and pass_with_call also carry McNemar's exact test."""
     a, b = summarize_method(first), summarize_method(second)
-    test = mcnemar_exact(*paired_passes(first, second))
+    tests = {column: mcnemar_exact(*paired_passes(first, second, passed)) for column, passed in PAIRED_COLUMNS.items()}
     result: dict[str, Any] = {}
     for column in a:
-        p_value = test.p_value if column == "pass" else None
+        p_value = tests[column].p_value if column in tests else None
         result[column] = {names[0]: a[column], names[1]: b[column],
                           "verdict": verdict(a[column], b[column], p_value, names)}
-    result["pass"]["mcnemar"] = test
+        if column in tests:
+            result[column]["mcnemar"] = tests[column]
     return result

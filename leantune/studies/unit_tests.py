@@ -15,7 +15,7 @@ import json
 import string
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -62,7 +62,12 @@ def parses(source: str) -> bool:
 
 
 def calls_function(test_source: str, name: str) -> bool:
+    """Whether the test calls `name`, the function under test; a test that defines its own `name`
+    (a model often copies the function into its test) calls that copy, not the reference."""
     tree = ast.parse(test_source)
+    if any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)) and
+           getattr(node, "name", None) == name for node in ast.walk(tree)):
+        return False
     return any(isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name
                for node in ast.walk(tree))
 
@@ -102,17 +107,27 @@ def _log(message: str, enabled: bool) -> None:
 
 def generate_and_judge(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]], label: str,
                        max_new_tokens: int, batch_size: int, temperature: float, top_p: float,
-                       limits: Limits | None, workers: int, progress: bool) -> dict[str, Any]:
-    """Generate one test per record with `model` as it is, judge them, and summarize."""
+                       limits: Limits | None, workers: int, progress: bool,
+                       prompts: Sequence[str] | None = None,
+                       extract: Callable[[dict[str, Any], str, bool], str] | None = None,
+                       stop: Sequence[str] = END_OF_FUNCTION) -> dict[str, Any]:
+    """Generate one test per record with `model` as it is, judge them, and summarize.
+
+    By default each record's training prompt is continued and the body cut where the function
+    ends (`extract_test`); `prompts`, `extract(record, generated, hit_budget)` and `stop` ask
+    differently (the study's chat-template base row).
+    """
     _log(f"[{label}] generating tests for {len(records)} functions...", progress)
     stats: dict[str, Any] = {}
-    generations = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, stop=END_OF_FUNCTION,
+    prompts = [r["prompt"] for r in records] if prompts is None else list(prompts)
+    generations = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, stop=stop,
                            batch_size=batch_size, stats=stats, progress=progress, desc=f"[{label}] generating")
     _log(f"[{label}] read {stats['prompt_tokens']} prompt tokens and generated {stats['new_tokens']} tokens "
          f"in {stats['seconds']:.1f} s; running the tests in the sandbox...", progress)
     start = time.perf_counter()
-    tests = [extract_test(r, g, hit) for r, g, hit in zip(records, generations, stats["hit_budget"])]
+    extract = extract or extract_test
+    tests = [extract(r, g, hit) for r, g, hit in zip(records, generations, stats["hit_budget"])]
     rows = judge_tests(records, tests, limits, workers, progress=progress, desc=f"[{label}] sandbox")
     for row, generated in zip(rows, generations):
         row["generated"] = generated

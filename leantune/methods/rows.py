@@ -1,0 +1,149 @@
+"""One adapter per batch row: the batched forward of one targeted module for a mixed batch.
+
+Every routable adapter of a module is written in one row form,
+
+    y = post ⊙ (W (pre ⊙ x) + B A x) + bias_scale ⊙ b
+
+(LoRA: B A = s B A; DoRA: post = m / ‖W + s B A‖_row; IA³: pre or post = l; PaCA: A selects its
+columns, B = s Δ; PiSSA over the original weight: A = [A; A0], B = [s B, −s B0]). The forms of
+all adapters stacked on the module are stacked once into [N+1, ...] tensors (the last entry is the
+base model: no update), zero-padded to the largest rank, and cached until a parameter changes
+(its version counter). A forward then gathers each row's entry and runs two batched products
+(`torch.bmm`) over the whole batch, whatever the mix of adapters: no loop over adapters.
+
+Rows run as in eval mode (no dropout); the module's base weight is its original (`clean_weight`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LeantuneError
+
+
+@dataclass
+class RowForm:
+    """One adapter's update of one module (None: that part is the identity or zero)."""
+
+    a: torch.Tensor | None = None  # [r, in]
+    b: torch.Tensor | None = None  # [out, r], the scale folded in
+    pre: torch.Tensor | None = None  # [in]
+    post: torch.Tensor | None = None  # [out]
+    post_scales_bias: bool = False
+
+
+@dataclass
+class _Stacked:
+    snapshot: list[torch.Tensor]
+    names: dict[str, int]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    a: torch.Tensor | None  # [N+1, r_max, in]
+    b: torch.Tensor | None  # [N+1, out, r_max]
+    pre: torch.Tensor | None  # [N+1, in]
+    post: torch.Tensor | None  # [N+1, out]
+    bias_scale: torch.Tensor | None  # [N+1, out]
+
+
+def layer_stack(outer: nn.Module) -> list[nn.Module]:
+    """The adapter layers wrapped around one module, outermost first."""
+    stack = []
+    module = outer
+    while hasattr(module, "row_form"):
+        stack.append(module)
+        module = module.base_layer
+    return stack
+
+
+def _sources(stack: Sequence[nn.Module]) -> list[torch.Tensor]:
+    """Every tensor the stacked forms are computed from (the base layer's excluded: it is frozen)."""
+    return [t for layer in stack for t in [*layer.adapter_parameters(), *layer.adapter_state_dict().values()]]
+
+
+def _unchanged(snapshot: list[torch.Tensor], live: list[torch.Tensor]) -> bool:
+    # Compared by value, not by version counter: a `.data` write or a no-grad copy_ on `.data`
+    # leaves the counter as it was. The cost is one read of the adapters' tensors, as the forward's.
+    return len(snapshot) == len(live) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(snapshot, live))
+
+
+def _stack(parts: list[torch.Tensor | None], shape: tuple[int, ...], fill: float, like: torch.Tensor) -> torch.Tensor | None:
+    if all(p is None for p in parts):
+        return None
+    full = [torch.full(shape, fill, dtype=like.dtype, device=like.device) if p is None else p.to(like.dtype)
+            for p in parts]
+    return torch.stack(full + [torch.full(shape, fill, dtype=like.dtype, device=like.device)])
+
+
+def _stack_factors(forms: list[RowForm], out_features: int, in_features: int, like: torch.Tensor):
+    ranks = [0 if f.a is None else f.a.shape[0] for f in forms]
+    r_max = max(ranks)
+    if r_max == 0:
+        return None, None
+    a = torch.zeros(len(forms) + 1, r_max, in_features, dtype=like.dtype, device=like.device)
+    b = torch.zeros(len(forms) + 1, out_features, r_max, dtype=like.dtype, device=like.device)
+    for i, (form, r) in enumerate(zip(forms, ranks)):
+        if r:
+            a[i, :r] = form.a.to(like.dtype)
+            b[i, :, :r] = form.b.to(like.dtype)
+    return a, b
+
+
+@torch.no_grad()
+def _build(outer: nn.Module, stack: list[nn.Module], snapshot: list[torch.Tensor]) -> _Stacked:
+    base = stack[-1].base_layer
+    weight = stack[-1].clean_weight()
+    for layer in stack[:-1]:
+        weight = layer.clean_weight(weight)
+    forms = [layer.row_form() for layer in stack]
+    out_features, in_features = weight.shape
+    like = weight if weight.is_floating_point() else torch.empty(0)
+    a, b = _stack_factors(forms, out_features, in_features, like)
+    bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
+    post = _stack([f.post for f in forms], (out_features,), 1.0, like)
+    bias_scale = None
+    if bias is not None and post is not None:
+        bias_scale = _stack([f.post if f.post_scales_bias else None for f in forms], (out_features,), 1.0, like)
+    return _Stacked(snapshot, {layer.routing_name(): i for i, layer in enumerate(stack)}, weight, bias, a, b,
+                    _stack([f.pre for f in forms], (in_features,), 1.0, like), post, bias_scale)
+
+
+def stacked_forms(outer: nn.Module) -> _Stacked:
+    """The stacked forms of `outer`'s stack, rebuilt when any adapter tensor of it changed."""
+    stack = layer_stack(outer)
+    for layer in stack:
+        layer.check_routable()
+    weight = stack[-1].clean_weight()  # PaCA takes its columns back out of the base weight if a forward placed them
+    live = _sources(stack)
+    cached: _Stacked | None = outer.__dict__.get("_row_forms")
+    if cached is None or cached.weight is not weight or not _unchanged(cached.snapshot, live):
+        cached = _build(outer, stack, [t.detach().clone() for t in live])
+        outer.__dict__["_row_forms"] = cached
+    return cached
+
+
+def routed_forward(outer: nn.Module, x: torch.Tensor, rows: Sequence[str | None]) -> torch.Tensor:
+    """The module's output for a batch whose row i runs adapter rows[i] (None: the base model)."""
+    if x.dim() < 2 or x.shape[0] != len(rows):
+        raise LeantuneError(f"adapter_names has {len(rows)} entries but the batch has "
+                            f"{x.shape[0] if x.dim() else 0} rows; give one adapter name (or None) per row")
+    forms = stacked_forms(outer)
+    base_index = len(forms.names)
+    index = torch.tensor([forms.names.get(name, base_index) if name is not None else base_index for name in rows],
+                         device=x.device)
+    shape = x.shape
+    h = x.reshape(shape[0], -1, shape[-1]).to(forms.weight.dtype)
+    inputs = h * forms.pre[index][:, None, :] if forms.pre is not None else h
+    y = F.linear(inputs, forms.weight)
+    if forms.a is not None:
+        y = y + torch.bmm(torch.bmm(h, forms.a[index].transpose(1, 2)), forms.b[index].transpose(1, 2))
+    if forms.post is not None:
+        y = y * forms.post[index][:, None, :]
+    if forms.bias is not None:
+        bias = forms.bias.to(y.dtype)
+        y = y + (bias * forms.bias_scale[index][:, None, :] if forms.bias_scale is not None else bias)
+    return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
+

@@ -1,0 +1,230 @@
+"""The OpenAI-compatible HTTP layer (FastAPI): completions, chat completions, models, and vLLM's
+load/unload routes for adapters. Every error is OpenAI's error JSON with a 4xx status.
+
+The request's `model` names the adapter (the base model's name for none). Requests go to the
+engine (engine.py); a streaming response is server-sent events in OpenAI's chunk format, ended by
+`data: [DONE]`. A client that disconnects cancels its request, which frees its row at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .engine import Engine, QueueFull, Request
+from .registry import AdapterRegistry, ServeError
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(default=16)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatBody(_Body):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+class LoadBody(BaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadBody(BaseModel):
+    lora_name: str = Field(min_length=1)
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+          code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
+                                                               "code": code}})
+
+
+def create_app(engine: Engine, adapters: AdapterRegistry, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="leantune serve")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: HttpRequest, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            return error(400, "the request body is not valid JSON", code="invalid_json")
+        return error(400, f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: HttpRequest, err: StarletteHTTPException) -> JSONResponse:
+        return error(err.status_code, str(err.detail), kind="not_found_error" if err.status_code == 404 else
+                     "invalid_request_error")
+
+    @app.middleware("http")
+    async def authenticate(request: HttpRequest, call_next: Any) -> Any:
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            return error(401, "missing or wrong API key (Authorization: Bearer KEY)", kind="authentication_error",
+                         code="invalid_api_key")
+        return await call_next(request)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": adapters.model_cards()}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: HttpRequest) -> Any:
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            return error(400, "prompt: give one prompt per request", param="prompt")
+        return await _serve(body, prompts[0], "text_completion", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: HttpRequest) -> Any:
+        try:
+            prompt = adapters.chat_prompt([m.model_dump() for m in body.messages])
+        except ServeError as err:
+            return error(err.status, str(err), param=err.param)
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
+        return await _serve(body, prompt, "chat.completion", request)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load(body: LoadBody) -> Any:
+        try:
+            await asyncio.to_thread(adapters.load, body.lora_name, body.lora_path)
+        except ServeError as err:
+            return error(err.status, str(err), param=err.param)
+        return {"object": "adapter", "id": body.lora_name, "status": "loaded"}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload(body: UnloadBody) -> Any:
+        try:
+            await asyncio.to_thread(adapters.unload, body.lora_name)
+        except ServeError as err:
+            return error(err.status, str(err), param=err.param)
+        return {"object": "adapter", "id": body.lora_name, "status": "unloaded"}
+
+    async def _serve(body: _Body, prompt: str, kind: str, http: HttpRequest) -> Any:
+        try:
+            request = adapters.request(body.model, prompt, body.max_tokens, body.temperature, body.top_p,
+                                       _stops(body.stop), body.seed)
+            engine.submit(request)
+        except ServeError as err:
+            return error(err.status, str(err), param=err.param, code=err.code)
+        except QueueFull as err:
+            return error(429, str(err), kind="rate_limit_error", code="queue_full")
+        ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
+        if body.stream:
+            return StreamingResponse(_chunks(request, ident, kind, body.model, http), media_type="text/event-stream")
+        try:
+            text, reason = await _collect(request, http)
+        except ServeError as err:
+            return error(err.status, str(err))
+        return _response(ident, kind, body.model, text, reason, request)
+
+    return app
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
+
+
+async def _events(request: Request, http: HttpRequest) -> AsyncIterator[tuple[str, Any]]:
+    """The engine's events for `request`; a disconnected client cancels it."""
+    try:
+        while True:
+            try:
+                kind, value = await asyncio.to_thread(request.events.get, True, 0.5)
+            except Exception:  # queue.Empty: nothing yet; is the client still there?
+                if await http.is_disconnected():
+                    request.cancel()
+                    return
+                continue
+            yield kind, value
+            if kind in ("done", "error"):
+                return
+    finally:
+        if request.finish_reason is None:
+            request.cancel()
+
+
+async def _collect(request: Request, http: HttpRequest) -> tuple[str, str]:
+    parts, reason = [], "cancelled"
+    async for kind, value in _events(request, http):
+        if kind == "text":
+            parts.append(value)
+        elif kind == "error":
+            raise ServeError(500, f"generation failed: {value}")
+        else:
+            reason = value
+    return "".join(parts), reason
+
+
+def _usage(request: Request) -> dict[str, int]:
+    prompt, completion = len(request.prompt_ids), len(request.generated)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _response(ident: str, kind: str, model: str, text: str, reason: str, request: Request) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+    if kind == "chat.completion":
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {"id": ident, "object": kind, "created": int(request.created), "model": model, "choices": [choice],
+            "usage": _usage(request)}
+
+
+def _chunk(ident: str, kind: str, model: str, request: Request, text: str | None, reason: str | None,
+           first: bool = False) -> str:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
+    if kind == "chat.completion":
+        choice["delta"] = ({"role": "assistant", "content": text or ""} if first else
+                           {} if text is None else {"content": text})
+        object_name = "chat.completion.chunk"
+    else:
+        choice["text"] = text or ""
+        object_name = "text_completion"
+    payload = {"id": ident, "object": object_name, "created": int(request.created), "model": model,
+               "choices": [choice]}
+    if reason is not None:
+        payload["usage"] = _usage(request)
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _chunks(request: Request, ident: str, kind: str, model: str, http: HttpRequest) -> AsyncIterator[str]:
+    first = True
+    async for event, value in _events(request, http):
+        if event == "text":
+            yield _chunk(ident, kind, model, request, value, None, first)
+            first = False
+        elif event == "error":
+            yield f"data: {json.dumps({'error': {'message': str(value), 'type': 'server_error'}})}\n\n"
+            return
+        else:
+            if first and kind == "chat.completion":
+                yield _chunk(ident, kind, model, request, "", None, True)
+            yield _chunk(ident, kind, model, request, None, value)
+    yield "data: [DONE]\n\n"
+

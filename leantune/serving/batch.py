@@ -1,0 +1,123 @@
+"""The running batch of the server: one row per sequence, each with its own adapter, sharing one
+left-padded `transformers` cache that grows by a column per decode step.
+
+Sequences join between decode steps: the newcomers are prefilled together (their own left-padded
+batch, each row with its adapter), then their cache and the running one are left-padded to the
+same length and concatenated along the batch. Finished sequences leave by `batch_select_indices`,
+and columns that no remaining row uses (all padding) are cut off the front, so the cache is as
+long as the longest live sequence, not as the time since the batch started.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward's name for the cache argument in the installed transformers ("cache" from 5.x on)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output: Any) -> DynamicCache:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class RunningBatch:
+    """Token ids in, next-token logits out, for a changing set of rows."""
+
+    def __init__(self, model: nn.Module, pad_id: int):
+        self.model = model
+        self.pad_id = pad_id
+        self.keyword = cache_keyword(model)
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, cache length], 1 where a real token sits
+        self.adapters: list[str | None] = []
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence[Sequence[int]], adapters: Sequence[str | None]) -> torch.Tensor:
+        """Run the newcomers' prompts, add them to the batch; their next-token logits [n, vocab]."""
+        device = next(self.model.parameters()).device
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids):] = torch.tensor(list(ids), device=device)
+            mask[row, width - len(ids):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            adapter_names=list(adapters), **{self.keyword: DynamicCache()})
+        self._join(returned_cache(output), mask, list(adapters))
+        return output.logits[:, -1, :].float()
+
+    @torch.no_grad()
+    def decode(self, tokens: Sequence[int]) -> torch.Tensor:
+        """One step: each row's last token in, its next-token logits [rows, vocab] out."""
+        device = self.mask.device
+        positions = self.mask.sum(-1, keepdim=True)
+        self.mask = torch.cat([self.mask, torch.ones((len(self), 1), dtype=self.mask.dtype, device=device)], dim=1)
+        input_ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
+        output = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                            adapter_names=list(self.adapters), **{self.keyword: self.cache})
+        self.cache = returned_cache(output)
+        return output.logits[:, -1, :].float()
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (in this order); drop the front columns no kept row uses."""
+        if not rows:
+            self.cache, self.mask, self.adapters = None, None, []
+            return
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask.index_select(0, index)
+        self.adapters = [self.adapters[i] for i in rows]
+        used = self.mask.any(0).nonzero()
+        start = int(used[0]) if used.numel() else self.mask.shape[1]
+        if start:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+
+    def _join(self, cache: DynamicCache, mask: torch.Tensor, adapters: list[str | None]) -> None:
+        if self.cache is None:
+            self.cache, self.mask, self.adapters = cache, mask, adapters
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        merged = DynamicCache()
+        for index, (old, new) in enumerate(zip(self.cache.layers, cache.layers)):
+            keys = torch.cat([_left_pad(old.keys, width, -2), _left_pad(new.keys, width, -2)])
+            values = torch.cat([_left_pad(old.values, width, -2), _left_pad(new.values, width, -2)])
+            merged.update(keys, values, index)
+        self.cache = merged
+        self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)])
+        self.adapters = self.adapters + adapters
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token from one row's logits: greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = F.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,189 @@
+"""The server's engine: one thread that owns the model and runs step-level (continuous) batching.
+
+Requests wait in a bounded queue. Between decode steps the engine admits waiting requests (up to
+`max_batch` running), prefills them together and adds them to the running batch; each step then
+decodes one token for every running sequence, whatever its adapter (`adapter_names=` per row,
+methods/rows.py), and finished or cancelled sequences leave. Adapter loads and unloads run on the
+same thread between steps, so no forward ever sees a half-attached adapter.
+
+Results go back as events on each request's own queue: ("text", delta), then ("done", finish
+reason) or ("error", message); the HTTP layer turns them into responses or SSE chunks.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..eval.generation import end_token_ids
+from .batch import RunningBatch, sample
+
+
+class QueueFull(Exception):
+    """More requests are waiting than --max-queue allows."""
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    adapter: str | None
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
+    cancelled: bool = False
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of text already sent
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    created: float = field(default_factory=time.time)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, model: nn.Module, tokenizer: Any, max_batch: int = 32, max_queue: int = 256):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.end_ids = set(end_token_ids(tokenizer))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.batch = RunningBatch(model, pad)
+        self.running: list[Request] = []
+        self.waiting: "queue.Queue[Request]" = queue.Queue()
+        self.controls: "queue.Queue[tuple[Callable[[], Any], queue.Queue]]" = queue.Queue()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="leantune-engine", daemon=True)
+
+    # -- the HTTP side ------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=30)
+
+    def submit(self, request: Request) -> Request:
+        if self.waiting.qsize() + len(self.running) >= self.max_queue:
+            raise QueueFull(f"the server holds {self.max_queue} requests already (--max-queue); retry later")
+        if request.temperature > 0:
+            request.generator = torch.Generator().manual_seed(
+                request.seed if request.seed is not None else int(torch.randint(0, 2 ** 62, (1,))))
+        self.waiting.put(request)
+        self.wake.set()
+        return request
+
+    def call(self, function: Callable[[], Any]) -> Any:
+        """Run `function` on the engine thread between steps and return its result (or raise its error)."""
+        reply: queue.Queue = queue.Queue()
+        self.controls.put((function, reply))
+        self.wake.set()
+        ok, value = reply.get()
+        if not ok:
+            raise value
+        return value
+
+    def busy_adapters(self) -> set[str | None]:
+        return {r.adapter for r in self.running} | {r.adapter for r in list(self.waiting.queue)}
+
+    # -- the engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self.stopping:
+            self._run_controls()
+            self._admit()
+            if not self.running:
+                self.wake.wait(0.05)
+                self.wake.clear()
+                continue
+            self._step()
+
+    def _run_controls(self) -> None:
+        while not self.controls.empty():
+            function, reply = self.controls.get()
+            try:
+                reply.put((True, function()))
+            except Exception as err:  # handed back to the caller, who answers the HTTP request
+                reply.put((False, err))
+
+    def _admit(self) -> None:
+        newcomers = []
+        while len(self.running) + len(newcomers) < self.max_batch and not self.waiting.empty():
+            request = self.waiting.get()
+            if not request.cancelled:
+                newcomers.append(request)
+        if not newcomers:
+            return
+        try:
+            logits = self.batch.prefill([r.prompt_ids for r in newcomers], [r.adapter for r in newcomers])
+        except Exception as err:  # e.g. an adapter unloaded while its request waited
+            for request in newcomers:
+                request.events.put(("error", str(err)))
+            return
+        self.running.extend(newcomers)
+        self._advance(newcomers, logits)
+
+    def _step(self) -> None:
+        try:
+            logits = self.batch.decode([r.generated[-1] for r in self.running])
+        except Exception as err:  # the batch cannot go on: its requests fail, the server keeps serving
+            for request in self.running:
+                request.events.put(("error", str(err)))
+            self.batch.keep([])
+            self.running = []
+            return
+        self._advance(self.running, logits)
+
+    def _advance(self, requests: list[Request], logits: torch.Tensor) -> None:
+        """Sample one token per request (the last rows of the batch, in order), emit text, drop the finished."""
+        for request, row in zip(requests, logits):
+            if request.cancelled:
+                request.finish_reason = "cancelled"
+                continue
+            token = sample(row, request.temperature, request.top_p, request.generator)
+            self._append(request, token)
+        kept = [i for i, r in enumerate(self.running) if r.finish_reason is None]
+        if len(kept) != len(self.running):
+            self.batch.keep(kept)
+            self.running = [self.running[i] for i in kept]
+
+    def _append(self, request: Request, token: int) -> None:
+        if token in self.end_ids:
+            self._finish(request, "stop")
+            return
+        request.generated.append(token)
+        request.text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
+        cut = min((request.text.find(s) for s in request.stop if s in request.text), default=-1)
+        if cut >= 0:
+            request.text = request.text[:cut]
+            self._finish(request, "stop")
+            return
+        if len(request.generated) >= request.max_tokens:
+            self._finish(request, "length")
+            return
+        # hold back what may still become a stop string, and a half-decoded character
+        hold = max((len(s) - 1 for s in request.stop), default=0)
+        ready = len(request.text) - hold
+        while ready > request.sent and request.text[ready - 1] == "\ufffd":
+            ready -= 1
+        if ready > request.sent:
+            request.events.put(("text", request.text[request.sent:ready]))
+            request.sent = ready
+
+    def _finish(self, request: Request, reason: str) -> None:
+        if len(request.text) > request.sent:
+            request.events.put(("text", request.text[request.sent:]))
+            request.sent = len(request.text)
+        request.finish_reason = reason
+        request.events.put(("done", reason))
+

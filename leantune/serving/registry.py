@@ -1,0 +1,128 @@
+"""What the server serves: the base model's name, the adapters by name, and the checks that turn a
+request into an engine `Request` (or a 4xx `ServeError` naming the culprit).
+
+Adapters are leantune adapters or PEFT adapters (told apart by `peft_type` in adapter_config.json),
+loaded at start-up (`--adapter NAME=DIR`) or over HTTP below `--adapter-root` only: a path that
+resolves outside the root (`..`, an absolute path, a symlink out) is refused, and without a root
+loading over HTTP is off.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .. import api
+from ..adapters import import_peft, load_adapter
+from ..errors import LeantuneError
+from .engine import Engine, Request
+
+
+class ServeError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+def attach_adapter(model: nn.Module, name: str, path: str | Path) -> None:
+    """Load the leantune or PEFT adapter in `path` onto `model` as adapter `name`."""
+    config = Path(path) / "adapter_config.json"
+    try:
+        document = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        document = {}
+    if isinstance(document, dict) and "peft_type" in document:
+        import_peft(model, path, adapter_name=name)
+    else:
+        load_adapter(model, path, adapter_name=name)
+    method = api.attached(model)[name].method_name
+    if method not in api.ROUTABLE_METHODS:
+        api.detach(model, name)
+        raise LeantuneError(f"'{path}' is a {method} adapter, which the server cannot batch per row (it serves "
+                            f"{', '.join(api.ROUTABLE_METHODS)}); serve its merged export as a model instead")
+    model.eval()
+
+
+class AdapterRegistry:
+    def __init__(self, engine: Engine, base_name: str, adapter_root: str | None = None,
+                 paths: dict[str, str] | None = None):
+        self.engine = engine
+        self.base_name = base_name
+        self.root = Path(adapter_root).resolve() if adapter_root else None
+        self.paths: dict[str, str] = dict(paths or {})
+        config = getattr(engine.model, "config", None)
+        self.context = getattr(config, "max_position_embeddings", None)
+
+    # -- requests ---------------------------------------------------------------------------
+    def request(self, model: str, prompt: str, max_tokens: int | None, temperature: float, top_p: float,
+                stop: tuple[str, ...], seed: int | None) -> Request:
+        if model != self.base_name and model not in self.paths:
+            raise ServeError(404, f"model '{model}' does not exist; served: {', '.join(self.names())}",
+                             param="model", code="model_not_found")
+        if not prompt:
+            raise ServeError(400, "prompt: the prompt is empty; give some text to continue", param="prompt")
+        ids = self.engine.tokenizer(prompt)["input_ids"]
+        max_tokens = 16 if max_tokens is None else max_tokens
+        if max_tokens <= 0:
+            raise ServeError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+        if self.context is not None and len(ids) + max_tokens > self.context:
+            raise ServeError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the model's "
+                             f"context of {self.context} tokens", param="max_tokens",
+                             code="context_length_exceeded")
+        return Request(ids, None if model == self.base_name else model, max_tokens, temperature, top_p, stop, seed)
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        tokenizer = self.engine.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ServeError(400, "this model's tokenizer has no chat template; use /v1/completions",
+                             param="messages")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    # -- adapters -----------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return [self.base_name, *self.paths]
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        base = {"id": self.base_name, "object": "model", "created": 0, "owned_by": "leantune", "root": self.base_name,
+                "parent": None}
+        return [base] + [{"id": name, "object": "model", "created": 0, "owned_by": "leantune", "root": path,
+                          "parent": self.base_name} for name, path in self.paths.items()]
+
+    def resolve(self, lora_path: str) -> Path:
+        if self.root is None:
+            raise ServeError(403, "loading adapters over HTTP is off; start the server with --adapter-root DIR",
+                             param="lora_path")
+        path = (self.root / lora_path).resolve()
+        if not path.is_relative_to(self.root):
+            raise ServeError(403, f"lora_path '{lora_path}' lies outside the adapter root", param="lora_path")
+        if not path.is_dir():
+            raise ServeError(404, f"lora_path '{lora_path}' is not an adapter directory under the adapter root",
+                             param="lora_path")
+        return path
+
+    def load(self, name: str, lora_path: str) -> None:
+        path = self.resolve(lora_path)
+        if name == self.base_name or name in self.paths:
+            raise ServeError(400, f"an adapter or model named '{name}' is already served; unload it first",
+                             param="lora_name")
+        try:
+            self.engine.call(lambda: attach_adapter(self.engine.model, name, path))
+        except LeantuneError as err:
+            self._forget_partial(name)
+            raise ServeError(400, f"adapter '{lora_path}': {err}", param="lora_path") from None
+        self.paths[name] = str(path)
+
+    def unload(self, name: str) -> None:
+        if name not in self.paths:
+            raise ServeError(404, f"no adapter named '{name}' is loaded", param="lora_name")
+        if name in self.engine.busy_adapters():
+            raise ServeError(409, f"adapter '{name}' has requests in flight; unload it when they are done",
+                             param="lora_name")
+        self.engine.call(lambda: api.detach(self.engine.model, name))
+        del self.paths[name]
+
+    def _forget_partial(self, name: str) -> None:
+        if name in api.attached(self.engine.model):
+            self.engine.call(lambda: api.detach(self.engine.model, name))

@@ -1,0 +1,131 @@
+"""One adapter per batch row (`adapter_names=`): each row equals that row run alone with its adapter."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leantune as lt
+from leantune.errors import LeantuneError
+
+TOL = dict(atol=2e-5, rtol=1e-5)
+
+
+def randomize(model, seed=0):
+    """Adapters start as the identity; give every adapter tensor random values so rows differ."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                if "magnitude" in name or "ia3_l" in name:
+                    param.copy_(1 + 0.3 * torch.randn(param.shape, generator=generator))
+                else:
+                    param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+@pytest.fixture
+def mixed(tiny_llama):
+    lt.attach(tiny_llama, lt.LoRA(r=4, alpha=8), adapter_name="lora")
+    lt.attach(tiny_llama, lt.DoRA(r=2, alpha=4), adapter_name="dora")
+    lt.attach(tiny_llama, lt.IA3(), adapter_name="ia3")
+    lt.attach(tiny_llama, lt.PaCA(r=4, alpha=8), adapter_name="paca")
+    lt.attach(tiny_llama, lt.LoRA(r=8, alpha=4, rslora=True, targets=["q_proj", "v_proj"]), adapter_name="rs")
+    randomize(tiny_llama)
+    return tiny_llama.eval()
+
+
+def alone(model, name, tokens, **kwargs):
+    lt.use(model, None if name == "__base__" else name)
+    try:
+        return model(tokens, **kwargs).logits
+    finally:
+        lt.use(model, None)
+
+
+ROWS = ["lora", None, "dora", "ia3", "paca", "rs", "__base__", "lora"]
+
+
+def test_each_row_equals_its_adapter_alone(mixed):
+    tokens = torch.randint(0, 256, (len(ROWS), 10), generator=torch.Generator().manual_seed(1))
+    expected = torch.cat([alone(mixed, name, tokens[i:i + 1]) for i, name in enumerate(ROWS)])
+    lt.use(mixed, None)
+    got = mixed(tokens, adapter_names=ROWS).logits
+    torch.testing.assert_close(got, expected, **TOL)
+    assert not torch.allclose(expected[0], expected[1], atol=1e-3)  # the adapters do change the rows
+    torch.testing.assert_close(mixed(tokens).logits, alone(mixed, None, tokens), **TOL)  # routing ends with the call
+
+
+def test_greedy_generation_per_row_equals_each_adapter_alone(mixed):
+    tokens = torch.randint(0, 256, (4, 7), generator=torch.Generator().manual_seed(2))
+    names = ["paca", "dora", None, "ia3"]
+    options = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(tokens))
+    lt.use(mixed, None)
+    together = mixed.generate(tokens, adapter_names=names, **options)
+    for i, name in enumerate(names):
+        lt.use(mixed, name)
+        single = mixed.generate(tokens[i:i + 1], max_new_tokens=6, do_sample=False,
+                                attention_mask=torch.ones_like(tokens[i:i + 1]))
+        assert together[i].tolist() == single[0].tolist(), name
+    lt.use(mixed, None)
+
+
+def test_pissa_rows_use_the_original_weight_for_the_base(tiny_llama):
+    lt.attach(tiny_llama, lt.LoRA(r=2, alpha=4, init="pissa"), adapter_name="pissa")
+    lt.attach(tiny_llama, lt.LoRA(r=3, alpha=3), adapter_name="plain")
+    randomize(tiny_llama, seed=3)
+    tiny_llama.eval()
+    tokens = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(3))
+    names = ["pissa", None, "plain"]
+    expected = torch.cat([alone(tiny_llama, name, tokens[i:i + 1]) for i, name in enumerate(names)])
+    torch.testing.assert_close(tiny_llama(tokens, adapter_names=names).logits, expected, **TOL)
+
+
+def test_a_data_write_and_paca_columns_placed_by_a_plain_forward_reach_the_next_routed_forward(mixed):
+    tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(4))
+    names = ["paca", None]
+    mixed(tokens, adapter_names=names)
+    lt.use(mixed, "paca")
+    mixed(tokens)  # places PaCA's columns into the base weight
+    layer = next(m for m in mixed.modules() if type(m).__name__ == "PaCALayer")
+    layer.paca_delta.data.mul_(3)
+    expected = torch.cat([alone(mixed, name, tokens[i:i + 1]) for i, name in enumerate(names)])
+    torch.testing.assert_close(mixed(tokens, adapter_names=names).logits, expected, **TOL)
+
+
+@pytest.mark.parametrize("names, message", [
+    (["lora", "nope"], "adapter_names names 'nope', which is not attached (attached: lora, dora, ia3, paca, rs"),
+    (["lora"], "adapter_names has 1 entries but the batch has 2 rows"),
+    ("lora", "adapter_names must be a list with one adapter name (or None) per batch row"),
+])
+def test_bad_adapter_names_are_one_sentence(mixed, names, message):
+    tokens = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(LeantuneError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        mixed(tokens, adapter_names=names)
+    mixed(tokens)  # the model still works afterwards
+
+
+def test_methods_without_a_row_form_merged_adapters_and_dropout_in_training_are_refused(tiny_llama):
+    tokens = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(6))
+    lt.attach(tiny_llama, lt.LoRA(r=2, dropout=0.1), adapter_name="a")
+    with pytest.raises(LeantuneError, match="runs adapters as in eval mode"):
+        tiny_llama.train()(tokens, adapter_names=["a", None])
+    tiny_llama.eval()
+    lt.merge(tiny_llama, "a")
+    with pytest.raises(LeantuneError, match="adapter 'a' is merged into the base weights; lt.unmerge it"):
+        tiny_llama(tokens, adapter_names=["a", None])
+    lt.unmerge(tiny_llama, "a")
+    lt.attach(tiny_llama, lt.PrefixTuning(num_virtual_tokens=2), adapter_name="p")
+    with pytest.raises(LeantuneError, match="adapter 'p' is prefix, which cannot run one per batch row"):
+        tiny_llama(tokens, adapter_names=["a", None])
+
+
+def test_rows_on_a_model_with_biases_scale_them_as_each_method_does():
+    model = lt.load_model("tiny-qwen2")  # biases on q, k and v
+    lt.attach(model, lt.IA3(targets=["q_proj", "k_proj", "down_proj"], feedforward=["down_proj"]), adapter_name="ia3")
+    lt.attach(model, lt.DoRA(r=2, alpha=4), adapter_name="dora")
+    lt.attach(model, lt.PaCA(r=2, alpha=4), adapter_name="paca")
+    randomize(model, seed=7)
+    model.eval()
+    tokens = torch.randint(0, 256, (4, 6), generator=torch.Generator().manual_seed(7))
+    names = ["ia3", "dora", None, "paca"]
+    expected = torch.cat([alone(model, name, tokens[i:i + 1]) for i, name in enumerate(names)])
+    torch.testing.assert_close(model(tokens, adapter_names=names).logits, expected, **TOL)

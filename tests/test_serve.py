@@ -1,0 +1,241 @@
+"""`leantune serve` over real HTTP on 127.0.0.1: the official openai client, raw requests for the
+malformed cases, dynamic adapters, a client that goes away, and SIGTERM."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+import leantune as lt
+from leantune.eval.generation import generate
+from leantune.serving.app import create_app
+from leantune.serving.engine import Engine, Request
+from leantune.serving.registry import AdapterRegistry, attach_adapter
+
+KEY = "secret"
+PROMPTS = ["def add(a, b):", "The capital of", "import numpy as", "for i in range(", "# a test\n", "x = [1, 2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trained_adapter(folder: Path, config, seed: int) -> Path:
+    model = lt.load_model("tiny-llama")
+    lt.attach(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(0.15 * torch.randn(param.shape, generator=generator))
+    lt.save_adapter(model, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    a = trained_adapter(root / "a", lt.LoRA(r=4, alpha=8), 1)
+    b = trained_adapter(root / "b", lt.DoRA(r=2, alpha=4), 2)
+    c = trained_adapter(root / "sub" / "c", lt.IA3(), 3)
+    return {"root": root, "a": a, "b": b, "c": c}
+
+
+@pytest.fixture(scope="module")
+def server(adapters):
+    model, tokenizer = lt.load_model("tiny-llama"), lt.load_tokenizer("tiny-llama")
+    paths = {"a": str(adapters["a"]), "b": str(adapters["b"])}
+    for name, path in paths.items():
+        attach_adapter(model, name, path)
+    engine = Engine(model, tokenizer, max_batch=4, max_queue=64)
+    registry = AdapterRegistry(engine, "tiny-llama", str(adapters["root"]), paths)
+    port = free_port()
+    http = uvicorn.Server(uvicorn.Config(create_app(engine, registry, KEY), host="127.0.0.1", port=port,
+                                         log_level="error"))
+    engine.start()
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not http.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "registry": registry, "tokenizer": tokenizer}
+    http.should_exit = True
+    thread.join(timeout=30)
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(adapters):
+    """Direct greedy generation, one adapter at a time, on a separate model."""
+    model, tokenizer = lt.load_model("tiny-llama"), lt.load_tokenizer("tiny-llama")
+    for name in ("a", "b"):
+        attach_adapter(model, name, adapters[name])
+
+    def run(adapter, prompt, max_tokens):
+        lt.use(model, adapter)
+        return generate(model, tokenizer, [prompt], max_new_tokens=max_tokens)[0]
+    return run
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_completions_per_adapter_equal_direct_generation_also_when_requests_share_steps(server, reference):
+    jobs = [(["a", "tiny-llama", "b"][i % 3], prompt) for i, prompt in enumerate(PROMPTS)]
+
+    def ask(job):
+        model, prompt = job
+        return client(server).completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0)
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(ask, jobs))
+    for (model, prompt), answer in zip(jobs, answers):
+        expected = reference(None if model == "tiny-llama" else model, prompt, 10)
+        assert answer.choices[0].text == expected, (model, prompt)
+        usage = answer.usage
+        assert usage.prompt_tokens == len(server["tokenizer"](prompt)["input_ids"])
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens > usage.prompt_tokens
+    assert len({a.choices[0].text for a in answers}) > 1
+
+
+def test_chat_and_streaming_through_the_openai_client(server, reference):
+    messages = [{"role": "user", "content": "Write a test."}]
+    chat = client(server).chat.completions.create(model="b", messages=messages, max_tokens=8, temperature=0)
+    prompt = server["tokenizer"].apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat.choices[0].message.content == reference("b", prompt, 8)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    stream = client(server).completions.create(model="a", prompt=PROMPTS[0], max_tokens=10, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == reference("a", PROMPTS[0], 10)
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop") and chunks[-1].usage.completion_tokens >= 1
+    chat_stream = client(server).chat.completions.create(model="b", messages=messages, max_tokens=8, temperature=0,
+                                                         stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chat_stream) == chat.choices[0].message.content
+
+
+def test_models_list_adapters_with_the_base_as_parent_and_stop_strings_and_seeds_work(server, reference):
+    cards = {m.id: m for m in client(server).models.list().data}
+    assert set(cards) == {"tiny-llama", "a", "b"} and cards["a"].parent == "tiny-llama"
+    prompt = "hello 0"  # adapter a continues it with a few distinct ASCII characters
+    full = reference("a", prompt, 12)
+    stop = next(ch for ch in full[1:] if ch != full[0])
+    answer = client(server).completions.create(model="a", prompt=prompt, max_tokens=12, temperature=0, stop=[stop])
+    assert answer.choices[0].text == full[:full.index(stop)] and answer.choices[0].finish_reason == "stop"
+    sampled = [client(server).completions.create(model="a", prompt=PROMPTS[2], max_tokens=8, temperature=1.0,
+                                                 top_p=0.9, seed=7).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    (b"{not json", 400, "not valid JSON"),
+    (json.dumps({"model": "a"}).encode(), 400, "prompt: Field required"),
+    (json.dumps({"model": "a", "prompt": 3}).encode(), 400, "prompt"),
+    (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "model 'nope' does not exist"),
+    (json.dumps({"model": "a", "prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens must be at least 1"),
+    (json.dumps({"model": "a", "prompt": "x" * 300, "max_tokens": 400}).encode(), 400, "exceeds the model's context"),
+    (json.dumps({"model": "a", "prompt": ""}).encode(), 400, "the prompt is empty"),
+])
+def test_bad_requests_get_openai_error_json_and_the_server_keeps_serving(server, body, status, fragment):
+    reply = httpx.post(server["url"] + "/v1/completions", content=body, timeout=30,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert fragment in error["message"] and set(error) == {"message", "type", "param", "code"}
+    assert client(server).completions.create(model="a", prompt="ok", max_tokens=2, temperature=0).choices
+
+
+def test_a_wrong_api_key_is_401(server):
+    reply = httpx.get(server["url"] + "/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=30)
+    assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
+
+
+def test_adapters_load_and_unload_under_the_root_only(server, adapters):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    post = lambda path, body: httpx.post(server["url"] + path, json=body, headers=headers, timeout=60)  # noqa: E731
+    assert post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": "../../etc"}).status_code == 403
+    outside = adapters["root"].parent / "elsewhere"
+    outside.mkdir(exist_ok=True)
+    (adapters["root"] / "link").symlink_to(outside)
+    assert post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": "link"}).status_code == 403
+    assert post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": str(outside)}).status_code == 403
+    assert post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": "sub/c"}).status_code == 200
+    answer = client(server).completions.create(model="c", prompt="x = 1", max_tokens=3, temperature=0)
+    assert answer.choices[0].finish_reason in ("length", "stop")
+    assert post("/v1/unload_lora_adapter", {"lora_name": "c"}).status_code == 200
+    assert post("/v1/unload_lora_adapter", {"lora_name": "c"}).status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        client(server).completions.create(model="c", prompt="x", max_tokens=2)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
+    with httpx.stream("POST", server["url"] + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": "a", "prompt": "hello", "max_tokens": 400, "temperature": 0.8,
+                            "stream": True}) as reply:
+        next(reply.iter_lines())
+    deadline = time.time() + 20
+    while server["engine"].running and time.time() < deadline:
+        time.sleep(0.1)
+    assert not server["engine"].running
+
+
+def test_a_full_queue_is_429_not_unbounded_memory():
+    model, tokenizer = lt.load_model("tiny-llama"), lt.load_tokenizer("tiny-llama")
+    engine = Engine(model, tokenizer, max_queue=1)  # not started: what is submitted stays queued
+    engine.submit(Request([1, 2], None, 4))
+    app = create_app(engine, AdapterRegistry(engine, "tiny-llama"))
+    port = free_port()
+    http = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    while not http.started:
+        time.sleep(0.05)
+    try:
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": "tiny-llama", "prompt": "x"},
+                           timeout=30)
+        assert reply.status_code == 429 and "--max-queue" in reply.json()["error"]["message"]
+    finally:
+        http.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_sigterm_finishes_the_request_in_flight_and_exits_0(adapters):
+    port = free_port()
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen([sys.executable, "-m", "leantune", "serve", "--model", "tiny-llama", "--port", str(port),
+                                "--adapter", f"a={adapters['a']}"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+                                  json={"model": "a", "prompt": "hello", "max_tokens": 300, "temperature": 0.7})
+            time.sleep(1.0)
+            process.send_signal(signal.SIGTERM)
+            reply = pending.result()
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
