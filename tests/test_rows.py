@@ -5,21 +5,10 @@ import pytest
 import torch
 
 import leantune as lt
+from conftest import randomize_adapter
 from leantune.errors import LeantuneError
 
 TOL = dict(atol=2e-5, rtol=1e-5)
-
-
-def randomize(model, seed=0):
-    """Adapters start as the identity; give every adapter tensor random values so rows differ."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                if "magnitude" in name or "ia3_l" in name:
-                    param.copy_(1 + 0.3 * torch.randn(param.shape, generator=generator))
-                else:
-                    param.copy_(0.1 * torch.randn(param.shape, generator=generator))
 
 
 @pytest.fixture
@@ -29,7 +18,7 @@ def mixed(tiny_llama):
     lt.attach(tiny_llama, lt.IA3(), adapter_name="ia3")
     lt.attach(tiny_llama, lt.PaCA(r=4, alpha=8), adapter_name="paca")
     lt.attach(tiny_llama, lt.LoRA(r=8, alpha=4, rslora=True, targets=["q_proj", "v_proj"]), adapter_name="rs")
-    randomize(tiny_llama)
+    randomize_adapter(tiny_llama)
     return tiny_llama.eval()
 
 
@@ -71,7 +60,7 @@ def test_greedy_generation_per_row_equals_each_adapter_alone(mixed):
 def test_pissa_rows_use_the_original_weight_for_the_base(tiny_llama):
     lt.attach(tiny_llama, lt.LoRA(r=2, alpha=4, init="pissa"), adapter_name="pissa")
     lt.attach(tiny_llama, lt.LoRA(r=3, alpha=3), adapter_name="plain")
-    randomize(tiny_llama, seed=3)
+    randomize_adapter(tiny_llama, seed=3)
     tiny_llama.eval()
     tokens = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(3))
     names = ["pissa", None, "plain"]
@@ -123,7 +112,7 @@ def test_rows_on_a_model_with_biases_scale_them_as_each_method_does():
     lt.attach(model, lt.IA3(targets=["q_proj", "k_proj", "down_proj"], feedforward=["down_proj"]), adapter_name="ia3")
     lt.attach(model, lt.DoRA(r=2, alpha=4), adapter_name="dora")
     lt.attach(model, lt.PaCA(r=2, alpha=4), adapter_name="paca")
-    randomize(model, seed=7)
+    randomize_adapter(model, seed=7)
     model.eval()
     tokens = torch.randint(0, 256, (4, 6), generator=torch.Generator().manual_seed(7))
     names = ["ia3", "dora", None, "paca"]

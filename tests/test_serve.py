@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
 import leantune as lt
+from conftest import randomize_adapter
 from leantune.eval.generation import generate
 from leantune.serving.app import create_app
 from leantune.serving.engine import Engine, Request
@@ -38,11 +38,7 @@ def free_port() -> int:
 def trained_adapter(folder: Path, config, seed: int) -> Path:
     model = lt.load_model("tiny-llama")
     lt.attach(model, config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(0.15 * torch.randn(param.shape, generator=generator))
+    randomize_adapter(model, scale=0.15, seed=seed)
     lt.save_adapter(model, folder)
     return folder
 

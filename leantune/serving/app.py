@@ -31,6 +31,7 @@ class _Body(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    ignore_eos: bool = False  # vLLM's extension (benchmarks: every request generates max_tokens)
 
 
 class CompletionBody(_Body):
@@ -127,6 +128,8 @@ def create_app(engine: Engine, adapters: AdapterRegistry, api_key: str | None = 
         try:
             request = adapters.request(body.model, prompt, body.max_tokens, body.temperature, body.top_p,
                                        _stops(body.stop), body.seed)
+            request.ignore_eos = body.ignore_eos
+            events = listen(request)
             engine.submit(request)
         except ServeError as err:
             return error(err.status, str(err), param=err.param, code=err.code)
@@ -134,9 +137,10 @@ def create_app(engine: Engine, adapters: AdapterRegistry, api_key: str | None = 
             return error(429, str(err), kind="rate_limit_error", code="queue_full")
         ident = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
         if body.stream:
-            return StreamingResponse(_chunks(request, ident, kind, body.model, http), media_type="text/event-stream")
+            return StreamingResponse(_chunks(events, request, ident, kind, body.model, http),
+                                     media_type="text/event-stream")
         try:
-            text, reason = await _collect(request, http)
+            text, reason = await _collect(events, request, http)
         except ServeError as err:
             return error(err.status, str(err))
         return _response(ident, kind, body.model, text, reason, request)
@@ -150,13 +154,21 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
 
 
-async def _events(request: Request, http: HttpRequest) -> AsyncIterator[tuple[str, Any]]:
+def listen(request: Request) -> "asyncio.Queue[tuple[str, Any]]":
+    """Route the request's events into an asyncio queue of the running loop (before submitting it)."""
+    loop, events = asyncio.get_running_loop(), asyncio.Queue()
+    request.notify = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+    return events
+
+
+async def _events(events: "asyncio.Queue[tuple[str, Any]]", request: Request,
+                  http: HttpRequest) -> AsyncIterator[tuple[str, Any]]:
     """The engine's events for `request`; a disconnected client cancels it."""
     try:
         while True:
             try:
-                kind, value = await asyncio.to_thread(request.events.get, True, 0.5)
-            except Exception:  # queue.Empty: nothing yet; is the client still there?
+                kind, value = await asyncio.wait_for(events.get(), timeout=0.5)
+            except asyncio.TimeoutError:  # nothing yet: is the client still there?
                 if await http.is_disconnected():
                     request.cancel()
                     return
@@ -169,9 +181,10 @@ async def _events(request: Request, http: HttpRequest) -> AsyncIterator[tuple[st
             request.cancel()
 
 
-async def _collect(request: Request, http: HttpRequest) -> tuple[str, str]:
+async def _collect(events: "asyncio.Queue[tuple[str, Any]]", request: Request,
+                   http: HttpRequest) -> tuple[str, str]:
     parts, reason = [], "cancelled"
-    async for kind, value in _events(request, http):
+    async for kind, value in _events(events, request, http):
         if kind == "text":
             parts.append(value)
         elif kind == "error":
@@ -213,9 +226,10 @@ def _chunk(ident: str, kind: str, model: str, request: Request, text: str | None
     return f"data: {json.dumps(payload)}\n\n"
 
 
-async def _chunks(request: Request, ident: str, kind: str, model: str, http: HttpRequest) -> AsyncIterator[str]:
+async def _chunks(events: "asyncio.Queue[tuple[str, Any]]", request: Request, ident: str, kind: str, model: str,
+                  http: HttpRequest) -> AsyncIterator[str]:
     first = True
-    async for event, value in _events(request, http):
+    async for event, value in _events(events, request, http):
         if event == "text":
             yield _chunk(ident, kind, model, request, value, None, first)
             first = False

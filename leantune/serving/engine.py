@@ -6,8 +6,9 @@ decodes one token for every running sequence, whatever its adapter (`adapter_nam
 methods/rows.py), and finished or cancelled sequences leave. Adapter loads and unloads run on the
 same thread between steps, so no forward ever sees a half-attached adapter.
 
-Results go back as events on each request's own queue: ("text", delta), then ("done", finish
-reason) or ("error", message); the HTTP layer turns them into responses or SSE chunks.
+Results go back as events per request: ("text", delta), then ("done", finish reason) or ("error",
+message), on the request's own queue or through its `notify` callback (the HTTP layer's event loop),
+which turns them into responses or SSE chunks.
 """
 from __future__ import annotations
 
@@ -37,7 +38,11 @@ class Request:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever comes (benchmarks)
     events: "queue.Queue[tuple[str, Any]]" = field(default_factory=queue.Queue)
+    # Set by an async caller: called on the engine thread with each event instead of `events.put`
+    # (the HTTP layer hands events to its event loop without a thread blocked per request).
+    notify: Callable[[tuple[str, Any]], None] | None = None
     cancelled: bool = False
     generated: list[int] = field(default_factory=list)
     text: str = ""
@@ -48,6 +53,12 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def emit(self, kind: str, value: Any) -> None:
+        if self.notify is not None:
+            self.notify((kind, value))
+        else:
+            self.events.put((kind, value))
 
 
 class Engine:
@@ -128,7 +139,7 @@ class Engine:
             logits = self.batch.prefill([r.prompt_ids for r in newcomers], [r.adapter for r in newcomers])
         except Exception as err:  # e.g. an adapter unloaded while its request waited
             for request in newcomers:
-                request.events.put(("error", str(err)))
+                request.emit("error", str(err))
             return
         self.running.extend(newcomers)
         self._advance(newcomers, logits)
@@ -138,7 +149,7 @@ class Engine:
             logits = self.batch.decode([r.generated[-1] for r in self.running])
         except Exception as err:  # the batch cannot go on: its requests fail, the server keeps serving
             for request in self.running:
-                request.events.put(("error", str(err)))
+                request.emit("error", str(err))
             self.batch.keep([])
             self.running = []
             return
@@ -158,7 +169,7 @@ class Engine:
             self.running = [self.running[i] for i in kept]
 
     def _append(self, request: Request, token: int) -> None:
-        if token in self.end_ids:
+        if token in self.end_ids and not request.ignore_eos:
             self._finish(request, "stop")
             return
         request.generated.append(token)
@@ -177,13 +188,13 @@ class Engine:
         while ready > request.sent and request.text[ready - 1] == "\ufffd":
             ready -= 1
         if ready > request.sent:
-            request.events.put(("text", request.text[request.sent:ready]))
+            request.emit("text", request.text[request.sent:ready])
             request.sent = ready
 
     def _finish(self, request: Request, reason: str) -> None:
         if len(request.text) > request.sent:
-            request.events.put(("text", request.text[request.sent:]))
+            request.emit("text", request.text[request.sent:])
             request.sent = len(request.text)
         request.finish_reason = reason
-        request.events.put(("done", reason))
+        request.emit("done", reason)
 
