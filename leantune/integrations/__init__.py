@@ -10,7 +10,8 @@ __all__ = ["ADAPTER_DIR", "AdapterSaving", "LeantuneCallback", "LeantuneTrainer"
 
 
 def __getattr__(name: str) -> Any:
-    if name == "LeantuneSFTTrainer":  # TRL is optional: imported on first use
+    if name == "LeantuneSFTTrainer":
+        # TRL is optional: imported on first use of the name
         from .trl import LeantuneSFTTrainer
         return LeantuneSFTTrainer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
