@@ -12,7 +12,7 @@ from .methods.base import MethodConfig
 from .methods.hybrid import Hybrid
 from .methods.layer import (PART_SEPARATOR, AdapterLayer, Router, adapter_layers, model_router, named_adapter_layers,
                             owner_name)
-from .methods.targets import replace_module
+from .methods.targets import LinearFromConv1D, replace_module
 
 _REGISTRY_ATTR = "leantune_adapters"
 
@@ -222,7 +222,8 @@ def detach(model: nn.Module, adapter_name: str | None = None, keep_merged: bool 
     for name in reversed(names):
         for module_name, layer in reversed(list(named_adapter_layers(model, name))):
             layer.release()
-            replace_module(model, module_name, layer.base_layer)
+            base = layer.base_layer
+            replace_module(model, module_name, base.to_conv1d() if isinstance(base, LinearFromConv1D) else base)
         registry[name].detach_from_model(model, name)
         del registry[name]
         chosen = router(model).selected

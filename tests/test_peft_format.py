@@ -382,12 +382,12 @@ def test_peft_options_that_change_the_numbers_are_refused(option, value, tokens,
 
 @pytest.mark.parametrize("changes, message", [
     ({"use_qalora": True}, r"PEFT option use_qalora=True in '.*adapter_config.json' is not supported by import_peft"),
-    ({"fan_in_fan_out": True}, r"PEFT option fan_in_fan_out=True in .* is not supported"),
+    ({"lora_bias": True}, r"PEFT option lora_bias=True in .* is not supported"),
     ({"rank_pattern": {"v_proj": 8}}, r"PEFT option rank_pattern=\{'v_proj': 8\} in .* is not supported .*\(only \{\}\)"),
     ({"target_parameters": ["mlp.experts.down_proj"]}, r"PEFT option target_parameters=.* is not supported"),
     ({"kasa_config": {"beta": 0.1}}, r"PEFT option kasa_config=.* is not supported"),
     ({"future_option": 3}, r"PEFT option future_option=3 in .* is unknown to import_peft, which therefore cannot tell"),
-], ids=["qalora", "fan-in-fan-out", "rank-pattern", "target-parameters", "kasa", "unknown-key"])
+], ids=["qalora", "lora-bias", "rank-pattern", "target-parameters", "kasa", "unknown-key"])
 def test_peft_options_without_an_equivalent_are_named(changes, message, tmp_path):
     _saved_peft_adapter(peft.LoraConfig(r=4, target_modules=["q_proj"]), tmp_path / "peft")
     _edit_config(tmp_path / "peft", **changes)

@@ -33,7 +33,7 @@ from ..methods.layer import AdapterLayer, bare_module_name, named_adapter_layers
 from ..methods.lora import LoRA, LoRALayer
 from ..methods.prompt import PromptTuning
 from ..methods.prefix import KEYS, VALUES, PrefixTuning, prefix_shape
-from ..methods.targets import candidate_modules
+from ..methods.targets import LinearFromConv1D, candidate_modules
 from .native import single_adapter_name
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -89,6 +89,11 @@ def lora_factors(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor, float
     raise LeantuneError(f"method '{layer.method_name}' cannot be written in Hugging Face PEFT format; exportable: {EXPORTABLE}")
 
 
+def _stored_transposed(layers: list[tuple[str, AdapterLayer]]) -> bool:
+    """PEFT's fan_in_fan_out: the targets are Conv1D layers (GPT-2), whose weights are stored [in, out]."""
+    return any(isinstance(layer.base_module(), LinearFromConv1D) for _, layer in layers)
+
+
 def _lora_export(model: nn.Module, config: MethodConfig,
                  layers: list[tuple[str, AdapterLayer]]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not layers:
@@ -125,7 +130,7 @@ def _lora_export(model: nn.Module, config: MethodConfig,
         "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": _stored_transposed(layers),
     }
     return document, tensors
 
@@ -144,7 +149,7 @@ def _ia3_export(model: nn.Module, layers: list[tuple[str, IA3Layer]]) -> tuple[d
         "target_modules": short if short_ff is not None else names,
         "feedforward_modules": short_ff if short_ff is not None else feedforward,
         "init_ia3_weights": True,
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": _stored_transposed(layers),
     }
     return document, tensors
 

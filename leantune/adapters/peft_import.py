@@ -27,8 +27,10 @@ from .native import attach_with_state
 from .peft_export import PEFT_CONFIG_FILE, PEFT_PICKLE_FILE, PEFT_PREFIX, PEFT_PROMPT_INITS, PEFT_TENSOR_FILE
 
 
+# fan_in_fan_out is metadata too: PEFT sets it from the module's type (True for a Conv1D, False for a
+# Linear, whatever the file says), and leantune wraps a Conv1D as a Linear with the same factors.
 PEFT_METADATA_KEYS = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
-                                "revision", "inference_mode"})
+                                "revision", "inference_mode", "fan_in_fan_out"})
 # Per importable PEFT type, the config keys import_peft reads.
 PEFT_READ_KEYS = {
     "LORA": frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights",
@@ -50,12 +52,12 @@ PEFT_READ_KEYS = {
 # PEFT options leantune has no equivalent for, each at the value where it changes nothing. Any other
 # key is unknown to import_peft and must be empty (null, false, [], {}, "").
 PEFT_NEUTRAL_OPTIONS = {
-    "LORA": {"bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "lora_bias": False,
+    "LORA": {"bias": "none", "modules_to_save": None, "lora_bias": False,
              "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None, "use_qalora": False,
              "megatron_config": None, "trainable_token_indices": None, "alora_invocation_tokens": None,
              "target_parameters": None, "ensure_weight_tying": False, "velora_config": None,
              "monteclora_config": None, "kasa_config": None, "use_bdlora": None, "arrow_config": None},
-    "IA3": {"fan_in_fan_out": False, "modules_to_save": None},
+    "IA3": {"modules_to_save": None},
     "PROMPT_TUNING": {"modules_to_save": None},
     "PREFIX_TUNING": {"modules_to_save": None},
 }

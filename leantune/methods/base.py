@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import LeantuneError
 from ..quant import quantize_base
 from .layer import AdapterLayer, adapter_layers, bare_module_name, named_adapter_layers
-from .targets import replace_module, resolve_targets
+from .targets import linear_view, replace_module, resolve_targets
 
 METHODS: dict[str, type["MethodConfig"]] = {}
 
@@ -169,7 +169,7 @@ class ModuleMethod(MethodConfig):
 
     def attach_to_model(self, model: nn.Module, adapter_name: str) -> list[str]:
         """Replace every targeted module with its adapter layer; return the names touched."""
-        chosen = self.chosen_targets(model)
+        chosen = [(name, linear_view(module)) for name, module in self.chosen_targets(model)]  # Conv1D as Linear
         for name, module in chosen:  # check every target before touching any
             self.check_target(name, module)
         for name, module in chosen:

@@ -50,8 +50,10 @@ class IA3(ModuleMethod):
         except LeantuneError as err:
             if self.targets != DEFAULT_TARGETS:
                 raise
-            raise LeantuneError(f"{err} (ia3 defaults to the Llama-style names {', '.join(DEFAULT_TARGETS)}; "
-                                f"pass targets=[...] and feedforward=[...] for this model)") from None
+            architecture = type(model).__name__
+            raise LeantuneError(f"{err} (ia3 defaults to the Llama-style names {', '.join(DEFAULT_TARGETS)}, which "
+                                f"{architecture} does not have; set targets=[...] and feedforward=[...], the config "
+                                "keys method.targets and method.feedforward)") from None
         names = [name for name, _ in chosen]
         for entry in self.feedforward:
             if not any(name == entry or name.endswith("." + entry) for name in names):

@@ -9,6 +9,7 @@ import difflib
 import re
 from typing import ClassVar, Protocol
 
+import torch
 from torch import nn
 
 from ..errors import LeantuneError
@@ -26,6 +27,52 @@ class TargetSelection(Protocol):
     targets: str | list[str]
     exclude: list[str]
     layers: list[int] | None
+
+
+# -- GPT-2's Conv1D: a linear layer whose weight is stored [in, out] (PEFT's fan_in_fan_out) ------
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2 and its kin): y = x W + b with W of shape [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+class LinearFromConv1D(nn.Linear):
+    """A Conv1D turned into the nn.Linear every method wraps (weight transposed to [out, in]);
+    `detach` turns it back (`to_conv1d`), so the model saves in its own layout."""
+
+    def __init__(self, conv: nn.Module):
+        weight = conv.weight
+        super().__init__(weight.shape[0], weight.shape[1], bias=conv.bias is not None, device=weight.device,
+                         dtype=weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(weight.t())
+            if conv.bias is not None:
+                self.bias.copy_(conv.bias)
+        self.weight.requires_grad_(weight.requires_grad)
+        if conv.bias is not None:
+            self.bias.requires_grad_(conv.bias.requires_grad)
+        self.conv1d_type = type(conv)
+
+    def to_conv1d(self) -> nn.Module:
+        conv = self.conv1d_type(self.out_features, self.in_features)
+        conv.to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight.t())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+            else:
+                conv.bias = None
+        conv.weight.requires_grad_(self.weight.requires_grad)
+        return conv
+
+
+def linear_view(module: nn.Module) -> nn.Module:
+    """What a method wraps: the module itself, or a Conv1D as a LinearFromConv1D."""
+    return LinearFromConv1D(module) if is_conv1d(module) else module
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -77,14 +124,14 @@ def resolve_targets(model: nn.Module, config: TargetSelection) -> list[tuple[str
     targets, kinds = config.targets, config.target_types
     if isinstance(targets, str) and targets == ALL_LINEAR:
         heads = output_head_names(model)
-        chosen = [(n, m) for n, m in modules if isinstance(unwrap(m), nn.Linear) and n not in heads]
+        chosen = [(n, m) for n, m in modules if _is_linear(unwrap(m)) and n not in heads]
         if not chosen:
             adapted = next((m for _, m in modules if isinstance(m, AdapterLayer)), None)
             if adapted is not None:  # e.g. every linear is sketched or NF4 under another adapter
                 raise LeantuneError(f"{config.method_name}: targets 'all-linear' found no plain linear: the linears "
                                     f"carry a {adapted.method_name} adapter whose base {config.method_name} cannot "
                                     "wrap; stack it on a plain or unquantized base instead")
-            raise LeantuneError("targets 'all-linear' matched no nn.Linear module in this model")
+            raise LeantuneError("targets 'all-linear' matched no nn.Linear (or Conv1D) module in this model")
     elif isinstance(targets, str):
         chosen = _by_regex(modules, targets)
     else:
@@ -96,6 +143,8 @@ def resolve_targets(model: nn.Module, config: TargetSelection) -> list[tuple[str
     if not chosen:
         raise LeantuneError(f"{config.method_name}: targets {targets!r} with exclude/layers filters leave no module to adapt")
     for name, module in chosen:
+        if is_conv1d(module) and nn.Linear in kinds:
+            continue  # wrapped as a LinearFromConv1D (ModuleMethod.attach_to_model)
         if not isinstance(unwrap(module), kinds) and isinstance(module, AdapterLayer):
             raise LeantuneError(f"{config.method_name}: target '{name}' carries a {module.method_name} adapter whose "
                                 f"base {config.method_name} cannot wrap; stack it on a plain or unquantized base instead")

@@ -1,0 +1,146 @@
+"""The methods on the architectures people fine-tune, as tiny random models: Llama, Qwen2 (biases
+on q/k/v), Mistral, Phi3 (fused qkv_proj / gate_up_proj), Gemma 2 (logit soft-capping), Qwen3 and
+GPT-2 (Conv1D layers, weights stored [in, out]).
+
+Per architecture and method: the forward and the adapter's gradients against a dense reference
+(the plain model run with W' built by hand from the adapter's tensors), merge, save/load, the PEFT
+export read by the real `peft`, and for GPT-2 the merged export reloaded by `transformers` and
+detach giving back Conv1D layers.
+"""
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+import transformers as tf
+from torch.func import functional_call
+
+import leantune as lt
+from conftest import randomize_adapter
+from leantune.loss import causal_lm_loss
+from leantune.methods.layer import named_adapter_layers
+from leantune.methods.targets import LinearFromConv1D
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=512, max_position_embeddings=256)
+ARCHITECTURES = {
+    "llama": lambda: tf.LlamaConfig(**SMALL),
+    "qwen2": lambda: tf.Qwen2Config(**SMALL),
+    "mistral": lambda: tf.MistralConfig(**SMALL),
+    "phi3": lambda: tf.Phi3Config(**SMALL, pad_token_id=0),
+    "gemma2": lambda: tf.Gemma2Config(**SMALL, head_dim=16),
+    "qwen3": lambda: tf.Qwen3Config(**SMALL, head_dim=16),
+    "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=256),
+}
+# IA3's Llama-style defaults do not exist on fused or GPT-2 names: the targets a user sets there.
+IA3_TARGETS = {"phi3": dict(targets=["qkv_proj", "down_proj"], feedforward=["down_proj"]),
+               "gpt2": dict(targets=["c_attn", "mlp.c_proj"], feedforward=["mlp.c_proj"])}
+METHODS = {
+    "lora": lambda arch: lt.LoRA(r=4, alpha=8),
+    "dora": lambda arch: lt.DoRA(r=4, alpha=8),
+    "paca": lambda arch: lt.PaCA(r=4, alpha=8),
+    "ia3": lambda arch: lt.IA3(**IA3_TARGETS.get(arch, {})),
+}
+CELLS = [(a, m) for a in ARCHITECTURES for m in METHODS]
+CLOSE = dict(atol=2e-5, rtol=1e-4)
+
+
+def build(arch):
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(ARCHITECTURES[arch]()).eval()
+
+
+def attached(arch, method):
+    model = build(arch)
+    torch.manual_seed(1)
+    lt.attach(model, METHODS[method](arch))
+    randomize_adapter(model, scale=0.1)
+    return model
+
+
+def dense_tensors(layer, original) -> dict[str, torch.Tensor]:
+    """W' (and b') of one adapted module from the adapter's tensors and the original module, differentiably,
+    in nn.Linear layout (PaCA writes its columns into the base weight, so W0 comes from the untouched copy)."""
+    conv = isinstance(layer.base_module(), LinearFromConv1D)
+    w = original.weight.detach().t() if conv else original.weight.detach()
+    b = None if original.bias is None else original.bias.detach()
+    name = type(layer).__name__
+    if name == "PaCALayer":
+        w = w.index_add(1, layer.paca_index, layer.scale * layer.paca_delta)
+    elif name in ("LoRALayer", "DoRALayer"):
+        w = w + layer.scale * layer.lora_B @ layer.lora_A
+        if name == "DoRALayer":  # the norm is a constant in backward (DoRA's section 4.3, as PEFT does)
+            w = (layer.magnitude / w.norm(dim=1).detach())[:, None] * w
+    elif name == "IA3Layer":
+        if layer.feedforward:
+            w = w * layer.ia3_l[None, :]
+        else:
+            w = w * layer.ia3_l[:, None]
+            b = None if b is None else b * layer.ia3_l
+    return {"weight": w, "bias": b}
+
+
+def reference_logits(arch, model, ids):
+    """The plain model (a fresh copy of the base) with every adapted module's weights replaced by W'."""
+    plain = build(arch)
+    replaced = {}
+    for module_name, layer in named_adapter_layers(model):
+        for key, tensor in dense_tensors(layer, plain.get_submodule(module_name)).items():
+            if tensor is None:
+                continue
+            if isinstance(layer.base_module(), LinearFromConv1D):
+                tensor = tensor.t()  # Conv1D keeps [in, out]
+            replaced[f"{module_name}.{key}"] = tensor
+    return functional_call(plain, replaced, (ids,)).logits
+
+
+@pytest.mark.parametrize("arch, method", CELLS)
+def test_forward_and_gradients_equal_the_dense_reference(arch, method):
+    model = attached(arch, method)
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(2))
+    logits = model(ids).logits
+    reference = reference_logits(arch, model, ids)
+    torch.testing.assert_close(logits, reference, **CLOSE)
+    params = [p for p in model.parameters() if p.requires_grad]
+    labels = ids.clone()
+    got = torch.autograd.grad(causal_lm_loss(model, ids, labels), params)
+    expected = torch.autograd.grad(torch.nn.functional.cross_entropy(
+        reference[:, :-1].reshape(-1, reference.shape[-1]), labels[:, 1:].reshape(-1)), params)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("arch, method", CELLS)
+def test_merge_save_load_and_the_peft_export(arch, method, tmp_path):
+    model = attached(arch, method)
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(3))
+    adapted = model(ids).logits
+    lt.save_adapter(model, tmp_path / "adapter")
+    reloaded = lt.load_adapter(build(arch), tmp_path / "adapter")
+    torch.testing.assert_close(reloaded(ids).logits, adapted, atol=0, rtol=0)
+    lt.export_peft(model, tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(build(arch), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(theirs(ids).logits, adapted, **CLOSE)
+    imported = lt.import_peft(build(arch), tmp_path / "peft")
+    torch.testing.assert_close(imported(ids).logits, adapted, **CLOSE)
+    lt.merge(model)
+    torch.testing.assert_close(model(ids).logits, adapted, **CLOSE)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "paca", "ia3"])
+def test_gpt2_merged_export_reloads_in_transformers_and_detach_restores_conv1d(method, tmp_path):
+    model = attached("gpt2", method)
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(4))
+    adapted = model(ids).logits
+    lt.save_merged_model(model, tmp_path / "merged")
+    merged = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(merged(ids).logits, adapted, **CLOSE)
+    lt.detach(model)
+    torch.testing.assert_close(model(ids).logits, build("gpt2")(ids).logits, atol=0, rtol=0)
+    assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+
+
+def test_ia3_defaults_on_fused_names_name_the_architecture_and_the_keys():
+    with pytest.raises(lt.LeantuneError, match=r"which Phi3ForCausalLM does not have; set targets=\[...\] and "
+                                               r"feedforward=\[...\], the config keys method.targets"):
+        lt.attach(build("phi3"), lt.IA3())
