@@ -122,8 +122,9 @@ def _generate_per_row(model: nn.Module, *args: Any, adapter_names: Any = None, *
         return generate(*args, **kwargs)
     rows = row_names(model, adapter_names)
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    copies = (kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1) * \
-        (kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1)
+    beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+    returned = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+    copies = beams if beams > 1 else returned  # transformers expands each row to its beams, else to its samples
     routes = router(model)
     previous, routes.rows = routes.rows, tuple(name for name in rows for _ in range(copies))
     try:

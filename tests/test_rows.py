@@ -95,7 +95,7 @@ def test_bad_adapter_names_are_one_sentence(mixed, names, message):
 def test_methods_without_a_row_form_merged_adapters_and_dropout_in_training_are_refused(tiny_llama):
     tokens = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(6))
     lt.attach(tiny_llama, lt.LoRA(r=2, dropout=0.1), adapter_name="a")
-    with pytest.raises(LeantuneError, match="runs adapters as in eval mode"):
+    with pytest.raises(LeantuneError, match="runs adapters for inference"):
         tiny_llama.train()(tokens, adapter_names=["a", None])
     tiny_llama.eval()
     lt.merge(tiny_llama, "a")

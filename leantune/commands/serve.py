@@ -62,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             raise LeantuneError(f"{flag} must be at least 1, got {value}")
     adapters = parse_adapters(args.adapter)
-    if args.model in adapters:
-        raise LeantuneError(f"--adapter name '{args.model}' is the base model's name; choose another")
+    for name in adapters:
+        if name == args.model or name in ("__base__", "base"):
+            raise LeantuneError(f"--adapter name '{name}' names the base model; choose another")
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     for name, path in adapters.items():
         attach_adapter(model, name, path)

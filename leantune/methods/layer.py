@@ -135,9 +135,9 @@ class AdapterLayer(nn.Module):
         if self.merged:
             raise LeantuneError(f"adapter '{self.routing_name()}' is merged into the base weights; lt.unmerge it "
                                 "before choosing adapters per row")
-        if self.training and getattr(self, "dropout", 0) > 0:
-            raise LeantuneError("adapter_names= runs adapters as in eval mode (no dropout); call model.eval() "
-                                "first, or train one adapter per batch")
+        if self.training and (getattr(self, "dropout", 0) > 0 or torch.is_grad_enabled()):
+            raise LeantuneError("adapter_names= runs adapters for inference (no dropout, no gradient to the "
+                                "adapters); call model.eval() first, or train one adapter per batch")
 
     def release(self) -> None:
         """Called by `detach` (after unmerge) before the layer is unwrapped: undo in-place base edits."""

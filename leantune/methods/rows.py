@@ -67,7 +67,9 @@ def _sources(stack: Sequence[nn.Module]) -> list[torch.Tensor]:
 def _unchanged(snapshot: list[torch.Tensor], live: list[torch.Tensor]) -> bool:
     # Compared by value, not by version counter: a `.data` write or a no-grad copy_ on `.data`
     # leaves the counter as it was. The cost is one read of the adapters' tensors, as the forward's.
-    return len(snapshot) == len(live) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(snapshot, live))
+    return len(snapshot) == len(live) and all(
+        a.shape == b.shape and a.device == b.device and a.dtype == b.dtype and torch.equal(a, b)
+        for a, b in zip(snapshot, live))  # a model moved or cast since keeps its Parameter objects
 
 
 def _stack(parts: list[torch.Tensor | None], shape: tuple[int, ...], fill: float, like: torch.Tensor) -> torch.Tensor | None:

@@ -8,7 +8,9 @@ engine (engine.py); a streaming response is server-sent events in OpenAI's chunk
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import time
 import uuid
 from typing import Any, AsyncIterator, Literal
 
@@ -29,7 +31,7 @@ class _Body(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=2 ** 63 - 1)
     stream: bool = False
     ignore_eos: bool = False  # vLLM's extension (benchmarks: every request generates max_tokens)
 
@@ -46,6 +48,7 @@ class Message(BaseModel):
 
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = None  # as OpenAI: without it, a reply may fill the rest of the context
     max_completion_tokens: int | None = None
 
 
@@ -82,7 +85,8 @@ def create_app(engine: Engine, adapters: AdapterRegistry, api_key: str | None = 
 
     @app.middleware("http")
     async def authenticate(request: HttpRequest, call_next: Any) -> Any:
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+        given = request.headers.get("authorization", "")
+        if api_key is not None and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             return error(401, "missing or wrong API key (Authorization: Bearer KEY)", kind="authentication_error",
                          code="invalid_api_key")
         return await call_next(request)
@@ -106,7 +110,7 @@ def create_app(engine: Engine, adapters: AdapterRegistry, api_key: str | None = 
             return error(err.status, str(err), param=err.param)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        return await _serve(body, prompt, "chat.completion", request)
+        return await _serve(body, prompt, "chat.completion", request, fill_context=body.max_tokens is None)
 
     @app.post("/v1/load_lora_adapter")
     async def load(body: LoadBody) -> Any:
@@ -124,10 +128,10 @@ def create_app(engine: Engine, adapters: AdapterRegistry, api_key: str | None = 
             return error(err.status, str(err), param=err.param)
         return {"object": "adapter", "id": body.lora_name, "status": "unloaded"}
 
-    async def _serve(body: _Body, prompt: str, kind: str, http: HttpRequest) -> Any:
+    async def _serve(body: _Body, prompt: str, kind: str, http: HttpRequest, fill_context: bool = False) -> Any:
         try:
             request = adapters.request(body.model, prompt, body.max_tokens, body.temperature, body.top_p,
-                                       _stops(body.stop), body.seed)
+                                       _stops(body.stop), body.seed, fill_context)
             request.ignore_eos = body.ignore_eos
             events = listen(request)
             engine.submit(request)
@@ -142,7 +146,7 @@ def create_app(engine: Engine, adapters: AdapterRegistry, api_key: str | None = 
         try:
             text, reason = await _collect(events, request, http)
         except ServeError as err:
-            return error(err.status, str(err))
+            return error(err.status, str(err), kind="server_error")
         return _response(ident, kind, body.model, text, reason, request)
 
     return app
@@ -164,14 +168,19 @@ def listen(request: Request) -> "asyncio.Queue[tuple[str, Any]]":
 async def _events(events: "asyncio.Queue[tuple[str, Any]]", request: Request,
                   http: HttpRequest) -> AsyncIterator[tuple[str, Any]]:
     """The engine's events for `request`; a disconnected client cancels it."""
+    checked = time.monotonic()
     try:
         while True:
             try:
                 kind, value = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:  # nothing yet: is the client still there?
+            except asyncio.TimeoutError:
+                kind = None
+            if time.monotonic() - checked >= 0.5:  # is the client still there? (also while tokens flow)
+                checked = time.monotonic()
                 if await http.is_disconnected():
                     request.cancel()
                     return
+            if kind is None:
                 continue
             yield kind, value
             if kind in ("done", "error"):

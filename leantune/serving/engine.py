@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import api
 from ..eval.generation import end_token_ids
 from .batch import RunningBatch, sample
 
@@ -88,8 +89,9 @@ class Engine:
     def submit(self, request: Request) -> Request:
         if self.waiting.qsize() + len(self.running) >= self.max_queue:
             raise QueueFull(f"the server holds {self.max_queue} requests already (--max-queue); retry later")
-        if request.temperature > 0:
-            request.generator = torch.Generator().manual_seed(
+        if request.temperature > 0:  # on the logits' device: torch.multinomial takes no generator from another
+            device = next(self.model.parameters()).device
+            request.generator = torch.Generator(device=device).manual_seed(
                 request.seed if request.seed is not None else int(torch.randint(0, 2 ** 62, (1,))))
         self.waiting.put(request)
         self.wake.set()
@@ -106,7 +108,10 @@ class Engine:
         return value
 
     def busy_adapters(self) -> set[str | None]:
-        return {r.adapter for r in self.running} | {r.adapter for r in list(self.waiting.queue)}
+        """Adapters of running or waiting requests; call it on the engine thread (`call`)."""
+        with self.waiting.mutex:  # HTTP threads put into the queue meanwhile
+            waiting = list(self.waiting.queue)
+        return {r.adapter for r in self.running} | {r.adapter for r in waiting}
 
     # -- the engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -129,9 +134,12 @@ class Engine:
 
     def _admit(self) -> None:
         newcomers = []
+        attached = set(api.attached(self.model))
         while len(self.running) + len(newcomers) < self.max_batch and not self.waiting.empty():
             request = self.waiting.get()
-            if not request.cancelled:
+            if request.adapter is not None and request.adapter not in attached:  # unloaded while it waited
+                request.emit("error", f"adapter '{request.adapter}' was unloaded")
+            elif not request.cancelled:
                 newcomers.append(request)
         if not newcomers:
             return
@@ -161,8 +169,12 @@ class Engine:
             if request.cancelled:
                 request.finish_reason = "cancelled"
                 continue
-            token = sample(row, request.temperature, request.top_p, request.generator)
-            self._append(request, token)
+            try:
+                token = sample(row, request.temperature, request.top_p, request.generator)
+                self._append(request, token)
+            except Exception as err:  # this request fails; the others and the engine go on
+                request.finish_reason = "error"
+                request.emit("error", str(err))
         kept = [i for i, r in enumerate(self.running) if r.finish_reason is None]
         if len(kept) != len(self.running):
             self.batch.keep(kept)

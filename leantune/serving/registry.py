@@ -57,14 +57,19 @@ class AdapterRegistry:
 
     # -- requests ---------------------------------------------------------------------------
     def request(self, model: str, prompt: str, max_tokens: int | None, temperature: float, top_p: float,
-                stop: tuple[str, ...], seed: int | None) -> Request:
+                stop: tuple[str, ...], seed: int | None, fill_context: bool = False) -> Request:
+        """`max_tokens` None: 16 (OpenAI's completions default), or with `fill_context` the rest of the context."""
         if model != self.base_name and model not in self.paths:
             raise ServeError(404, f"model '{model}' does not exist; served: {', '.join(self.names())}",
                              param="model", code="model_not_found")
         if not prompt:
             raise ServeError(400, "prompt: the prompt is empty; give some text to continue", param="prompt")
         ids = self.engine.tokenizer(prompt)["input_ids"]
-        max_tokens = 16 if max_tokens is None else max_tokens
+        if max_tokens is None:
+            max_tokens = (self.context - len(ids) if fill_context and self.context else 16)
+            if max_tokens < 1:
+                raise ServeError(400, f"the prompt ({len(ids)} tokens) fills the model's context of {self.context} "
+                                 "tokens", param="messages", code="context_length_exceeded")
         if max_tokens <= 0:
             raise ServeError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         if self.context is not None and len(ids) + max_tokens > self.context:
@@ -104,25 +109,38 @@ class AdapterRegistry:
 
     def load(self, name: str, lora_path: str) -> None:
         path = self.resolve(lora_path)
-        if name == self.base_name or name in self.paths:
-            raise ServeError(400, f"an adapter or model named '{name}' is already served; unload it first",
-                             param="lora_name")
+        check_adapter_name(name, self.base_name)
+        # checked, attached and recorded on the engine thread: two loads of one name cannot interleave
+        self.engine.call(lambda: self._load_now(name, path, lora_path))
+
+    def _load_now(self, name: str, path: Path, lora_path: str) -> None:
+        if name in self.paths or name in api.attached(self.engine.model):
+            raise ServeError(400, f"an adapter named '{name}' is already served; unload it first", param="lora_name")
         try:
-            self.engine.call(lambda: attach_adapter(self.engine.model, name, path))
-        except LeantuneError as err:
-            self._forget_partial(name)
+            attach_adapter(self.engine.model, name, path)
+        except Exception as err:  # a bad adapter directory: nothing of it stays attached
+            if name in api.attached(self.engine.model):
+                api.detach(self.engine.model, name)
             raise ServeError(400, f"adapter '{lora_path}': {err}", param="lora_path") from None
         self.paths[name] = str(path)
 
     def unload(self, name: str) -> None:
+        self.engine.call(lambda: self._unload_now(name))
+
+    def _unload_now(self, name: str) -> None:
         if name not in self.paths:
             raise ServeError(404, f"no adapter named '{name}' is loaded", param="lora_name")
         if name in self.engine.busy_adapters():
             raise ServeError(409, f"adapter '{name}' has requests in flight; unload it when they are done",
                              param="lora_name")
-        self.engine.call(lambda: api.detach(self.engine.model, name))
+        api.detach(self.engine.model, name)
         del self.paths[name]
 
-    def _forget_partial(self, name: str) -> None:
-        if name in api.attached(self.engine.model):
-            self.engine.call(lambda: api.detach(self.engine.model, name))
+
+RESERVED_NAMES = (api.BASE_ROW, "base")
+
+
+def check_adapter_name(name: str, base_name: str) -> None:
+    """Names a request's `model` could not tell from the base model are refused."""
+    if name == base_name or name in RESERVED_NAMES:
+        raise ServeError(400, f"'{name}' names the base model; choose another adapter name", param="lora_name")

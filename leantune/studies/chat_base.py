@@ -4,7 +4,7 @@ The tuned methods all see the training prompt (instruction comment + function + 
 and continue the body. An instruction-tuned base model given that prompt answers with a code fence
 and stops, which measures the prompt rather than the model; so the base row is run twice, with the
 training prompt and with the chat template. A chat reply is free-form: the test is taken from it
-as the first `def test...` function (of the first code block when there is one), renamed to the
+as the first `def test...` function (of the first code block holding one), renamed to the
 name the sandbox calls, with the reply's top-level imports kept (an import of the function under
 test is dropped: it is defined beside the test). A reply without a test function keeps its
 top-level asserts as the body; a reply with neither becomes the body as written (prose, or an
@@ -39,8 +39,11 @@ def chat_prompts(tokenizer: Any, records: Sequence[dict[str, Any]], instruction:
 
 def extract_chat_test(record: dict[str, Any], reply: str, hit_budget: bool = False) -> str:
     """The test function a chat reply contains, named as the sandbox calls it (module docstring)."""
-    block = FENCE.search(reply)
-    lines = (block.group(1) if block else reply).splitlines()
+    blocks = [m.group(1) for m in FENCE.finditer(reply)]
+    # the block with the test (a reply often echoes the function in a block of its own first)
+    code = next((b for b in blocks if any(TEST_DEF.match(line) for line in b.splitlines())),
+                blocks[0] if blocks else reply)
+    lines = code.splitlines()
     name = record["entry_point"]
     imports = [line for line in lines if IMPORT.match(line) and not re.search(rf"\b{re.escape(name)}\b", line)]
     start = next((i for i, line in enumerate(lines) if TEST_DEF.match(line)), None)

@@ -48,7 +48,7 @@ QUICK = {"functions": 8, "max_steps": 5, "max_length": 256, "max_new_tokens": 96
 # Keys whose change makes finished method runs incomparable with new ones (a resume refuses them).
 RESULT_KEYS = ("models", "data", "split_seed", "test_fraction", "functions", "epochs", "max_steps", "max_length",
                "batch_size", "warmup", "schedule", "max_new_tokens", "chat_instruction", "mutants", "seed",
-               "methods_settings", "sketch_fit", "eval_loss")
+               "methods_settings", "sketch_fit", "eval_loss", "training")
 
 CHAT_INSTRUCTION = ("Write one pytest unit test function named `{test_name}` for the Python function below. "
                     "The function `{name}` is already defined: call it directly and check its results with assert "

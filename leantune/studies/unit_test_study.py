@@ -11,6 +11,7 @@ Layout of OUT:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import signal
@@ -44,8 +45,14 @@ def run_study(config: StudyConfig, out: Path, resume: bool = False, overwrite: b
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     runner = runner or run_in_subprocess
     out = Path(out).absolute()  # the rows' processes get absolute paths
-    _prepare_out(config, out, resume, overwrite)
+    previous = _prepare_out(config, out, resume, overwrite)
     data = prepare_data(config.data, out, config.functions, config.split_seed, config.test_fraction, config.workers)
+    digest = hashlib.sha256(json.dumps(data.held_out, sort_keys=True).encode()).hexdigest()
+    if previous.get("held_out_digest") not in (None, digest):
+        raise LeantuneError(f"--resume: the held-out functions differ from those of the study in '{out}' (was the "
+                            "data file changed?); finished rows would not be comparable. Use a new --out")
+    atomic_write_text(out / STUDY_FILE, json.dumps({"config": config.to_dict(), "held_out_digest": digest},
+                                                   indent=1) + "\n")
     held_out = out / "data" / "held_out.json"
     atomic_write_text(held_out, json.dumps(data.held_out, indent=1) + "\n")
     log(f"study: {len(config.methods)} methods x {len(config.models)} model(s), {len(data.held_out)} held-out "
@@ -89,12 +96,20 @@ def run_in_subprocess(spec: dict[str, Any]) -> int:
     with tempfile.NamedTemporaryFile("w", prefix="leantune-study-", suffix=".json", delete=False) as handle:
         json.dump(spec, handle)
     try:
-        process = subprocess.Popen([sys.executable, "-m", "leantune.studies.method_run", handle.name])
+        # a session of its own: the terminal's Ctrl-C reaches it once, forwarded from here (twice, and
+        # the training loop would stop at once instead of saving a checkpoint)
+        process = subprocess.Popen([sys.executable, "-m", "leantune.studies.method_run", handle.name],
+                                   start_new_session=True)
         try:
             return process.wait()
         except KeyboardInterrupt:
-            process.send_signal(signal.SIGINT)  # it may sit outside the terminal's process group
-            process.wait()
+            process.send_signal(signal.SIGINT)
+            while True:
+                try:
+                    process.wait()
+                    break
+                except KeyboardInterrupt:  # a second press: the row stops at once (its last checkpoint stays)
+                    process.send_signal(signal.SIGINT)
             return EXIT_INTERRUPTED
     finally:
         Path(handle.name).unlink(missing_ok=True)
@@ -102,22 +117,26 @@ def run_in_subprocess(spec: dict[str, Any]) -> int:
 
 # -- OUT -----------------------------------------------------------------------------------------
 
-def _prepare_out(config: StudyConfig, out: Path, resume: bool, overwrite: bool) -> None:
+def _prepare_out(config: StudyConfig, out: Path, resume: bool, overwrite: bool) -> dict[str, Any]:
+    """Check OUT for this run and record the study's settings; returns the earlier study.json (or {})."""
     recorded = out / STUDY_FILE
+    previous: dict[str, Any] = {}
     if out.exists() and not out.is_dir():
         raise LeantuneError(f"--out '{out}' is a file; expected a directory")
     if recorded.is_file():
         if overwrite:
             _remove_study(out, json.loads(recorded.read_text()))
         elif resume:
-            _check_same_study(json.loads(recorded.read_text()), config, out)
+            previous = json.loads(recorded.read_text())
+            _check_same_study(previous, config, out)
         else:
             raise LeantuneError(f"'{out}' holds an earlier study; pass --resume to continue it or --overwrite to "
                                 "replace it")
     elif out.is_dir() and any(out.iterdir()) and not resume:
         raise LeantuneError(f"--out '{out}' is not empty and holds no study; choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(recorded, json.dumps({"config": config.to_dict()}, indent=1) + "\n")
+    atomic_write_text(recorded, json.dumps({**previous, "config": config.to_dict()}, indent=1) + "\n")
+    return previous
 
 
 def _check_same_study(document: dict[str, Any], config: StudyConfig, out: Path) -> None:
