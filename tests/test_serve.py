@@ -128,9 +128,11 @@ def test_chat_and_streaming_through_the_openai_client(server, reference):
 def test_models_list_adapters_with_the_base_as_parent_and_stop_strings_and_seeds_work(server, reference):
     cards = {m.id: m for m in client(server).models.list().data}
     assert set(cards) == {"tiny-llama", "a", "b"} and cards["a"].parent == "tiny-llama"
-    prompt = "hello 0"  # adapter a continues it with a few distinct ASCII characters
-    full = reference("a", prompt, 12)
-    stop = next(ch for ch in full[1:] if ch != full[0])
+    candidates = [f"{word} {i}" for i in range(4) for word in ("hello", "abc", "def", "x =", "print(")] + PROMPTS
+    # a continuation with two distinct printable characters, the second of which becomes the stop string
+    prompt, full = next((p, text) for p in candidates for text in [reference("a", p, 12)]
+                        if len({c for c in text if c.isprintable() and c != "\ufffd"}) >= 2)
+    stop = next(ch for ch in full[1:] if ch != full[0] and ch.isprintable() and ch != "\ufffd")
     answer = client(server).completions.create(model="a", prompt=prompt, max_tokens=12, temperature=0, stop=[stop])
     assert answer.choices[0].text == full[:full.index(stop)] and answer.choices[0].finish_reason == "stop"
     sampled = [client(server).completions.create(model="a", prompt=PROMPTS[2], max_tokens=8, temperature=1.0,

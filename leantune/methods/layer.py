@@ -33,6 +33,7 @@ class Router:
         self.selected: frozenset[str] | None = None
         self.switched_off: set[str] = set()
         self.rows: tuple[str | None, ...] | None = None  # one adapter per batch row (adapter_names=); None: off
+        self.trust_versions = False  # rows: adapters change only by attach/detach (the server; methods/rows.py)
 
     def runs(self, adapter_name: str) -> bool:
         adapter_name = owner_name(adapter_name)
@@ -103,7 +104,7 @@ class AdapterLayer(nn.Module):
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.router.rows is not None:
-            return routed_forward(self, x, self.router.rows)
+            return routed_forward(self, x, self.router.rows, self.router.trust_versions)
         if self.disabled:
             return self.disabled_forward(x, *args, **kwargs)
         if self.merged:

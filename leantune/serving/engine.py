@@ -76,6 +76,9 @@ class Engine:
         self.wake = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="leantune-engine", daemon=True)
+        # only this engine changes the served adapters (attach and detach, between steps): each decode
+        # step can tell a change from the tensors' versions instead of reading every adapter tensor
+        api.router(model).trust_versions = True
 
     # -- the HTTP side ------------------------------------------------------------------------
     def start(self) -> None:

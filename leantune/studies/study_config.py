@@ -118,7 +118,10 @@ class StudyConfig:
         settings["method"].update(custom.pop("method", {}))
         document = {"model": model, "max_length": self.max_length, "batch_size": self.batch_size,
                     "schedule": self.schedule, "warmup": self.warmup, "epochs": self.epochs,
-                    "max_steps": self.max_steps, "seed": self.seed, "save_every": 10, "keep_checkpoints": 1,
+                    "max_steps": self.max_steps, "seed": self.seed, "keep_checkpoints": 1,
+                    # Ctrl-C still saves a checkpoint to resume from; periodic ones would put the writing of
+                    # full fine-tuning's weights and optimizer state into its training time
+                    "save_every": 0,
                     "unit_test_table": False, **copy.deepcopy(self.training), **settings, **custom,
                     "out_dir": str(out_dir)}
         return document
