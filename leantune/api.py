@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -129,17 +129,6 @@ def _generate_per_row(model: nn.Module, *args: Any, adapter_names: Any = None, *
     previous, routes.rows = routes.rows, tuple(name for name in rows for _ in range(copies))
     try:
         return generate(*args, **kwargs)
-    finally:
-        routes.rows = previous
-
-
-@contextlib.contextmanager
-def rows_routed(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
-    """Within the block, every forward of `model` gives batch row i the adapter adapter_names[i]."""
-    routes = router(model)
-    previous, routes.rows = routes.rows, row_names(model, list(adapter_names))
-    try:
-        yield model
     finally:
         routes.rows = previous
 

@@ -56,14 +56,14 @@ def run(args: argparse.Namespace) -> int:
     # imported here for the same reason: they load torch
     from ..models import load_model, load_tokenizer
     from ..serving.engine import Engine
-    from ..serving.registry import AdapterRegistry, attach_adapter
+    from ..serving.registry import RESERVED_NAMES, AdapterRegistry, attach_adapter
 
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
         if value < 1:
             raise LeantuneError(f"{flag} must be at least 1, got {value}")
     adapters = parse_adapters(args.adapter)
     for name in adapters:
-        if name == args.model or name in ("__base__", "base"):
+        if name == args.model or name in RESERVED_NAMES:
             raise LeantuneError(f"--adapter name '{name}' names the base model; choose another")
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     for name, path in adapters.items():
