@@ -61,6 +61,7 @@ def test_loss_and_perplexity_match_a_per_example_reference(tiny_llama):
 
 @pytest.fixture
 def adapter_dir(tmp_path, tiny_llama):
+    torch.manual_seed(0)  # the same adapter whichever tests ran before (the stop test needs a long continuation)
     lt.attach(tiny_llama, lt.LoRA(r=4, alpha=8))
     randomize_adapter(tiny_llama, scale=0.2)
     return lt.save_adapter(tiny_llama, tmp_path / "adapter")

@@ -91,8 +91,8 @@ def pausing_step(self, state):
     return step(self, state)
 
 
-def pausing_save_checkpoint(out_dir, model, optimizer, trainer_state, keep, saved_adapter=None):
-    path = save_checkpoint(out_dir, model, optimizer, trainer_state, keep, saved_adapter)
+def pausing_save_checkpoint(out_dir, model, optimizer, trainer_state, keep, saved_adapter=None, **kwargs):
+    path = save_checkpoint(out_dir, model, optimizer, trainer_state, keep, saved_adapter, **kwargs)
     pause(f"after-checkpoint:{trainer_state['step']}")
     return path
 

@@ -33,8 +33,10 @@ def single_adapter_name(model: nn.Module, adapter_name: str | None) -> str:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
-                 extra: dict[str, Any] | None = None) -> Path:
-    """Write one adapter (config JSON + safetensors) atomically to directory `path`."""
+                 extra: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write one adapter (config JSON + safetensors) atomically to directory `path`.
+
+    `tensors`: the adapter's tensors already collected (made whole by a sharded run), else read here."""
     name = single_adapter_name(model, adapter_name)
     config = api.attached(model)[name]
     document = {
@@ -46,7 +48,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         **(extra or {}),
     }
     with atomic_directory(path) as tmp:
-        save_tensors(config.state_dict(model, name), tmp / TENSOR_FILE)
+        save_tensors(config.state_dict(model, name) if tensors is None else tensors, tmp / TENSOR_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
     return Path(path)
 

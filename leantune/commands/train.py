@@ -1,10 +1,15 @@
-"""`leantune train [CONFIG.yaml] [--set key=value ...] [--resume] [--overwrite]`."""
+"""`leantune train [CONFIG.yaml] [--set key=value ...] [--resume] [--overwrite] [--nproc N]`."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import subprocess
+import sys
 import threading
 from typing import Any
+
+from ..errors import LeantuneError
 
 EXIT_INTERRUPTED = 130
 
@@ -15,7 +20,8 @@ A commented example with every key: configs/example.yaml.
 
 Ctrl-C saves a checkpoint after the current step and prints the command that resumes the run;
 a second Ctrl-C stops at once (a checkpoint being written is finished first). Either way the
-exit status is 130.
+exit status is 130. Under torchrun (--nproc) Ctrl-C stops every process; --resume continues from
+the last periodic checkpoint.
 """
 
 
@@ -31,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "that may change)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of an earlier run in a non-empty out_dir")
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="train in N processes on this machine, started by torchrun (config key distributed: "
+                             "ddp or fsdp); for several machines run torchrun -m leantune train yourself "
+                             "(docs/distributed.md)")
     parser.epilog = USAGE_NOTES + "\n" + keys_help()
 
 
@@ -40,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from ..training import load_config
 
     config = load_config(args.config, args.overrides)
+    if args.nproc is not None:
+        return _launch_torchrun(args, config)
     previous = _install_sigint(_interrupt_then_ignore)
     try:
         result = train(config, resume=args.resume, overwrite=args.overwrite, command=_rebuild_command(args))
@@ -53,6 +65,29 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     _install_sigint(previous)
     return 0
+
+
+def _launch_torchrun(args: argparse.Namespace, config) -> int:
+    """This same command in `nproc` processes, each started by torchrun on this machine."""
+    if args.nproc < 1:
+        raise LeantuneError(f"--nproc must be at least 1, got {args.nproc}")
+    if config.distributed == "none":
+        raise LeantuneError(f"--nproc {args.nproc}: config key 'distributed' is none; set distributed: ddp or fsdp "
+                            "(--set distributed=ddp)")
+    words = ([args.config] if args.config else []) + [w for o in args.overrides for w in ("--set", o)]
+    words += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "leantune", "train", *words]
+    # torchrun receives Ctrl-C with the rest of the terminal's process group and stops the processes it
+    # started; this launcher waits for it, so a handler (not SIG_IGN, which the children would inherit).
+    env = dict(os.environ)
+    # torch's threads per process: the config's, else this machine's cores shared out (torchrun would pick 1)
+    env.setdefault("OMP_NUM_THREADS", str(config.threads or max(1, (os.cpu_count() or 1) // args.nproc)))
+    previous = _install_sigint(lambda signum, frame: None)
+    try:
+        return subprocess.call(command, env=env)
+    finally:
+        _install_sigint(previous)
 
 
 def _interrupt_then_ignore(signum: int, frame: Any) -> None:

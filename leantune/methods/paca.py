@@ -169,6 +169,12 @@ class PaCALayer(AdapterLayer):
             self._ledger.leave(self, keep=self.merged)
             self._ledger = None
 
+    def keep_weight_unwritten(self) -> None:
+        """Add X_I Δᵀ beside the base matmul instead of writing Δ into the base weight's columns: a
+        weight sharded over processes (FSDP2) is gathered anew for every forward, so columns written
+        into one gathered copy would not last. Same values and gradients; X_I is still all that is saved."""
+        self.release()
+
     def adapter_state_loaded(self) -> None:
         index = self.paca_index
         if (index.numel() != self.r or bool((index < 0).any()) or bool((index >= self.in_features).any())

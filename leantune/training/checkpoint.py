@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from torch import nn
 from .. import api
 from ..errors import LeantuneError
 from ..adapters import save_adapter
-from ..adapters.native import TENSOR_FILE, read_adapter_config
+from ..adapters.native import TENSOR_FILE, read_adapter_config, single_adapter_name
 from ..files import atomic_directory, atomic_write_text, load_tensors, save_tensors
 
 CHECKPOINTS = "checkpoints"
@@ -100,19 +100,26 @@ def restore_rng(tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> N
 # -- save / load ------------------------------------------------------------------------------
 
 def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], keep: int, saved_adapter: Path | None = None) -> Path:
+                    trainer_state: dict[str, Any], keep: int, saved_adapter: Path | None = None,
+                    gather: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = dict,
+                    writer: bool = True) -> Path:
     """Write `checkpoints/step-N` atomically, point `latest` at it, keep the newest `keep`.
 
     `saved_adapter`: the model's adapter as just saved elsewhere (the run's final adapter), linked
-    into the checkpoint rather than written a second time."""
+    into the checkpoint rather than written a second time. Under torchrun every process calls this:
+    `gather` makes sharded tensors whole (a collective), and only the `writer` writes."""
     root = checkpoint_root(out_dir)
     step = int(trainer_state["step"])
     target = root / step_dir_name(step)
+    adapter_tensors = None if saved_adapter is not None else gather(adapter_state(model))
     opt_tensors, opt_document = flatten_optimizer(optimizer)
+    opt_tensors = gather(opt_tensors)
+    if not writer:
+        return target
     rng_tensors, rng_document = capture_rng()
     with atomic_directory(target) as tmp:
         if saved_adapter is None:
-            save_adapter(model, tmp / "adapter")
+            save_adapter(model, tmp / "adapter", tensors=adapter_tensors)
         else:
             _link_tree(saved_adapter, tmp / "adapter")
         save_tensors(opt_tensors, tmp / "optimizer.safetensors")
@@ -180,8 +187,21 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.split("-")[1])) if complete else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Load adapter tensors and optimizer state into the live objects, restore RNG; return the trainer state."""
+def load_checkpoint_adapter(path: Path, model: nn.Module) -> None:
+    """Load a checkpoint's adapter tensors into the live model (before any sharding)."""
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    _load_adapter_tensors(path / "adapter", model)
+    if trainable != [id(p) for p in model.parameters() if p.requires_grad]:
+        raise LeantuneError(f"checkpoint '{path}' cannot resume this run: its adapter was saved in folded form (prefix "
+                            "tuning with reparam_hidden), so loading it replaced the tensors being trained; start a "
+                            "new run from its adapter instead")
+
+
+def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer,
+                    place: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Load the optimizer state (after `load_checkpoint_adapter`), restore RNG; return the trainer state.
+
+    `place(full, param)` lays a saved full tensor out like its (possibly sharded) parameter."""
     try:
         document = json.loads((path / "trainer_state.json").read_text())
         opt_document = json.loads((path / "optimizer.json").read_text())
@@ -193,19 +213,24 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                             "which must be an integer")
     if found > FORMAT_VERSION:
         raise LeantuneError(f"checkpoint '{path}' was written by a newer leantune")
-    _load_adapter_tensors(path / "adapter", model)
-    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if trained != {id(p) for p in model.parameters() if p.requires_grad}:
-        raise LeantuneError(f"checkpoint '{path}' cannot resume this run: its adapter was saved in folded form (prefix "
-                            "tuning with reparam_hidden), so loading it replaced the tensors being trained; start a "
-                            "new run from its adapter instead")
     saved_names = [g.get("names") for g in opt_document["param_groups"]]
     live_names = [g.get("names") for g in optimizer.param_groups]
     if saved_names != live_names:
         raise LeantuneError(f"checkpoint '{path}' was written for other trainable parameters than this config creates")
-    optimizer.load_state_dict(unflatten_optimizer(load_tensors(path / "optimizer.safetensors"), opt_document))
+    state = unflatten_optimizer(load_tensors(path / "optimizer.safetensors"), opt_document)
+    if place is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        state["state"] = {index: {key: place(value, params[index]) if isinstance(value, torch.Tensor) else value
+                                  for key, value in values.items()} for index, values in state["state"].items()}
+    optimizer.load_state_dict(state)
     restore_rng(load_tensors(path / "rng.safetensors"), document.pop("rng"))
     return document
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors `save_adapter` writes for the model's one adapter."""
+    name = single_adapter_name(model, None)
+    return api.attached(model)[name].state_dict(model, name)
 
 
 def _load_adapter_tensors(adapter_dir: Path, model: nn.Module) -> None:

@@ -24,13 +24,15 @@ SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OVERLONG = ("truncate", "drop")
 DEVICES = ("auto", "cpu", "cuda")
+DISTRIBUTED = ("none", "ddp", "fsdp")
 # The keys a resumed run may change. They decide how long a run goes on and what it reports and
 # saves, never which batches, trainable tensors, updates or random draws it has, so the checkpoint
 # (adapter, optimizer, RNG, data position) stays exact. A new max_steps or epochs extends the run;
 # the learning-rate schedule then spans the new total. Any other changed key is refused: it would
 # make the resumed run a different run. out_dir is not compared: it is how --resume finds the run.
 RESUMABLE_KEYS = ("max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every", "progress",
-                  "unit_test_table", "unit_test_limit", "unit_test_max_new_tokens")
+                  "unit_test_table", "unit_test_limit", "unit_test_max_new_tokens", "distributed",
+                  "distributed_timeout_s")
 RUN_LENGTH_KEYS = ("max_steps", "epochs")
 # `method: auto` is the embedded default method: PaCA, whose parameters `--set method.KEY=...` may change.
 AUTO_METHOD = "auto"
@@ -85,6 +87,10 @@ class TrainConfig:
     chunked_loss: Any = _doc("auto", "compute head + cross-entropy in token chunks (no full logits): auto (large vocabularies), true, false")
     loss_chunk_tokens: int = _doc(256, "tokens per chunk of the chunked loss")
     threads: int | None = _doc(None, "CPU threads for torch; null: torch's default")
+    distributed: str = _doc("none", "under torchrun (or --nproc): ddp (replicated model) or fsdp (FSDP2, sharded); "
+                                    "batch_size stays the global micro-batch, split across the processes")
+    distributed_timeout_s: int = _doc(600, "seconds a process waits in a collective for the others before the job "
+                                           "stops with an error (a rank that died or hangs)")
     log_every: int = _doc(1, "append training metrics to out_dir/metrics.jsonl every N steps")
     progress: bool = _doc(True, "show a progress bar (loss, lr, tokens/s, ETA)")
     unit_test_table: bool = _doc(False, "after training, generate unit tests for the humaneval-tests test split with the "
@@ -301,6 +307,10 @@ def validate(config: TrainConfig) -> None:
         _int(config, key, 0)
     _int(config, "max_steps", 1, optional=True)
     _int(config, "threads", 1, optional=True)
+    _int(config, "distributed_timeout_s", 1)
+    if config.distributed is None:  # YAML's null reads as "none"
+        config.distributed = "none"
+    _choice(config, "distributed", DISTRIBUTED)
     _int(config, "unit_test_limit", 1, optional=True)
     _number(config, "lr", 0, low_open=True)
     _number(config, "weight_decay", 0)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .. import api
-from ..adapters import save_adapter
+from ..adapters import load_adapter, save_adapter
 from ..data import BatchStream, prepare_dataset
 from ..errors import LeantuneError
 from ..eval.metrics import loss_and_perplexity
@@ -28,10 +28,12 @@ from ..models import load_model, load_tokenizer
 from . import checkpoint as ckpt
 from .config import TrainConfig, resolved_dict, to_yaml
 from .optim import build_optimizer, lr_factor, set_lr, warmup_steps
-from .reporting import MetricsLog, Progress, format_summary, peak_memory_bytes
+from .reporting import MetricsLog, NoMetrics, Progress, format_summary, peak_memory_bytes
 from .rundir import (check_out_dir, check_resume_identity, describe_resume_changes, remove_run_artifacts,
-                     resolve_out_dir, resume_command)
-from .runtime import RunEnvironment, enable_gradient_checkpointing, say_from_signal_handler
+                     resolve_out_dir)
+from .distributed import sharded_grad_norm
+from .interrupts import CtrlCStops
+from .runtime import RunEnvironment, enable_gradient_checkpointing
 
 
 class TrainingDiverged(LeantuneError):
@@ -59,7 +61,7 @@ def run_training(config: TrainConfig, resume: bool = False, overwrite: bool = Fa
 
 # -- the job ----------------------------------------------------------------------------------------
 
-class Trainer:
+class Trainer(CtrlCStops):
     def __init__(self, config: TrainConfig, resume: bool, overwrite: bool, model: Any = None, tokenizer: Any = None):
         self.config = config
         self.resume = resume
@@ -79,6 +81,8 @@ class Trainer:
         check_out_dir(self.out_dir, self.resume, self.overwrite)
         resume_changes = check_resume_identity(self.out_dir, cfg) if self.resume else []
         method = cfg.method_config()
+        self.parallel = self.env.parallel
+        self.parallel.check_method(method)
 
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(cfg.model)
@@ -100,14 +104,21 @@ class Trainer:
         api.attach(self.model, method)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
+        self.total_steps = self._total_steps()
+        self.resume_point = self._resume_point()
+        self.parallel.wrap(self.model)  # after the resumed adapter is in: sharding splits what it holds
         self.optimizer = build_optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
         self.trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.total_steps = self._total_steps()
         self.warmup = warmup_steps(cfg.warmup, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         self.chunked = None if cfg.chunked_loss == "auto" else bool(cfg.chunked_loss)
-        if resume_changes and self.env.is_writer:
-            print(describe_resume_changes(resume_changes, self.total_steps), file=sys.stderr, flush=True)
+        if resume_changes:
+            self.say(describe_resume_changes(resume_changes, self.total_steps))
+
+    def say(self, text: str) -> None:
+        """A line on stderr, from the writing process only."""
+        if self.env.is_writer:
+            print(text, file=sys.stderr, flush=True)
 
     def _total_steps(self) -> int:
         cfg = self.config
@@ -118,22 +129,24 @@ class Trainer:
     def run(self) -> TrainResult:
         self.env = RunEnvironment.from_config(self.config)  # resolved once: device, precision check, threads
         with self.env.cpu_threads():
-            return self._run()
+            result = self._run()
+        self.env.parallel.close()  # after success only: a failing process exits at once, and torchrun stops the rest
+        return result
 
     def _run(self) -> TrainResult:
         self.prepare()
         state = self._start_state()
         if state.get("finished"):
-            print(f"the run in {self.out_dir} already finished at step {state['step']}; nothing to do", file=sys.stderr)
+            self.say(f"the run in {self.out_dir} already finished at step {state['step']}; nothing to do")
             return TrainResult(self.out_dir, self.out_dir / "adapter", state["step"], summary=state)
         self._write_start_files(state)
-        self.metrics = MetricsLog(self.out_dir, truncate_after=state["step"])
+        self.metrics = MetricsLog(self.out_dir, truncate_after=state["step"]) if self.env.is_writer else NoMetrics()
         self._announce(state)
         if "eval_loss_before" not in state:
             state["eval_loss_before"] = self.evaluate()
             if state["eval_loss_before"] is not None:
                 self.metrics.write({"step": 0, "eval_loss": state["eval_loss_before"]})
-                print(f"eval loss before training: {state['eval_loss_before']:.4f}", file=sys.stderr, flush=True)
+                self.say(f"eval loss before training: {state['eval_loss_before']:.4f}")
         previous_handler = self._install_sigint()
         try:
             try:
@@ -146,28 +159,41 @@ class Trainer:
             self._restore_sigint(previous_handler)
         return self._finish(state)
 
-    def _start_state(self) -> dict[str, Any]:
-        fresh = {"step": 0, "position": 0, "tokens": 0, "loss_tokens": 0, "elapsed_s": 0.0}
+    def _resume_point(self) -> dict[str, Any] | Path | None:
+        """What --resume continues: a finished run's summary, a checkpoint (its adapter loaded now,
+        before any sharding, the optimizer state later), or None."""
         if not self.resume:
-            return fresh
+            return None
         summary = self.out_dir / "summary.json"
         if summary.is_file():
             done = json.loads(summary.read_text())
             if done.get("steps", -1) >= self.total_steps:
                 return {**done, "step": done["steps"], "finished": True}
-        ckpt.remove_stale_temporaries(ckpt.checkpoint_root(self.out_dir))
+        if self.env.is_writer:
+            ckpt.remove_stale_temporaries(ckpt.checkpoint_root(self.out_dir))
         path = ckpt.latest_checkpoint(self.out_dir)
-        if path is None:
-            print(f"no checkpoint in {self.out_dir}; starting from step 0", file=sys.stderr)
+        if path is not None:
+            ckpt.load_checkpoint_adapter(path, self.model)
+        return path
+
+    def _start_state(self) -> dict[str, Any]:
+        fresh = {"step": 0, "position": 0, "tokens": 0, "loss_tokens": 0, "elapsed_s": 0.0}
+        point = self.resume_point
+        if not self.resume:
             return fresh
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        if isinstance(point, dict):
+            return point
+        if point is None:
+            self.say(f"no checkpoint in {self.out_dir}; starting from step 0")
+            return fresh
+        state = ckpt.load_checkpoint(point, self.optimizer, place=self.parallel.place if self.parallel.active else None)
         if state["step"] > self.total_steps:
             raise LeantuneError(f"--resume: the run in '{self.out_dir}' is at step {state['step']}, past the "
                                 f"{self.total_steps} steps this config asks for; raise max_steps or epochs to "
                                 "resume it")
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        print(f"resuming from {path} (step {state['step']})", file=sys.stderr)
+        self.say(f"resuming from {point} (step {state['step']})")
         return {k: v for k, v in state.items() if k not in ("format_version", "scaler")}
 
     def _write_start_files(self, state: dict[str, Any]) -> None:
@@ -190,7 +216,8 @@ class Trainer:
         ]
         if self.eval_examples is not None:
             lines.append(f"eval data {cfg.data.eval}: {self.eval_fit.describe()}")
-        lines.append(f"{self.total_steps} steps of {cfg.batch_size}x{cfg.grad_accum} examples "
+        processes = f" over {self.env.world_size} processes ({cfg.distributed})" if self.parallel.active else ""
+        lines.append(f"{self.total_steps} steps of {cfg.batch_size}x{cfg.grad_accum} examples{processes} "
                      f"({self.train_stream.batches_per_epoch} batches per epoch), {cfg.precision} on {self.device}, "
                      f"output in {self.out_dir}")
         print("\n".join(lines), file=sys.stderr, flush=True)
@@ -200,7 +227,7 @@ class Trainer:
         """Train until total_steps; True if stopped by Ctrl-C."""
         cfg = self.config
         self.model.train()
-        progress = Progress(self.total_steps, state["step"], enabled=cfg.progress)
+        progress = Progress(self.total_steps, state["step"], enabled=cfg.progress and self.env.is_writer)
         session_start = time.perf_counter()
         elapsed_before = state["elapsed_s"]
         session_tokens = 0
@@ -242,22 +269,27 @@ class Trainer:
         lr = cfg.lr * lr_factor(state["step"], self.total_steps, self.warmup, cfg.schedule)
         set_lr(self.optimizer, lr)
         batches = [self.train_stream.batch_at(state["position"] + i) for i in range(cfg.grad_accum)]
-        loss_tokens = sum(count_loss_tokens(b["labels"]) for b in batches)
+        loss_tokens = sum(count_loss_tokens(b["labels"]) for b in batches)  # of the global batch
+        self.env.seed_step(cfg.seed, state["step"])
         total = 0.0
-        for batch in batches:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with self.env.autocast():
-                loss = causal_lm_loss(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                      chunk_tokens=cfg.loss_chunk_tokens, chunked=self.chunked, num_items=loss_tokens)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise self._diverged(state, f"the loss is {value}")
-            total += value
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(self.device) for k, v in self.parallel.share(batch).items()}
+            with self.parallel.gradient_sync(i == len(batches) - 1):
+                with self.env.autocast():
+                    loss = self.parallel.run(causal_lm_loss, self.model, batch["input_ids"], batch["labels"],
+                                             batch["attention_mask"], chunk_tokens=cfg.loss_chunk_tokens,
+                                             chunked=self.chunked, num_items=loss_tokens)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise self._diverged(state, f"the loss is {value}")
+                total += value
+                loss = loss * self.parallel.loss_scale if self.parallel.active else loss
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        total = self.parallel.sum(total)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         limit = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, limit))
+        grad_norm = sharded_grad_norm(torch.nn.utils.clip_grad_norm_(self.trainable, limit))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the step itself when fp16 gradients overflowed
             self.scaler.update()
@@ -281,9 +313,9 @@ class Trainer:
         """Mean loss per loss token over the eval set (None without eval data)."""
         if self.eval_examples is None:
             return None
-        with self.env.autocast():
-            return loss_and_perplexity(self.model, self.eval_examples, self.pad_id, self.config.batch_size,
-                                       progress=self.config.progress)["loss"]
+        with self.env.autocast():  # under FSDP every process computes it, inside the sharded root's forward
+            return self.parallel.run(loss_and_perplexity, self.model, self.eval_examples, self.pad_id,
+                                     self.config.batch_size, progress=self.config.progress and self.env.is_writer)["loss"]
 
     def save(self, state: dict[str, Any], saved_adapter: Path | None = None) -> Path:
         self.writing_checkpoint = True
@@ -300,53 +332,19 @@ class Trainer:
         if self.scaler is not None:
             trainer_state["scaler"] = self.scaler.state_dict()
         return ckpt.save_checkpoint(self.out_dir, self.model, self.optimizer, trainer_state, self.config.keep_checkpoints,
-                                    saved_adapter)
-
-    # -- Ctrl-C ------------------------------------------------------------------------------------
-    # The first Ctrl-C ends the run after the current step with a checkpoint; the second stops at
-    # once, except while a checkpoint is being written: that one is finished first, so a double
-    # Ctrl-C leaves the latest checkpoint complete and never a half-written one. Later presses
-    # are ignored: the run is already on its way out.
-    def _install_sigint(self) -> Any:
-        return self.env.install_sigint(self._on_sigint)
-
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        self.interrupts += 1
-        if self.interrupts == 1:
-            say_from_signal_handler("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)\n")
-        elif self.interrupts == 2 and (self.writing_checkpoint or self.stopping):
-            say_from_signal_handler("\nCtrl-C again: stopping as soon as the checkpoint being written is complete\n")
-        elif self.interrupts == 2:
-            raise KeyboardInterrupt
-
-    def _save_and_stop(self, state: dict[str, Any]) -> TrainResult:
-        """After the first Ctrl-C: the checkpoint of this step (unless the loop just wrote it), then the resume hint."""
-        self.stopping = True
-        latest = ckpt.latest_checkpoint(self.out_dir)
-        path = latest if latest is not None and latest.name == ckpt.step_dir_name(state["step"]) else self.save(state)
-        print(f"\ninterrupted at step {state['step']}; checkpoint saved to {path}.\n"
-              f"resume with: {resume_command(self.out_dir, self.command)}", file=sys.stderr, flush=True)
-        return self._interrupted_result(state)
-
-    def _stopped_at_once(self, state: dict[str, Any]) -> TrainResult:
-        """After the second Ctrl-C: one line on what is on disk; the steps since the last checkpoint are lost."""
-        latest = ckpt.latest_checkpoint(self.out_dir)
-        kept = (f"the last checkpoint is {latest}; resume with: {resume_command(self.out_dir, self.command)}"
-                if latest is not None else "no checkpoint was saved")
-        print(f"\nstopped at once after step {state['step']}; {kept}", file=sys.stderr, flush=True)
-        return self._interrupted_result(state)
+                                    saved_adapter, gather=self.parallel.full_tensors, writer=self.env.is_writer)
 
     def _interrupted_result(self, state: dict[str, Any]) -> TrainResult:
         self.metrics.close()
         return TrainResult(self.out_dir, None, state["step"], interrupted=True, summary=state,
                            model=self.model, tokenizer=self.tokenizer)
 
-    def _restore_sigint(self, previous: Any) -> None:
-        self.env.restore_sigint(previous)
-
     # -- the end ------------------------------------------------------------------------------------
     def _finish(self, state: dict[str, Any]) -> TrainResult:
-        adapter_dir = save_adapter(self.model, self.out_dir / "adapter")
+        adapter_dir = self.out_dir / "adapter"
+        tensors = self.parallel.full_tensors(ckpt.adapter_state(self.model))
+        if self.env.is_writer:
+            save_adapter(self.model, adapter_dir, tensors=tensors)
         if self.config.save_every:  # a later run with a larger max_steps continues from the very end
             self.save(state, saved_adapter=adapter_dir)
         eval_after = self.evaluate()
@@ -368,11 +366,23 @@ class Trainer:
             "train_dropped": self.train_fit.dropped,
             "adapter": str(adapter_dir),
         }
-        atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if self.parallel.active:
+            summary.update(processes=self.env.world_size, distributed=self.config.distributed,
+                           peak_memory_bytes_per_process=self.parallel.gather_numbers(summary["peak_memory_bytes"]))
         self.metrics.close()
+        if not self.env.is_writer:
+            return TrainResult(self.out_dir, adapter_dir, state["step"], summary=summary)
+        atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(format_summary(summary), file=sys.stderr, flush=True)
         return TrainResult(self.out_dir, adapter_dir, state["step"], summary=summary,
-                           model=self.model, tokenizer=self.tokenizer)
+                           model=self._model_for_after(adapter_dir), tokenizer=self.tokenizer)
+
+    def _model_for_after(self, adapter_dir: Path) -> Any:
+        """The trained model for what follows training (the unit-test table): a sharded one is
+        rebuilt whole in this process from the base and the adapter just saved."""
+        if self.parallel.mode != "fsdp":
+            return self.model
+        return load_adapter(load_model(self.config.model).to(self.device), adapter_dir)
 
 
 def info_methods(info: dict[str, Any]) -> str:

@@ -53,6 +53,16 @@ class MetricsLog:
             self.tensorboard = None
 
 
+class NoMetrics:
+    """The metrics log of a process that writes nothing (every rank of a distributed run but 0)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _tensorboard_writer(folder: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter

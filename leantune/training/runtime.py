@@ -1,8 +1,9 @@
 """Where and how a run computes, and which of its processes writes: the run environment.
 
 The loop asks this module for its device, autocast, seed and thread settings and whether it is the
-process that writes files, prints and handles Ctrl-C; it never decides those itself. A run is one
-process today (rank 0 of 1); distributed launchers add their ranks here, not in the loop.
+process that writes files, prints and handles Ctrl-C; it never decides those itself. Under torchrun
+the process's rank, its device (cuda:LOCAL_RANK) and its share of the work (`distributed.Parallel`)
+are settled here too.
 """
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import signal
 import sys
 import threading
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from ..errors import LeantuneError
+from .distributed import Parallel, launched_world
 
 
 @dataclass
@@ -27,14 +29,26 @@ class RunEnvironment:
     device: torch.device
     precision: str  # fp32, bf16 or fp16 (autocast)
     threads: int | None = None  # CPU threads for torch; None: torch's default
-    rank: int = 0
-    world_size: int = 1
+    parallel: Parallel = field(default_factory=lambda: Parallel("none"))
 
     @classmethod
     def from_config(cls, config: Any) -> "RunEnvironment":
         device = resolve_device(config.device)
+        _, world_size, local_rank = launched_world()
+        if device.type == "cuda" and world_size > 1:  # one GPU per process
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
         check_precision(config.precision, device)
-        return cls(device, config.precision, config.threads)
+        parallel = Parallel.join(config.distributed, device, config.distributed_timeout_s)
+        return cls(device, config.precision, config.threads, parallel)
+
+    @property
+    def rank(self) -> int:
+        return self.parallel.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.world_size
 
     @property
     def is_writer(self) -> bool:
@@ -46,6 +60,13 @@ class RunEnvironment:
 
     def seed(self, seed: int) -> None:
         seed_everything(seed)
+
+    def seed_step(self, seed: int, step: int) -> None:
+        """Under torchrun each step's random draws (dropout) are a function of (seed, step, rank):
+        processes draw different masks, and a resumed run draws what the uninterrupted one did,
+        whatever each process's generator went through before."""
+        if self.parallel.active:
+            torch.manual_seed((seed * 1_000_003 + step) * 65_537 + self.rank)
 
     @contextlib.contextmanager
     def cpu_threads(self) -> Iterator[None]:
@@ -59,8 +80,9 @@ class RunEnvironment:
             torch.set_num_threads(before)
 
     def install_sigint(self, handler: Callable[[int, Any], None]) -> Any:
-        """Ctrl-C goes to `handler` in the writing process's main thread; returns the previous handler."""
-        if not self.is_writer or threading.current_thread() is not threading.main_thread():
+        """Ctrl-C goes to `handler` in a plain run's main thread; returns the previous handler. Under
+        torchrun, Ctrl-C reaches torchrun, which stops every process: the last checkpoint is kept."""
+        if self.parallel.active or threading.current_thread() is not threading.main_thread():
             return None
         return signal.signal(signal.SIGINT, handler)
 
