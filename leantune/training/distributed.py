@@ -206,6 +206,15 @@ class Parallel:
         return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
 
 
+def held_bytes(tensors: Any) -> int:
+    """Bytes these tensors occupy in this process: a sharded tensor counts its local shard only."""
+    total = 0
+    for tensor in tensors:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        total += local.numel() * local.element_size()
+    return total
+
+
 def full_tensor(value: Any) -> Any:
     """A DTensor's whole value (a collective); any other value as it is."""
     gather = getattr(value, "full_tensor", None)

@@ -31,7 +31,7 @@ from .optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from .reporting import MetricsLog, NoMetrics, Progress, format_summary, peak_memory_bytes
 from .rundir import (check_out_dir, check_resume_identity, describe_resume_changes, remove_run_artifacts,
                      resolve_out_dir)
-from .distributed import sharded_grad_norm
+from .distributed import held_bytes, sharded_grad_norm
 from .interrupts import CtrlCStops
 from .runtime import RunEnvironment, enable_gradient_checkpointing
 
@@ -367,8 +367,7 @@ class Trainer(CtrlCStops):
             "adapter": str(adapter_dir),
         }
         if self.parallel.active:
-            summary.update(processes=self.env.world_size, distributed=self.config.distributed,
-                           peak_memory_bytes_per_process=self.parallel.gather_numbers(summary["peak_memory_bytes"]))
+            summary.update(self._per_process_memory(summary["peak_memory_bytes"]))
         self.metrics.close()
         if not self.env.is_writer:
             return TrainResult(self.out_dir, adapter_dir, state["step"], summary=summary)
@@ -376,6 +375,16 @@ class Trainer(CtrlCStops):
         print(format_summary(summary), file=sys.stderr, flush=True)
         return TrainResult(self.out_dir, adapter_dir, state["step"], summary=summary,
                            model=self._model_for_after(adapter_dir), tokenizer=self.tokenizer)
+
+    def _per_process_memory(self, peak: int) -> dict[str, Any]:
+        """Per rank: peak memory, and the bytes of model and optimizer tensors it holds (its shards under FSDP)."""
+        model_tensors = [*self.model.parameters(), *self.model.buffers()]
+        optimizer_tensors = [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        gather = self.parallel.gather_numbers
+        return {"processes": self.env.world_size, "distributed": self.config.distributed,
+                "peak_memory_bytes_per_process": gather(peak),
+                "model_bytes_per_process": gather(held_bytes(model_tensors)),
+                "optimizer_bytes_per_process": gather(held_bytes(optimizer_tensors))}
 
     def _model_for_after(self, adapter_dir: Path) -> Any:
         """The trained model for what follows training (the unit-test table): a sharded one is

@@ -104,6 +104,18 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def _per_process_lines(summary: dict[str, Any]) -> list[str]:
+    if "processes" not in summary:
+        return []
+
+    def mib(key: str) -> str:
+        return " / ".join(f"{value / 2**20:,.1f}" for value in summary[key])
+
+    return [f"  {summary['processes']} processes ({summary['distributed']}), MiB per process: peak "
+            f"{mib('peak_memory_bytes_per_process')}, model tensors {mib('model_bytes_per_process')}, "
+            f"optimizer state {mib('optimizer_bytes_per_process')}"]
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     def loss(value: Any) -> str:
         return "-" if value is None else f"{value:.4f}"
@@ -113,6 +125,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  steps {summary['steps']} ({summary['epochs']} epochs), {summary['tokens']:,} tokens "
         f"({summary['loss_tokens']:,} with loss) in {summary['time_s']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s)",
         f"  peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB",
+        *_per_process_lines(summary),
         f"  eval loss before {loss(summary['eval_loss_before'])}, after {loss(summary['eval_loss_after'])}",
         f"  adapter saved to {summary['adapter']}",
     ]
