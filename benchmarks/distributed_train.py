@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def run_row(out: Path, name: str, mode: str, nproc: int | None, args: argparse.N
     (folder / "stderr.txt").write_text(done.stderr)
     if done.returncode != 0:
         raise SystemExit(f"{name} failed; see {folder / 'stderr.txt'}")
+    shutil.rmtree(folder / "run" / "adapter")  # the numbers are the result; the trained adapter is not kept
     summary = json.loads((folder / "run" / "summary.json").read_text())
     steps = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     step_s = [r["step_s"] for r in steps if "step_s" in r][1:]

@@ -32,6 +32,12 @@ def single_adapter_name(model: nn.Module, adapter_name: str | None) -> str:
     return names[0]
 
 
+def adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors `save_adapter` writes for one adapter of `model`."""
+    name = single_adapter_name(model, adapter_name)
+    return api.attached(model)[name].state_dict(model, name)
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
                  extra: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write one adapter (config JSON + safetensors) atomically to directory `path`.
@@ -48,7 +54,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         **(extra or {}),
     }
     with atomic_directory(path) as tmp:
-        save_tensors(config.state_dict(model, name) if tensors is None else tensors, tmp / TENSOR_FILE)
+        save_tensors(adapter_tensors(model, name) if tensors is None else tensors, tmp / TENSOR_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
     return Path(path)
 

@@ -78,11 +78,11 @@ def _launch_torchrun(args: argparse.Namespace, config) -> int:
     words += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "leantune", "train", *words]
-    # torchrun receives Ctrl-C with the rest of the terminal's process group and stops the processes it
-    # started; this launcher waits for it, so a handler (not SIG_IGN, which the children would inherit).
     env = dict(os.environ)
     # torch's threads per process: the config's, else this machine's cores shared out (torchrun would pick 1)
     env.setdefault("OMP_NUM_THREADS", str(config.threads or max(1, (os.cpu_count() or 1) // args.nproc)))
+    # torchrun receives Ctrl-C with the rest of the terminal's process group and stops the processes it
+    # started; this launcher waits for it, so a handler (not SIG_IGN, which the children would inherit).
     previous = _install_sigint(lambda signum, frame: None)
     try:
         return subprocess.call(command, env=env)

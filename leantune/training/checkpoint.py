@@ -28,7 +28,7 @@ from torch import nn
 from .. import api
 from ..errors import LeantuneError
 from ..adapters import save_adapter
-from ..adapters.native import TENSOR_FILE, read_adapter_config, single_adapter_name
+from ..adapters.native import TENSOR_FILE, adapter_tensors, read_adapter_config
 from ..files import atomic_directory, atomic_write_text, load_tensors, save_tensors
 
 CHECKPOINTS = "checkpoints"
@@ -111,7 +111,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     root = checkpoint_root(out_dir)
     step = int(trainer_state["step"])
     target = root / step_dir_name(step)
-    adapter_tensors = None if saved_adapter is not None else gather(adapter_state(model))
+    adapter_state = None if saved_adapter is not None else gather(adapter_tensors(model))
     opt_tensors, opt_document = flatten_optimizer(optimizer)
     opt_tensors = gather(opt_tensors)
     if not writer:
@@ -119,7 +119,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     rng_tensors, rng_document = capture_rng()
     with atomic_directory(target) as tmp:
         if saved_adapter is None:
-            save_adapter(model, tmp / "adapter", tensors=adapter_tensors)
+            save_adapter(model, tmp / "adapter", tensors=adapter_state)
         else:
             _link_tree(saved_adapter, tmp / "adapter")
         save_tensors(opt_tensors, tmp / "optimizer.safetensors")
@@ -225,12 +225,6 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer,
     optimizer.load_state_dict(state)
     restore_rng(load_tensors(path / "rng.safetensors"), document.pop("rng"))
     return document
-
-
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors `save_adapter` writes for the model's one adapter."""
-    name = single_adapter_name(model, None)
-    return api.attached(model)[name].state_dict(model, name)
 
 
 def _load_adapter_tensors(adapter_dir: Path, model: nn.Module) -> None:

@@ -183,10 +183,6 @@ class Parallel:
         dist.all_reduce(tensor)
         return [int(v) if float(v).is_integer() else float(v) for v in tensor.tolist()]
 
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
     def _collective_device(self) -> torch.device:
         return self.device if self.device is not None and self.device.type == "cuda" else torch.device("cpu")
 

@@ -19,6 +19,7 @@ import torch
 
 from .. import api
 from ..adapters import load_adapter, save_adapter
+from ..adapters.native import adapter_tensors
 from ..data import BatchStream, prepare_dataset
 from ..errors import LeantuneError
 from ..eval.metrics import loss_and_perplexity
@@ -342,7 +343,7 @@ class Trainer(CtrlCStops):
     # -- the end ------------------------------------------------------------------------------------
     def _finish(self, state: dict[str, Any]) -> TrainResult:
         adapter_dir = self.out_dir / "adapter"
-        tensors = self.parallel.full_tensors(ckpt.adapter_state(self.model))
+        tensors = self.parallel.full_tensors(adapter_tensors(self.model))
         if self.env.is_writer:
             save_adapter(self.model, adapter_dir, tensors=tensors)
         if self.config.save_every:  # a later run with a larger max_steps continues from the very end
