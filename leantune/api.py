@@ -127,10 +127,15 @@ def _generate_per_row(model: nn.Module, *args: Any, adapter_names: Any = None, *
     copies = beams if beams > 1 else returned  # transformers expands each row to its beams, else to its samples
     routes = router(model)
     previous, routes.rows = routes.rows, tuple(name for name in rows for _ in range(copies))
+    trusted = routes.trust_versions
+    # The first step reads every adapter tensor against the stacked copy (a `.data` write since the
+    # last call is seen); nothing else runs between the steps, so the later ones skip that read.
+    first_step_done = model.register_forward_hook(lambda *_: setattr(routes, "trust_versions", True))
     try:
         return generate(*args, **kwargs)
     finally:
-        routes.rows = previous
+        first_step_done.remove()
+        routes.rows, routes.trust_versions = previous, trusted
 
 
 def router(model: nn.Module) -> Router:

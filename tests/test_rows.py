@@ -6,6 +6,7 @@ import torch
 
 import leantune as lt
 from conftest import randomize_adapter
+from leantune import api
 from leantune.errors import LeantuneError
 
 TOL = dict(atol=2e-5, rtol=1e-5)
@@ -52,6 +53,35 @@ def test_greedy_generation_per_row_equals_each_adapter_alone(mixed):
     for i, name in enumerate(names):
         lt.use(mixed, name)
         single = mixed.generate(tokens[i:i + 1], max_new_tokens=6, do_sample=False,
+                                attention_mask=torch.ones_like(tokens[i:i + 1]))
+        assert together[i].tolist() == single[0].tolist(), name
+    lt.use(mixed, None)
+
+
+@pytest.mark.parametrize("names", [
+    ["rs", "lora", "lora", "lora", "lora", "lora", None],  # one adapter on most rows: split into groups
+    ["paca", "paca", "dora", "paca"],  # a subset of the attached adapters, out of stack order
+    [None, "__base__", None],  # no row runs an adapter
+    ["ia3", "rs", "ia3"],  # an adapter without factors beside one with them
+])
+def test_rows_grouped_unevenly_still_equal_each_adapter_alone(mixed, names):
+    tokens = torch.randint(0, 256, (len(names), 6), generator=torch.Generator().manual_seed(len(names)))
+    expected = torch.cat([alone(mixed, name, tokens[i:i + 1]) for i, name in enumerate(names)])
+    torch.testing.assert_close(mixed(tokens, adapter_names=names).logits, expected, **TOL)
+
+
+def test_generate_reads_the_adapters_once_so_a_data_write_between_calls_is_seen(mixed):
+    tokens = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(8))
+    names = ["lora", "rs"]
+    options = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(tokens))
+    mixed.generate(tokens, adapter_names=names, **options)
+    assert api.router(mixed).trust_versions is False  # the skip lasts one generate call
+    for layer in (m for m in mixed.modules() if hasattr(m, "lora_B")):
+        layer.lora_B.data.mul_(-4)
+    together = mixed.generate(tokens, adapter_names=names, **options)
+    for i, name in enumerate(names):
+        lt.use(mixed, name)
+        single = mixed.generate(tokens[i:i + 1], max_new_tokens=4, do_sample=False,
                                 attention_mask=torch.ones_like(tokens[i:i + 1]))
         assert together[i].tolist() == single[0].tolist(), name
     lt.use(mixed, None)
