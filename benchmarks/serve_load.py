@@ -40,6 +40,7 @@ from leantune.methods.layer import adapter_layers
 MODEL = "smollm2-135m"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NEW_TOKENS = 64
+GRID = [f"{a}x{c}" for a in (1, 4, 16) for c in (1, 8, 32)]
 
 
 def make_adapters(folder: Path, count: int) -> list[Path]:
@@ -236,6 +237,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="fewer requests and repeats (a smoke run)")
     parser.add_argument("--decode-only", action="store_true", help="only the decode-step comparison (adapters in --out)")
+    parser.add_argument("--grid", nargs="+", default=GRID, metavar="ADAPTERSxCLIENTS",
+                        help="the load rows to run (default: all of 1, 4, 16 adapters x 1, 8, 32 clients; 16x8 is "
+                             "always run: the targets and the PEFT baseline use it)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -251,11 +255,12 @@ def main() -> None:
     paths = make_adapters(out / "adapters", 16)
     results: dict = {"command": " ".join(["python"] + sys.argv), "model": MODEL, "new_tokens": NEW_TOKENS,
                      "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load": []}
-    for adapters in (1, 4, 16):
+    grid = {tuple(int(n) for n in cell.split("x")) for cell in args.grid} | {(16, 8)}
+    for adapters in sorted({a for a, _ in grid}):
         process, url = start_server(paths[:adapters])
         try:
             one_request(url, "a0", prompts(tokenizer, 1)[0])  # warm-up
-            for clients in (1, 8, 32):
+            for clients in sorted(c for a, c in grid if a == adapters):
                 count = max(4, clients * (1 if args.quick else 2))
                 jobs = [(f"a{i % adapters}", p) for i, p in enumerate(prompts(tokenizer, count))]
                 row = {"adapters": adapters, "clients": clients, **run_load(url, jobs, clients)}

@@ -63,7 +63,7 @@ def _refuse_stacking_with_full(registry: dict[str, MethodConfig], config: Method
 
 _ROUTING_HOOKS_ATTR = "leantune_routing_hooks"
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in adapter_names; None and "base" mean the same
-ROUTABLE_METHODS = ("lora", "dora", "ia3", "paca")
+ROUTABLE_METHODS = ("lora", "dora", "ia3", "paca", "prompt")
 
 
 def _install_row_routing(model: nn.Module) -> None:

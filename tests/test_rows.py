@@ -87,6 +87,52 @@ def test_generate_reads_the_adapters_once_so_a_data_write_between_calls_is_seen(
     lt.use(mixed, None)
 
 
+@pytest.fixture
+def prompts(tiny_llama):
+    lt.attach(tiny_llama, lt.PromptTuning(num_virtual_tokens=3), adapter_name="p3")
+    lt.attach(tiny_llama, lt.PromptTuning(num_virtual_tokens=5, init="vocab", seed=1), adapter_name="p5")
+    lt.attach(tiny_llama, lt.LoRA(r=4, alpha=8), adapter_name="lora")
+    randomize_adapter(tiny_llama, seed=9)
+    return tiny_llama.eval()
+
+
+PROMPT_ROWS = ["p5", "lora", None, "p3", "p5"]
+
+
+def test_prompt_tuning_rows_each_equal_their_adapter_alone_with_and_without_padding(prompts):
+    tokens = torch.randint(0, 256, (len(PROMPT_ROWS), 6), generator=torch.Generator().manual_seed(10))
+    expected = torch.cat([alone(prompts, name, tokens[i:i + 1]) for i, name in enumerate(PROMPT_ROWS)])
+    torch.testing.assert_close(prompts(tokens, adapter_names=PROMPT_ROWS).logits, expected, **TOL)
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = mask[3, :1] = 0  # left padding of the real tokens, positions counted from the mask
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    got = prompts(tokens, attention_mask=mask, position_ids=positions, adapter_names=PROMPT_ROWS).logits
+    for i, name in enumerate(PROMPT_ROWS):
+        real = mask[i].bool()
+        torch.testing.assert_close(got[i, real], alone(prompts, name, tokens[i:i + 1, real])[0], **TOL)
+
+
+def test_prompt_tuning_rows_generate_greedily_as_each_adapter_alone(prompts):
+    tokens = torch.randint(0, 256, (len(PROMPT_ROWS), 5), generator=torch.Generator().manual_seed(11))
+    options = dict(max_new_tokens=5, do_sample=False)
+    together = prompts.generate(tokens, attention_mask=torch.ones_like(tokens), adapter_names=PROMPT_ROWS, **options)
+    for i, name in enumerate(PROMPT_ROWS):
+        lt.use(prompts, name)
+        single = prompts.generate(tokens[i:i + 1], attention_mask=torch.ones_like(tokens[i:i + 1]), **options)
+        assert together[i].tolist() == single[0].tolist(), name
+    lt.use(prompts, None)
+
+
+def test_a_cache_filled_for_other_prompt_rows_is_refused(prompts):
+    from transformers import DynamicCache
+
+    tokens = torch.randint(0, 256, (2, 4), generator=torch.Generator().manual_seed(12))
+    cache = DynamicCache()
+    prompts(tokens, use_cache=True, past_key_values=cache, adapter_names=["p3", "p5"])
+    with pytest.raises(LeantuneError, match="was not filled with these rows' prompt adapters"):
+        prompts(tokens[:, :1], use_cache=True, past_key_values=cache, adapter_names=["p5", "p3"])
+
+
 def test_pissa_rows_use_the_original_weight_for_the_base(tiny_llama):
     lt.attach(tiny_llama, lt.LoRA(r=2, alpha=4, init="pissa"), adapter_name="pissa")
     lt.attach(tiny_llama, lt.LoRA(r=3, alpha=3), adapter_name="plain")

@@ -49,6 +49,7 @@ def adapters(tmp_path_factory):
     a = trained_adapter(root / "a", lt.LoRA(r=4, alpha=8), 1)
     b = trained_adapter(root / "b", lt.DoRA(r=2, alpha=4), 2)
     c = trained_adapter(root / "sub" / "c", lt.IA3(), 3)
+    trained_adapter(root / "sub" / "prompt", lt.PromptTuning(num_virtual_tokens=2), 4)
     return {"root": root, "a": a, "b": b, "c": c}
 
 
@@ -172,6 +173,8 @@ def test_adapters_load_and_unload_under_the_root_only(server, adapters):
     (adapters["root"] / "link").symlink_to(outside)
     assert post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": "link"}).status_code == 403
     assert post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": str(outside)}).status_code == 403
+    refused = post("/v1/load_lora_adapter", {"lora_name": "p", "lora_path": "sub/prompt"})
+    assert refused.status_code == 400 and "run it per row with model.generate" in refused.json()["error"]["message"]
     assert post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": "sub/c"}).status_code == 200
     answer = client(server).completions.create(model="c", prompt="x = 1", max_tokens=3, temperature=0)
     assert answer.choices[0].finish_reason in ("length", "stop")

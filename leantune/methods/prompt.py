@@ -20,6 +20,12 @@ that cache is marked as holding them, and later forwards only extend the mask an
 position ids. A non-empty cache without the mark (filled inside `lt.disabled`) is refused rather
 than misread. Attention masks and position ids passed in always describe the real tokens only.
 
+One adapter per batch row (`adapter_names=`, methods/rows.py for the layers) is `RowPrompts`' job,
+one set of hooks per model: each row gets its own adapter's virtual tokens (none for a row of
+another method or the base), right-aligned in a block as wide as the longest, the block's unused
+front masked out, and each row's positions counted from its own virtual tokens, so every row sees
+exactly what it would alone. The per-adapter hooks stand aside while rows are set.
+
 Init: "random" draws P from a normal at the scale (std) of the embedding matrix; "vocab" copies the
 embeddings of random vocabulary rows; both draw from `seed`. "text" embeds `init_text` tokenised by
 the model's own tokenizer (loaded by the model's name), repeated or cut to num_virtual_tokens.
@@ -46,6 +52,9 @@ INITS = ("random", "text", "vocab")
 _PROMPTS_ATTR = "leantune_prompts"
 # Attribute on a KV cache: {adapter name: virtual tokens} that the cache already holds.
 _CACHE_MARK = "leantune_virtual_tokens"
+# Attribute on a KV cache filled per row: each row's virtual-token count (RowPrompts).
+_ROWS_CACHE_MARK = "leantune_row_virtual_tokens"
+_ROW_HOOKS_ATTR = "leantune_row_prompts"
 
 
 @register
@@ -75,7 +84,10 @@ class PromptTuning(ModelMethod):
         if not adapter_name or "." in adapter_name:
             raise LeantuneError(f"prompt: adapter name {adapter_name!r} must be non-empty and without '.'")
         initial = initial_prompt(self, model, decoder.get_input_embeddings())
-        _prompt_modules(model)[adapter_name] = VirtualTokens(initial, adapter_name, model_router(model), decoder)
+        modules = _prompt_modules(model)
+        modules[adapter_name] = VirtualTokens(initial, adapter_name, model_router(model), decoder)
+        if _ROW_HOOKS_ATTR not in model.__dict__:
+            model.__dict__[_ROW_HOOKS_ATTR] = RowPrompts(modules, model_router(model), decoder)
         return []
 
     def detach_from_model(self, model: nn.Module, adapter_name: str) -> None:
@@ -84,6 +96,7 @@ class PromptTuning(ModelMethod):
         del modules[adapter_name]
         if not len(modules):
             delattr(model, _PROMPTS_ATTR)
+            model.__dict__.pop(_ROW_HOOKS_ATTR).remove_hooks()
 
     def trainable_parameters(self, model: nn.Module, adapter_name: str) -> Iterator[nn.Parameter]:
         yield _prompt_modules(model)[adapter_name].prompt_embeddings
@@ -174,8 +187,8 @@ class VirtualTokens(nn.Module):
             handle.remove()
 
     def before_decoder(self, decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not self.router.runs(self.adapter_name):
-            self.pending.append(0)
+        if self.router.rows is not None or not self.router.runs(self.adapter_name):
+            self.pending.append(0)  # rows set: RowPrompts puts each row's tokens in
             return None
         kwargs = {**dict(zip(self.positional_names, args)), **kwargs}
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -190,11 +203,7 @@ class VirtualTokens(nn.Module):
         added = self.pending.pop()
         if not added:
             return None
-        if isinstance(output, tuple):
-            return (output[0][:, added:], *output[1:])
-        output.last_hidden_state = output.last_hidden_state[:, added:]
-        if getattr(output, "hidden_states", None) is not None:
-            output.hidden_states = tuple(h[:, added:] for h in output.hidden_states)
+        output = _cut_front(output, added)
         cache = _output_cache(output)
         if cache is not None:  # it now holds this adapter's virtual tokens: later forwards must not add them again
             setattr(cache, _CACHE_MARK, {**getattr(cache, _CACHE_MARK, {}), self.adapter_name: added})
@@ -238,6 +247,97 @@ class VirtualTokens(nn.Module):
             raise LeantuneError(f"prompt adapter '{self.adapter_name}' extends 2-D attention masks (batch × tokens); "
                                 f"this forward got {shape}")
         kwargs["attention_mask"] = torch.cat([mask.new_ones((mask.shape[0], self.count)), mask], dim=1)
+
+
+class RowPrompts:
+    """The decoder hooks that give each batch row its own prompt adapter's virtual tokens."""
+
+    def __init__(self, modules: nn.ModuleDict, router: Router, decoder: nn.Module):
+        self.modules = modules
+        self.router = router
+        self.positional_names = tuple(inspect.signature(decoder.forward).parameters)
+        self.pending: list[tuple[int, ...] | None] = []  # per decoder call in flight: the rows' counts
+        self.handles = (decoder.register_forward_pre_hook(self.before_decoder, with_kwargs=True),
+                        decoder.register_forward_hook(self.after_decoder, with_kwargs=True))
+
+    def remove_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def counts(self) -> tuple[int, ...] | None:
+        rows = self.router.rows
+        if rows is None or not any(name in self.modules for name in rows):
+            return None
+        return tuple(self.modules[name].count if name in self.modules else 0 for name in rows)
+
+    def before_decoder(self, decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        counts = self.counts()
+        self.pending.append(None)
+        if counts is None:
+            return None
+        kwargs = {**dict(zip(self.positional_names, args)), **kwargs}
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = decoder.get_input_embeddings()(kwargs["input_ids"])
+        if embeds.shape[0] != len(counts):
+            return None  # routed_forward names the mismatch in one sentence
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        width = max(counts)
+        virtual = torch.tensor(counts, device=embeds.device)
+        past = 0
+        if cache is not None and cache.get_seq_length() > 0:
+            if getattr(cache, _ROWS_CACHE_MARK, None) != counts:
+                raise LeantuneError("adapter_names: the KV cache given to this forward was not filled with these "
+                                    "rows' prompt adapters; start from an empty cache")
+            past = cache.get_seq_length() - width
+        else:
+            kwargs["inputs_embeds"] = torch.cat([self._block(counts, width, embeds), embeds], dim=1)
+            kwargs["input_ids"] = None
+            self.pending[-1] = counts
+        real = embeds.shape[1]
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(len(counts), past + real, dtype=torch.long, device=embeds.device)
+        block = torch.arange(width, device=embeds.device)[None] >= (width - virtual)[:, None]
+        kwargs["attention_mask"] = torch.cat([block.to(mask.dtype), mask], dim=1)
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(past, past + real, device=embeds.device)[None].expand(len(counts), -1)
+        positions = positions + virtual[:, None].to(positions.dtype)
+        if self.pending[-1] is not None:
+            front = (torch.arange(width, device=embeds.device)[None] - (width - virtual)[:, None]).clamp(min=0)
+            positions = torch.cat([front.to(positions.dtype), positions], dim=1)
+        kwargs["position_ids"] = positions
+        return (), kwargs
+
+    def _block(self, counts: tuple[int, ...], width: int, embeds: torch.Tensor) -> torch.Tensor:
+        """[rows, width, hidden]: each row's virtual tokens right-aligned, zeros (masked) in front."""
+        names = self.router.rows
+        rows = []
+        for name, count in zip(names, counts):
+            tokens = self.modules[name].prompt_embeddings.to(embeds.dtype) if count else embeds.new_zeros(0, embeds.shape[-1])
+            rows.append(torch.cat([embeds.new_zeros(width - count, embeds.shape[-1]), tokens]))
+        return torch.stack(rows)
+
+    def after_decoder(self, decoder: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        counts = self.pending.pop()
+        if counts is None:
+            return None
+        output = _cut_front(output, max(counts))
+        cache = _output_cache(output)
+        if cache is not None:
+            setattr(cache, _ROWS_CACHE_MARK, counts)
+        return output
+
+
+def _cut_front(output: Any, added: int) -> Any:
+    """The decoder output without its first `added` positions (the virtual tokens)."""
+    if isinstance(output, tuple):
+        return (output[0][:, added:], *output[1:])
+    output.last_hidden_state = output.last_hidden_state[:, added:]
+    if getattr(output, "hidden_states", None) is not None:
+        output.hidden_states = tuple(h[:, added:] for h in output.hidden_states)
+    return output
 
 
 def _output_cache(output: Any) -> Any:

@@ -23,6 +23,12 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def last_logits_only(model: nn.Module) -> dict[str, int]:
+    """The forward's keyword for computing logits at the last position only (the prefill needs no
+    more; the head over every prompt position is most of a long prefill's time), where it has one."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def returned_cache(output: Any) -> DynamicCache:
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
@@ -44,6 +50,7 @@ class RunningBatch:
         self.model = model
         self.pad_id = pad_id
         self.keyword = cache_keyword(model)
+        self.prefill_options = last_logits_only(model)
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, cache length], 1 where a real token sits
         self.adapters: list[str | None] = []
@@ -63,7 +70,7 @@ class RunningBatch:
             mask[row, width - len(ids):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            adapter_names=list(adapters), **{self.keyword: DynamicCache()})
+                            adapter_names=list(adapters), **{self.keyword: DynamicCache()}, **self.prefill_options)
         self._join(returned_cache(output), mask, list(adapters))
         return output.logits[:, -1, :].float()
 

@@ -19,6 +19,10 @@ from ..adapters import import_peft, load_adapter
 from ..errors import LeantuneError
 from .engine import Engine, Request
 
+# Prompt tuning routes per row in `model(..., adapter_names=)` and `generate`, but its virtual tokens
+# would have to join the running batch's cache and mask, which the server keeps itself (batch.py).
+SERVED_METHODS = tuple(method for method in api.ROUTABLE_METHODS if method != "prompt")
+
 
 class ServeError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
@@ -38,10 +42,12 @@ def attach_adapter(model: nn.Module, name: str, path: str | Path) -> None:
     else:
         load_adapter(model, path, adapter_name=name)
     method = api.attached(model)[name].method_name
-    if method not in api.ROUTABLE_METHODS:
+    if method not in SERVED_METHODS:
         api.detach(model, name)
+        remedy = ("run it per row with model.generate(..., adapter_names=) instead" if method == "prompt"
+                  else "serve its merged export as a model instead")
         raise LeantuneError(f"'{path}' is a {method} adapter, which the server cannot batch per row (it serves "
-                            f"{', '.join(api.ROUTABLE_METHODS)}); serve its merged export as a model instead")
+                            f"{', '.join(SERVED_METHODS)}); {remedy}")
     model.eval()
 
 
