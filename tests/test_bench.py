@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import assert_one_line_user_error
+import leantune as lt
 from leantune import cli
 from leantune.errors import LeantuneError
 from leantune.bench import measure, report, runner
@@ -128,9 +129,28 @@ def test_worker_measures_floor_lora_and_peft_lora():
     assert lora["saved_bytes"] > floor["saved_bytes"] > 0
     assert lora["adapted_base_bytes"]["stored"] == peft_lora["adapted_base_bytes"]["stored"] == 2 * 4 * sum(i * o for i, o in dims)
     assert set(floor["profile"]["groups_ms"]) >= {"matmul", "elementwise", "optimizer"}
+    assert lora["matmul_flops"] > floor["matmul_flops"] > 0 and floor["gemm_flops_per_s"] > 0
     again = {}
     measure_in_process(_spec("lora", "leantune", {"name": "lora", "r": 4, "alpha": 8}), again)
     assert again["saved_bytes"] == lora["saved_bytes"]  # deterministic, unlike peak memory
+
+
+def test_a_frozen_steps_matmul_work_is_forward_and_input_gradients_head_on_loss_positions_and_attention():
+    from leantune.bench.bound import attention_flops, counted_flops
+    from leantune.loss import causal_lm_loss
+
+    model = lt.load_model("tiny-llama").requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    counted = counted_flops(lambda: causal_lm_loss(model, ids, ids, chunked=True).backward(), model, [16, 16])
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    by_hand = (2 * 2 * sum(m.in_features * m.out_features for m in linears) * 32  # forward, input gradient
+               + 2 * 2 * head.in_features * head.out_features * 30  # the head on the 2 x 15 loss positions
+               + 3 * 4 * model.config.num_attention_heads * model.config.head_dim * (16 * 17 / 2) * 2
+               * model.config.num_hidden_layers)
+    assert attention_flops(model, [16, 16]) > 0
+    assert counted == by_hand
 
 
 def test_lora_fa_rows_keep_x_times_a_only_like_peft_lora_fa():

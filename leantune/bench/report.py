@@ -117,7 +117,7 @@ def measurement_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     table = []
     for e in rows:
         if e.get("error"):
-            table.append([e["row"], e["loss"], *["–"] * 8, f"error: {e['error']}"])
+            table.append([e["row"], e["loss"], *["–"] * 9, f"error: {e['error']}"])
             continue
         step = e["step_time_s"]
         base = e.get("adapted_base_bytes") or {}
@@ -129,6 +129,7 @@ def measurement_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
             e["row"], e["loss"],
             f"{step['median']:.3f} ({step['min']:.3f}–{step['max']:.3f})",
             f"{e['tokens_per_s']:,.0f}",
+            f"{e['matmul_bound_share']:.0%}" if e.get("matmul_bound_share") else "–",
             _mib(e["peak_memory_bytes"]["median"]),
             _mib((e.get("peak_delta_bytes") or {}).get("median")),
             _mib(e["saved_bytes"]),
@@ -183,9 +184,16 @@ def render_markdown(document: dict[str, Any]) -> str:
         lines[-2:-2] = [f"**Partial results**: {document.get('progress', 'the run has not finished')}; "
                         "rows not listed were not measured yet.", ""]
     memory_word = "peak CUDA allocated MiB" if machine["device"].startswith("cuda") else "peak RSS MiB"
-    lines += _table(["row", "loss", "step s", "tokens/s", memory_word, "Δ peak over load MiB",
+    lines += _table(["row", "loss", "step s", "tokens/s", "of matmul bound", memory_word, "Δ peak over load MiB",
                      "saved for backward MiB", "trainable params", "adapted base weights MiB",
                      "max seq len", "note"], measurement_rows(rows))
+    rates = [e["gemm_flops_per_s"] for e in rows if e.get("gemm_flops_per_s")]
+    if rates:
+        lines += ["", f"Of matmul bound: the step's matmul work counted from the model's shapes (forward, input "
+                      f"gradients, attention, the head on loss positions, the adapter's own products: "
+                      f"`leantune/bench/bound.py`) over its median time, as a share of this machine's rate on "
+                      f"one GEMM of the model's largest linear shape, measured in each row's process "
+                      f"({min(rates) / 1e9:.0f}–{max(rates) / 1e9:.0f} GFLOP/s)."]
     lines += ["", "## Ratios (same loss)", ""]
     lines += _table(["row", "loss", "time ×PEFT LoRA", "time ×floor", "time ×LoRA", "peak ×PEFT LoRA",
                      "saved ×PEFT LoRA", "saved above floor ×PEFT LoRA", "max seq ×PEFT LoRA",

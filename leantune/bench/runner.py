@@ -255,6 +255,11 @@ def aggregate(row: str, loss: str, results: list[dict[str, Any]], plan: BenchPla
         adapted_base_bytes=good[0]["adapted_base_bytes"],
         step_times_s=[r["step_times_s"] for r in good],
     )
+    rates = [r["gemm_flops_per_s"] for r in good if r.get("gemm_flops_per_s")]
+    if rates and step and step["median"] > 0:  # bench/bound.py: the step's matmul work at this machine's GEMM rate
+        entry["gemm_flops_per_s"] = statistics.median(rates)
+        entry["matmul_flops"] = good[0]["matmul_flops"]
+        entry["matmul_bound_share"] = entry["matmul_flops"] / step["median"] / entry["gemm_flops_per_s"]
     if "cuda_max_allocated_bytes" in good[0]:
         entry["cuda_max_allocated_bytes"] = _spread([r["cuda_max_allocated_bytes"] for r in good])
         entry["cuda_max_reserved_bytes"] = _spread([r["cuda_max_reserved_bytes"] for r in good])

@@ -30,6 +30,7 @@ from ..methods.sketch.pack import save_sketch
 from ..methods.targets import resolve_targets
 from ..models import load_model
 from . import measure as m
+from .bound import counted_flops, gemm_rate
 from .profile import profile_step
 
 LOSSES = ("full", "chunked")
@@ -200,6 +201,8 @@ def run_measurement(spec: WorkerSpec, result: dict[str, Any]) -> None:
     for _ in range(spec.warmup):
         step()
     result["step_times_s"] = [m.timed(step, device) for _ in range(spec.steps)]
+    result["matmul_flops"] = counted_flops(step, model, [spec.seq] * spec.batch)  # one more step, counted
+    result["gemm_flops_per_s"] = gemm_rate(model, spec.batch * spec.seq)
 
     since_load = m.peak_rss_since_reset() if result["peak_rss_reset"] else None
     result["peak_rss_bytes"] = max(result["load_peak_rss_bytes"], m.process_peak_rss(), since_load or 0)

@@ -1,0 +1,75 @@
+"""How close a training step comes to what the machine's matrix multiplication allows.
+
+The bound is the step's matmul work divided by the rate this machine reaches on one large GEMM of
+the model's own shapes, measured in the same process. The work is what PyTorch's own FLOP counter
+(`torch.utils.flop_counter.FlopCounterMode`) counts for one forward and backward of the step —
+every matrix product the implementation really runs, adapters included — plus attention where the
+counter does not see it (its CPU flash kernel): scores and weighted sum, 4·heads·head_dim FLOPs per
+query per key over the keys a causal query sees, backward twice the forward.
+
+Everything else (normalisation, activations, rotary embeddings, softmax, the optimizer, glue)
+counts as no work: the share says how much of the step's time the matmuls that must be done would
+take at the rate this machine does them.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def counted_flops(run: Callable[[], None], model: nn.Module, lengths: Iterable[int]) -> float:
+    """FLOPs of `run` (one forward and backward over sequences of these lengths) as the counter
+    sees them, with attention added when the counter saw no attention kernel."""
+    with FlopCounterMode(display=False) as counter:
+        run()
+    total = float(counter.get_total_flops())
+    ops = {str(op) for op in counter.get_flop_counts().get("Global", {})}
+    if not any("attention" in op for op in ops):
+        total += attention_flops(model, lengths)
+    return total
+
+
+def attention_flops(model: nn.Module, lengths: Iterable[int]) -> float:
+    """Causal attention's matmul FLOPs for one forward and backward (see the module docstring)."""
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    keys_seen = sum(n * (n + 1) / 2 for n in lengths)
+    return 3.0 * 4 * heads * head_dim * keys_seen * config.num_hidden_layers
+
+
+def _largest_linear(model: nn.Module) -> tuple[int, int]:
+    """(in, out) of the decoder's largest linear at its dense shape (4-bit linears are nn.Linear too)."""
+    head = model.get_output_embeddings()
+    shapes = []
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            state = getattr(module.weight, "quant_state", None)
+            out_features, in_features = state.shape if state is not None else module.weight.shape
+            shapes.append((int(in_features), int(out_features)))
+    return max(shapes, key=lambda shape: shape[0] * shape[1])
+
+
+def gemm_rate(model: nn.Module, tokens: int, repeats: int = 5) -> float:
+    """FLOP/s of this process on the model's largest linear shape with `tokens` rows, in the model's
+    compute dtype and on its device: the median of `repeats` timed products after one untimed."""
+    like = model.get_input_embeddings().weight
+    in_features, out_features = _largest_linear(model)
+    x = torch.randn(tokens, in_features, dtype=like.dtype, device=like.device)
+    w = torch.randn(out_features, in_features, dtype=like.dtype, device=like.device)
+    times = []
+    for attempt in range(repeats + 1):
+        if like.device.type == "cuda":
+            torch.cuda.synchronize(like.device)
+        started = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        if like.device.type == "cuda":
+            torch.cuda.synchronize(like.device)
+        if attempt:
+            times.append(time.perf_counter() - started)
+    return 2.0 * tokens * in_features * out_features / statistics.median(times)
