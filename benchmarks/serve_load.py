@@ -237,6 +237,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="fewer requests and repeats (a smoke run)")
     parser.add_argument("--decode-only", action="store_true", help="only the decode-step comparison (adapters in --out)")
+    parser.add_argument("--report-only", action="store_true", help="redraw results.md and chart.png from results.json")
     parser.add_argument("--grid", nargs="+", default=GRID, metavar="ADAPTERSxCLIENTS",
                         help="the load rows to run (default: all of 1, 4, 16 adapters x 1, 8, 32 clients; 16x8 is "
                              "always run: the targets and the PEFT baseline use it)")
@@ -245,6 +246,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     tokenizer = lt.load_tokenizer(MODEL)
+    if args.report_only:
+        write_report(json.loads((out / "results.json").read_text()), out)
+        return
     if args.decode_only:
         paths = [out / "adapters" / f"a{i}" for i in range(16)]
         step = decode_steps(paths, repeats=2 if args.quick else 3)
@@ -282,8 +286,44 @@ def main() -> None:
     results["decode_step"] = decode_steps(paths, repeats=2 if args.quick else 3)
     print(json.dumps({k: v for k, v in results["decode_step"].items() if k != "runs_ms"}), flush=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(report(results))
+    write_report(results, out)
+
+
+def write_report(results: dict, out: Path) -> None:
+    (out / "results.md").write_text(report(results) + "\n![throughput and decode step](chart.png)\n")
+    (out / "chart.png").write_bytes(chart_png(results))
     print(report(results))
+
+
+def chart_png(results: dict) -> bytes:
+    """Generated tokens/s of every load row and the PEFT baseline; the decode step, mixed and one adapter."""
+    from io import BytesIO
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (load_axis, step_axis) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 1.4]})
+    rows = results["load"]
+    labels = [f"{r['adapters']}{' (1)' if r.get('one_adapter_for_all') else ''} x {r['clients']}" for r in rows]
+    labels.append("PEFT, one at a time")
+    values = [r["tokens_per_s"] for r in rows] + [results["peft_one_at_a_time"]["tokens_per_s"]]
+    colors = ["#1f77b4"] * len(rows) + ["#ff7f0e"]
+    load_axis.bar(range(len(values)), values, color=colors)
+    load_axis.set_xticks(range(len(values)), labels, rotation=45, ha="right")
+    load_axis.set_title("leantune serve: generated tokens/s (adapters x clients; (1): all to one adapter)")
+    d = results["decode_step"]
+    names = ["leantune mixed", "leantune one", "PEFT mixed", "PEFT one"]
+    step_axis.bar(range(4), [d["leantune_mixed"], d["leantune_one"], d["peft_mixed"], d["peft_one"]],
+                  color=["#1f77b4", "#9ecae1", "#ff7f0e", "#fdd0a2"])
+    step_axis.set_xticks(range(4), names, rotation=45, ha="right")
+    step_axis.set_title("decode step, 32 rows, 16 adapters (ms)")
+    figure.tight_layout()
+    buffer = BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
 
 
 def report(results: dict) -> str:

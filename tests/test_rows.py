@@ -63,6 +63,8 @@ def test_greedy_generation_per_row_equals_each_adapter_alone(mixed):
     ["paca", "paca", "dora", "paca"],  # a subset of the attached adapters, out of stack order
     [None, "__base__", None],  # no row runs an adapter
     ["ia3", "rs", "ia3"],  # an adapter without factors beside one with them
+    ["dora", "rs", "lora", "paca"],  # every row its own adapter: the groups are the rows, in order
+    ["rs", "rs", "rs"],  # one adapter for all rows
 ])
 def test_rows_grouped_unevenly_still_equal_each_adapter_alone(mixed, names):
     tokens = torch.randint(0, 256, (len(names), 6), generator=torch.Generator().manual_seed(len(names)))

@@ -41,6 +41,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                                         {"name": "adapter", "placement": "parallel", "where": "ffn"}]},
     "prompt": {"name": "prompt", "num_virtual_tokens": 20},
     "prefix": {"name": "prefix", "num_virtual_tokens": 20},
+    "adapter": {"name": "adapter"},  # Pfeiffer: serial, after the feed-forward block, bottleneck 64
+    "houlsby": {"name": "adapter", "where": "both"},  # serial, after attention and after the feed-forward block
 }
 
 # Hugging Face PEFT rows: the same settings as the leantune row they are compared with.

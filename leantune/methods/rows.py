@@ -11,7 +11,9 @@ base model: no update), zero-padded to the largest rank, and cached until an ada
 changes. A forward groups the rows by adapter (`_Groups`: rows of one adapter side by side, a
 heavy adapter split into several groups so no group pads much) and runs two batched products
 (`torch.bmm`) over all groups at once, reading each adapter's factors once rather than copying
-them for every row: no loop over adapters.
+them for every row: no loop over adapters. Groups follow the rows' order, so a batch whose rows
+of one adapter sit together (every row its own adapter, or one adapter for all) needs no copy
+of its activations either.
 
 Rows run as in eval mode (no dropout); the module's base weight is its original (`clean_weight`).
 """
@@ -55,16 +57,21 @@ class _Stacked:
 
 @dataclass
 class _Groups:
-    """How one batch's rows meet the stacked factors: group g holds rows `gather[g]` (index
-    `rows` = a zero row pads a short group) and runs adapter `adapters[g]` (None: every adapter
-    in stack order, read in place); row i's update is slot `scatter[i]` of the groups' output
-    flattened (the last slot is zero: the base rows')."""
+    """How one batch's rows meet the stacked factors: group g holds rows `gather[g]` (a short
+    group padded with row 0, whose output there is never read) and runs the factors `a[g]`,
+    `b[g]` (views of the stack when every adapter has one group in stack order; else gathered
+    once for these rows, which stay the same through a generation's decode steps). Row
+    `targets[k]`'s update is slot `slots[k]` of the groups' output flattened. `in_order`: the
+    groups hold every row once, in order, so no copy of the activations is needed."""
 
     rows: tuple[str | None, ...]
     index: torch.Tensor  # [rows]: each row's entry in the stack (the last one: the base)
-    gather: torch.Tensor | None  # [groups, size]
-    adapters: torch.Tensor | None  # [groups]
-    scatter: torch.Tensor | None  # [rows]
+    gather: torch.Tensor | None = None  # [groups, size]
+    in_order: bool = False
+    targets: torch.Tensor | None = None  # [rows with an adapter]
+    slots: torch.Tensor | None = None
+    a: torch.Tensor | None = None  # [groups, r_max, in]
+    b: torch.Tensor | None = None  # [groups, out, r_max]
 
 
 def layer_stack(outer: nn.Module) -> list[nn.Module]:
@@ -154,43 +161,47 @@ def stacked_forms(outer: nn.Module, trust_versions: bool = False) -> _Stacked:
     return cached
 
 
-def _group(rows: tuple[str | None, ...], names: dict[str, int], device: torch.device) -> _Groups:
+def _group(rows: tuple[str | None, ...], forms: _Stacked, device: torch.device) -> _Groups:
+    names = forms.names
     entries = [names.get(name, len(names)) if name is not None else len(names) for name in rows]
-    members: dict[int, list[int]] = {}
+    members: dict[int, list[int]] = {}  # adapters in the order of their first row
     for row, entry in enumerate(entries):
         if entry != len(names):
             members.setdefault(entry, []).append(row)
     index = torch.tensor(entries, device=device)
-    if not members:
-        return _Groups(rows, index, None, None, None)
+    if not members or forms.a is None:
+        return _Groups(rows, index)
     # Groups of at most `size` rows: an adapter with many rows takes several groups, so padding
     # stays under one group per adapter (at most twice the rows' work), whatever the mix.
     size = -(-sum(len(m) for m in members.values()) // len(members))
-    gather, adapters = [], []
-    for entry in sorted(members):
-        for start in range(0, len(members[entry]), size):
-            chunk = members[entry][start:start + size]
-            gather.append(chunk + [len(rows)] * (size - len(chunk)))
+    gather, adapters, targets, slots = [], [], [], []
+    for entry, member_rows in members.items():
+        for start in range(0, len(member_rows), size):
+            chunk = member_rows[start:start + size]
+            targets += chunk
+            slots += range(len(gather) * size, len(gather) * size + len(chunk))
+            gather.append(chunk + [0] * (size - len(chunk)))
             adapters.append(entry)
-    scatter = [len(gather) * size] * len(rows)
-    for g, chunk in enumerate(gather):
-        for k, row in enumerate(chunk):
-            if row < len(rows):
-                scatter[row] = g * size + k
-    in_place = adapters == list(range(len(names)))
-    return _Groups(rows, index, torch.tensor(gather, device=device),
-                   None if in_place else torch.tensor(adapters, device=device), torch.tensor(scatter, device=device))
+    if adapters == list(range(len(names))):
+        a, b = forms.a[:-1], forms.b[:-1]
+    else:
+        chosen = torch.tensor(adapters, device=forms.a.device)
+        a, b = forms.a[chosen], forms.b[chosen]
+    in_order = [row for chunk in gather for row in chunk] == list(range(len(rows)))
+    as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
+    return _Groups(rows, index, as_tensor(gather), in_order, as_tensor(targets), as_tensor(slots), a, b)
 
 
-def _grouped_update(forms: _Stacked, groups: _Groups, h: torch.Tensor) -> torch.Tensor:
-    """B A h for every row with its own adapter's factors ([rows, tokens, out]; zero on base rows)."""
+def _add_grouped_update(y: torch.Tensor, groups: _Groups, h: torch.Tensor) -> torch.Tensor:
+    """y plus B A h for every row with its own adapter's factors (y, h: [rows, tokens, features])."""
     rows, tokens, _ = h.shape
-    padded = torch.cat([h, h.new_zeros(1, tokens, h.shape[-1])])[groups.gather]  # [groups, size, tokens, in]
     count, size = groups.gather.shape
-    a, b = (forms.a[:-1], forms.b[:-1]) if groups.adapters is None else (forms.a[groups.adapters], forms.b[groups.adapters])
-    out = torch.bmm(torch.bmm(padded.reshape(count, size * tokens, -1), a.transpose(1, 2)), b.transpose(1, 2))
-    out = out.reshape(count * size, tokens, -1)
-    return torch.cat([out, out.new_zeros(1, tokens, out.shape[-1])])[groups.scatter]
+    x = h if groups.in_order else h[groups.gather]  # [groups, size, tokens, in] in effect
+    out = torch.bmm(torch.bmm(x.reshape(count, size * tokens, -1), groups.a.transpose(1, 2)),
+                    groups.b.transpose(1, 2)).reshape(count * size, tokens, -1)
+    if groups.in_order:
+        return y + out
+    return y.index_add_(0, groups.targets, out.index_select(0, groups.slots))
 
 
 def routed_forward(outer: nn.Module, x: torch.Tensor, rows: Sequence[str | None],
@@ -202,14 +213,14 @@ def routed_forward(outer: nn.Module, x: torch.Tensor, rows: Sequence[str | None]
     forms = stacked_forms(outer, trust_versions)
     rows = tuple(rows)
     if forms.groups is None or forms.groups.rows != rows or forms.groups.index.device != x.device:
-        forms.groups = _group(rows, forms.names, x.device)
+        forms.groups = _group(rows, forms, x.device)
     index = forms.groups.index
     shape = x.shape
     h = x.reshape(shape[0], -1, shape[-1]).to(forms.weight.dtype)
     inputs = h * forms.pre[index][:, None, :] if forms.pre is not None else h
     y = F.linear(inputs, forms.weight)
-    if forms.a is not None and forms.groups.gather is not None:
-        y = y + _grouped_update(forms, forms.groups, h)
+    if forms.groups.gather is not None:
+        y = _add_grouped_update(y, forms.groups, h)
     if forms.post is not None:
         y = y * forms.post[index][:, None, :]
     if forms.bias is not None:

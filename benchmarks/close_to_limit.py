@@ -1,0 +1,119 @@
+"""How close the demo job comes to this machine's float32 matmul rate.
+
+    python benchmarks/close_to_limit.py --out benchmarks/results/DATE-cpu-close-to-limit [--set KEY=VALUE ...]
+
+1. The demo job (`leantune train` on the embedded default: PaCA r=16 on SmolLM2-135M, one epoch of
+   the humaneval-tests train split, batch 4, max_length 512), in a fresh process, without the
+   before/after table; its training time is the summary's `time_s` (steps only, no evaluation).
+2. This machine's GEMM rate, measured in this process right before and right after the job, on the
+   model's largest linear shape with 2,048 rows (`leantune/bench/bound.py`).
+3. The epoch's matmul work: every batch of the job, in the job's order and shapes, run forward and
+   backward once more under PyTorch's FLOP counter, attention added (`bound.counted_flops`).
+
+Share of the bound = work ÷ training time ÷ GEMM rate (the mean of the two). The benchmark step's
+share is `leantune bench`'s "of matmul bound" column. `--set` passes overrides to both the job and
+the count (e.g. `--set method.name=lora --set method.r=8`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import leantune as lt
+from leantune.bench.bound import counted_flops, gemm_rate
+from leantune.data import prepare_dataset
+from leantune.data.batching import BatchStream
+from leantune.loss import causal_lm_loss, count_loss_tokens
+from leantune.training.config import build_method, load_config
+
+GEMM_ROWS = 2048
+
+
+def run_job(out: Path, overrides: list[str]) -> dict:
+    command = [sys.executable, "-m", "leantune", "train", "--overwrite", "--set", "unit_test_table=false",
+               "--set", f"out_dir={out / 'job'}", *[a for o in overrides for a in ("--set", o)]]
+    subprocess.run(command, check=True)
+    return json.loads((out / "job" / "summary.json").read_text())
+
+
+def epoch_work(overrides: list[str]) -> dict:
+    """The matmul FLOPs of the job's first epoch, batch by batch, as the counter sees them."""
+    config = load_config(None, ["unit_test_table=false", *overrides])
+    tokenizer = lt.load_tokenizer(config.model)
+    model = lt.load_model(config.model)
+    lt.attach(model, build_method(config))
+    model.train()
+    examples, _ = prepare_dataset(config.data.train, tokenizer, config.max_length, config.overlong, config.packing)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stream = BatchStream(examples, config.batch_size, config.seed, pad, group_by_length=config.group_by_length)
+    chunked = None if config.chunked_loss == "auto" else bool(config.chunked_loss)
+    flops, tokens = 0.0, 0
+    for position in range(stream.batches_per_epoch):
+        batch = stream.batch_at(position)
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        loss_tokens = count_loss_tokens(batch["labels"])
+
+        def step() -> None:
+            causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                           chunk_tokens=config.loss_chunk_tokens, chunked=chunked, num_items=loss_tokens).backward()
+            model.zero_grad(set_to_none=True)
+
+        flops += counted_flops(step, model, lengths)
+        tokens += int(batch["attention_mask"].sum())
+    return {"flops": flops, "tokens": tokens, "batches": stream.batches_per_epoch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    probe = lt.load_model(load_config(None, args.overrides).model)
+    before = gemm_rate(probe, GEMM_ROWS)
+    started = time.time()
+    summary = run_job(out, args.overrides)
+    wall = time.time() - started
+    after = gemm_rate(probe, GEMM_ROWS)
+    del probe
+    work = epoch_work(args.overrides)
+    rate = statistics.mean([before, after])
+    result = {
+        "command": " ".join(["python", *sys.argv]), "threads": torch.get_num_threads(),
+        "gemm_flops_per_s_before": before, "gemm_flops_per_s_after": after,
+        "train_time_s": summary["time_s"], "job_wall_s": round(wall, 1), "tokens": summary["tokens"],
+        "tokens_per_s": summary["tokens_per_s"], "eval_loss_after": summary["eval_loss_after"],
+        "epoch_flops": work["flops"], "counted_tokens": work["tokens"],
+        "flops_per_token": work["flops"] / work["tokens"],
+        "share_of_bound": work["flops"] / summary["time_s"] / rate,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "results.md").write_text(report(result))
+    print(report(result))
+
+
+def report(r: dict) -> str:
+    return "\n".join([
+        "# The demo job against this machine's matmul rate", "",
+        f"Command: `{r['command']}` ({r['threads']} torch threads)", "",
+        "| | |", "|---|---|",
+        f"| GEMM rate, largest linear shape x {GEMM_ROWS} rows (before / after the job) | "
+        f"{r['gemm_flops_per_s_before'] / 1e9:.0f} / {r['gemm_flops_per_s_after'] / 1e9:.0f} GFLOP/s |",
+        f"| training time (steps only) | {r['train_time_s']:.1f} s |",
+        f"| tokens, tokens/s | {r['tokens']:,}, {r['tokens_per_s']:,.1f} |",
+        f"| matmul work of the epoch (counted) | {r['epoch_flops'] / 1e12:.2f} TFLOP, "
+        f"{r['flops_per_token'] / 1e9:.3f} GFLOP per token |",
+        f"| **share of the matmul bound** | **{r['share_of_bound']:.0%}** |",
+        f"| eval loss after | {r['eval_loss_after']} |", ""])
+
+
+if __name__ == "__main__":
+    main()
