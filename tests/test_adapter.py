@@ -139,7 +139,7 @@ def test_bad_config_values_name_the_key(kwargs, culprit):
 @pytest.mark.parametrize("config, culprit", [
     (lt.Adapter(bottleneck=65), r"'bottleneck' = 65 is wider than the 64 features of 'model.layers.0.mlp'"),
     (lt.Adapter(reduction=65), r"'reduction' = 65 leaves no bottleneck feature"),
-    (lt.Adapter(targets=["up_proj"]), r"target 'model.layers.0.mlp.up_proj' maps 64 features to 128"),
+    (lt.Adapter(targets=["up_proj"]), r"target 'model.layers.0.mlp.up_proj' reads 64 features but none of its linears gives 64 out"),
     (lt.Adapter(targets=["act_fn"]), r"target 'model.layers.0.mlp.act_fn' \(SiLUActivation\) holds no linear layer"),
 ])
 def test_targets_that_cannot_hold_the_adapter_are_refused_before_anything_changes(config, culprit, tiny_llama):

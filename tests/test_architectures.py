@@ -40,8 +40,25 @@ METHODS = {
     "dora": lambda arch: lt.DoRA(r=4, alpha=8),
     "paca": lambda arch: lt.PaCA(r=4, alpha=8),
     "ia3": lambda arch: lt.IA3(**IA3_TARGETS.get(arch, {})),
+    "lora-fa": lambda arch: lt.LoRA(r=4, alpha=8, freeze_a=True),
 }
 CELLS = [(a, m) for a in ARCHITECTURES for m in METHODS]
+# The methods without a dense weight to compare with: their own references below.
+# Bottleneck adapters wrap sublayers; GPT-2's are attn and mlp, not the Llama-style names.
+SUBLAYERS = {"gpt2": dict(targets=["attn", "mlp"])}
+OTHER_METHODS = {
+    "prompt": lambda arch: lt.PromptTuning(num_virtual_tokens=3),
+    "prefix": lambda arch: lt.PrefixTuning(num_virtual_tokens=3),
+    "adapter": lambda arch: lt.Adapter(bottleneck=8, where="both", **SUBLAYERS.get(arch, {})),
+    "mam": lambda arch: [lt.PrefixTuning(num_virtual_tokens=3),
+                         lt.Adapter(bottleneck=8, placement="parallel",
+                                    **({"targets": ["mlp"]} if arch == "gpt2" else {}))],
+    "bitfit": lambda arch: lt.BitFit(add_bias=True),
+    "full": lambda arch: lt.Full(keep_base=True),
+}
+# Gemma 2 alternates sliding-window and full attention: prefixes are refused there, in one sentence.
+REFUSED = {("gemma2", "prefix"), ("gemma2", "mam")}
+OTHER_CELLS = [(a, m) for a in ARCHITECTURES for m in OTHER_METHODS]
 CLOSE = dict(atol=2e-5, rtol=1e-4)
 
 
@@ -125,6 +142,40 @@ def test_merge_save_load_and_the_peft_export(arch, method, tmp_path):
     torch.testing.assert_close(imported(ids).logits, adapted, **CLOSE)
     lt.merge(model)
     torch.testing.assert_close(model(ids).logits, adapted, **CLOSE)
+
+
+@pytest.mark.parametrize("arch, method", OTHER_CELLS)
+def test_the_other_methods_train_save_reload_and_switch_off_on_every_architecture(arch, method, tmp_path):
+    base = build(arch)
+    model = build(arch)
+    torch.manual_seed(1)
+    if (arch, method) in REFUSED:
+        with pytest.raises(lt.LeantuneError, match="prefix tuning needs full attention in every layer; this gemma2 "
+                                                   "model also has sliding_attention layers"):
+            lt.attach(model, OTHER_METHODS[method](arch))
+        return
+    lt.attach(model, OTHER_METHODS[method](arch))
+    randomize_adapter(model, scale=0.02 if method == "full" else 0.1)
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(5))
+    adapted = model(ids).logits
+    assert adapted.shape == base(ids).logits.shape  # virtual tokens and prefixes leave no positions behind
+    assert not torch.allclose(adapted, base(ids).logits, atol=1e-4)
+    with lt.disabled(model):
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, atol=0, rtol=0)
+    if method == "prompt":  # the plain model given the same tensor in front of its input embeddings
+        prompt = next(p for p in model.parameters() if p.requires_grad)
+        embeds = torch.cat([prompt[None].expand(2, -1, -1), base.get_input_embeddings()(ids)], dim=1)
+        torch.testing.assert_close(adapted, base(inputs_embeds=embeds).logits[:, 3:], **CLOSE)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(causal_lm_loss(model, ids, ids), params)
+    assert all(torch.isfinite(g).all() for g in grads) and sum(bool(g.abs().sum() > 0) for g in grads) == len(grads)
+    if method in ("prompt", "prefix", "mam"):  # the KV cache holds virtual tokens / prefixes: with it = without
+        options = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+        cached = model.generate(ids, use_cache=True, **options)
+        torch.testing.assert_close(cached, model.generate(ids, use_cache=False, **options), atol=0, rtol=0)
+    lt.save_adapter(model, tmp_path / "adapter")
+    reloaded = lt.load_adapter(build(arch), tmp_path / "adapter")
+    torch.testing.assert_close(reloaded(ids).logits, adapted, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "paca", "ia3"])

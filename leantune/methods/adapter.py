@@ -96,17 +96,29 @@ class Adapter(ModuleMethod):
         return BottleneckLayer(module, adapter_name, sublayer_width(name, module), self)
 
 
+def _features(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a linear layer, transformers' Conv1D (GPT-2: weight [in, out]) included."""
+    if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int):
+        return int(module.weight.shape[0]), module.nf
+    return None
+
+
 def sublayer_width(name: str, module: nn.Module) -> int:
-    """The residual-stream width a sublayer reads and writes: its first linear's input, its last's output."""
-    ins = [m.in_features for m in module.modules() if isinstance(getattr(m, "in_features", None), int)]
-    outs = [m.out_features for m in module.modules() if isinstance(getattr(m, "out_features", None), int)]
-    if not ins or not outs:
+    """The residual-stream width a sublayer reads and writes: its first linear's input, which some
+    linear of it must also give out (modules are listed in the order they were created, not run:
+    Phi3 creates o_proj before its fused qkv_proj)."""
+    shapes = [shape for m in module.modules() if (shape := _features(m)) is not None]
+    if not shapes:
         raise LeantuneError(f"adapter: target '{name}' ({type(module).__name__}) holds no linear layer to tell its "
                             "width by; adapters wrap attention or feed-forward sublayers")
-    if ins[0] != outs[-1]:
-        raise LeantuneError(f"adapter: target '{name}' maps {ins[0]} features to {outs[-1]}; adapters wrap sublayers "
-                            "whose output adds to their input (attention, feed-forward)")
-    return ins[0]
+    width = shapes[0][0]
+    if width not in {out for _, out in shapes}:
+        raise LeantuneError(f"adapter: target '{name}' reads {width} features but none of its linears gives "
+                            f"{width} out; adapters wrap sublayers whose output adds to their input (attention, "
+                            "feed-forward)")
+    return width
 
 
 class BottleneckLayer(AdapterLayer):
