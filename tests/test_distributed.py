@@ -200,6 +200,17 @@ def test_a_killed_rank_stops_the_job_naming_it_and_the_checkpoint_stays_intact(d
     assert lt.summary(model)["trainable"] > 0
 
 
+def test_a_rank_that_hangs_is_ended_by_the_collective_timeout_not_waited_for(data, tmp_path):
+    cfg = config(data, tmp_path / "run", "lora", distributed="ddp", save_every=1, max_steps=6,
+                 distributed_timeout_s=5)
+    started = time.monotonic()
+    process = torchrun({"runs": [{"config": cfg}], "hang": [1, 3], "leantune_joins": True}, tmp_path)
+    _, err = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+    assert process.returncode != 0 and time.monotonic() - started < 120, err[-2000:]
+    assert "rank: 0" in err and "imed out" in err, err[-3000:]  # rank 0 timed out waiting for rank 1
+    assert latest_step(Path(cfg["out_dir"])) == 2
+
+
 def test_refusals_name_the_key(data, tmp_path):
     nf4 = config(data, tmp_path / "q", "lora", distributed="fsdp")
     nf4["method"] = {**METHODS["lora"], "quantize": "nf4"}

@@ -278,6 +278,9 @@ class RowPrompts:
         kwargs = {**dict(zip(self.positional_names, args)), **kwargs}
         embeds = kwargs.get("inputs_embeds")
         if embeds is None:
+            if kwargs.get("input_ids") is None:
+                raise LeantuneError("adapter_names with prompt adapters: the decoder got neither input_ids nor "
+                                    "inputs_embeds")
             embeds = decoder.get_input_embeddings()(kwargs["input_ids"])
         if embeds.shape[0] != len(counts):
             return None  # routed_forward names the mismatch in one sentence

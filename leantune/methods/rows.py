@@ -194,7 +194,7 @@ def _group(rows: tuple[str | None, ...], forms: _Stacked, device: torch.device) 
 
 def _add_grouped_update(y: torch.Tensor, groups: _Groups, h: torch.Tensor) -> torch.Tensor:
     """y plus B A h for every row with its own adapter's factors (y, h: [rows, tokens, features])."""
-    rows, tokens, _ = h.shape
+    tokens = h.shape[1]
     count, size = groups.gather.shape
     x = h if groups.in_order else h[groups.gather]  # [groups, size, tokens, in] in effect
     out = torch.bmm(torch.bmm(x.reshape(count, size * tokens, -1), groups.a.transpose(1, 2)),
