@@ -103,6 +103,9 @@ def test_two_processes_train_the_adapter_one_process_trains(two_process_runs, da
     assert_same_adapter(adapter(two_process_runs / f"{mode}-{method}-{accum}"), reference)
     summary = json.loads((two_process_runs / f"{mode}-{method}-{accum}" / "summary.json").read_text())
     assert summary["processes"] == 2 and len(summary["peak_memory_bytes_per_process"]) == 2
+    alone = json.loads((tmp_path / "one" / "summary.json").read_text())  # eval batches shared out over the ranks
+    for key in ("eval_loss_before", "eval_loss_after"):
+        assert abs(summary[key] - alone[key]) < 1e-5, key
 
 
 def test_fsdp_adapter_is_complete_and_reloads_with_the_same_logits(two_process_runs):

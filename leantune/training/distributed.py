@@ -176,6 +176,13 @@ class Parallel:
         dist.all_reduce(tensor)
         return float(tensor.item())
 
+    def token_mean(self, loss_sum: float, tokens: int) -> float:
+        """A loss per token over every process's share (each gives its sum and its token count)."""
+        tokens = self.sum(tokens)
+        if tokens == 0:
+            raise LeantuneError("the eval set has no labelled tokens to evaluate")
+        return self.sum(loss_sum) / tokens
+
     def gather_numbers(self, value: float) -> list[float]:
         """`value` from every process, in rank order."""
         tensor = torch.zeros(self.world_size, dtype=torch.float64, device=self._collective_device())

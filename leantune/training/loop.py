@@ -314,9 +314,10 @@ class Trainer(CtrlCStops):
         """Mean loss per loss token over the eval set (None without eval data)."""
         if self.eval_examples is None:
             return None
-        with self.env.autocast():  # under FSDP every process computes it, inside the sharded root's forward
-            return self.parallel.run(loss_and_perplexity, self.model, self.eval_examples, self.pad_id,
-                                     self.config.batch_size, progress=self.config.progress and self.env.is_writer)["loss"]
+        with self.env.autocast():  # each process its share of the batches, inside the wrapped root's forward
+            result = self.parallel.run(loss_and_perplexity, self.model, self.eval_examples, self.pad_id, self.config.batch_size,
+                                       self.config.progress and self.env.is_writer, (self.env.rank, self.env.world_size))
+        return self.parallel.token_mean(result["loss_sum"], result["tokens"]) if self.parallel.active else result["loss"]
 
     def save(self, state: dict[str, Any], saved_adapter: Path | None = None) -> Path:
         self.writing_checkpoint = True
