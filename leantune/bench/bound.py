@@ -55,21 +55,23 @@ def _largest_linear(model: nn.Module) -> tuple[int, int]:
     return max(shapes, key=lambda shape: shape[0] * shape[1])
 
 
-def gemm_rate(model: nn.Module, tokens: int, repeats: int = 5) -> float:
+def gemm_rate(model: nn.Module, tokens: int, repeats: int = 10) -> float:
     """FLOP/s of this process on the model's largest linear shape with `tokens` rows, in the model's
-    compute dtype and on its device: the median of `repeats` timed products after one untimed."""
+    compute dtype and on its device: the median of `repeats` timed products after two untimed, each
+    into the same output buffer (a fresh one per product would time its page faults too)."""
     like = model.get_input_embeddings().weight
     in_features, out_features = _largest_linear(model)
     x = torch.randn(tokens, in_features, dtype=like.dtype, device=like.device)
-    w = torch.randn(out_features, in_features, dtype=like.dtype, device=like.device)
+    w = torch.randn(in_features, out_features, dtype=like.dtype, device=like.device)
+    out = torch.empty(tokens, out_features, dtype=like.dtype, device=like.device)
     times = []
-    for attempt in range(repeats + 1):
+    for attempt in range(repeats + 2):
         if like.device.type == "cuda":
             torch.cuda.synchronize(like.device)
         started = time.perf_counter()
-        torch.nn.functional.linear(x, w)
+        torch.mm(x, w, out=out)
         if like.device.type == "cuda":
             torch.cuda.synchronize(like.device)
-        if attempt:
+        if attempt >= 2:
             times.append(time.perf_counter() - started)
     return 2.0 * tokens * in_features * out_features / statistics.median(times)
