@@ -31,6 +31,17 @@ def alone(model, name, tokens, **kwargs):
         lt.use(model, None)
 
 
+def assert_rows_generate_as_alone(model, tokens, names, new_tokens):
+    """Greedy generation with one adapter per row gives each row what it gives alone with its adapter."""
+    options = dict(max_new_tokens=new_tokens, do_sample=False)
+    together = model.generate(tokens, attention_mask=torch.ones_like(tokens), adapter_names=names, **options)
+    for i, name in enumerate(names):
+        lt.use(model, name)
+        single = model.generate(tokens[i:i + 1], attention_mask=torch.ones_like(tokens[i:i + 1]), **options)
+        assert together[i].tolist() == single[0].tolist(), name
+    lt.use(model, None)
+
+
 ROWS = ["lora", None, "dora", "ia3", "paca", "rs", "__base__", "lora"]
 
 
@@ -46,16 +57,8 @@ def test_each_row_equals_its_adapter_alone(mixed):
 
 def test_greedy_generation_per_row_equals_each_adapter_alone(mixed):
     tokens = torch.randint(0, 256, (4, 7), generator=torch.Generator().manual_seed(2))
-    names = ["paca", "dora", None, "ia3"]
-    options = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(tokens))
     lt.use(mixed, None)
-    together = mixed.generate(tokens, adapter_names=names, **options)
-    for i, name in enumerate(names):
-        lt.use(mixed, name)
-        single = mixed.generate(tokens[i:i + 1], max_new_tokens=6, do_sample=False,
-                                attention_mask=torch.ones_like(tokens[i:i + 1]))
-        assert together[i].tolist() == single[0].tolist(), name
-    lt.use(mixed, None)
+    assert_rows_generate_as_alone(mixed, tokens, ["paca", "dora", None, "ia3"], 6)
 
 
 @pytest.mark.parametrize("names", [
@@ -75,18 +78,12 @@ def test_rows_grouped_unevenly_still_equal_each_adapter_alone(mixed, names):
 def test_generate_reads_the_adapters_once_so_a_data_write_between_calls_is_seen(mixed):
     tokens = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(8))
     names = ["lora", "rs"]
-    options = dict(max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(tokens))
-    mixed.generate(tokens, adapter_names=names, **options)
+    mixed.generate(tokens, attention_mask=torch.ones_like(tokens), adapter_names=names, max_new_tokens=4,
+                   do_sample=False)
     assert api.router(mixed).trust_versions is False  # the skip lasts one generate call
     for layer in (m for m in mixed.modules() if hasattr(m, "lora_B")):
         layer.lora_B.data.mul_(-4)
-    together = mixed.generate(tokens, adapter_names=names, **options)
-    for i, name in enumerate(names):
-        lt.use(mixed, name)
-        single = mixed.generate(tokens[i:i + 1], max_new_tokens=4, do_sample=False,
-                                attention_mask=torch.ones_like(tokens[i:i + 1]))
-        assert together[i].tolist() == single[0].tolist(), name
-    lt.use(mixed, None)
+    assert_rows_generate_as_alone(mixed, tokens, names, 4)
 
 
 @pytest.fixture
@@ -116,13 +113,7 @@ def test_prompt_tuning_rows_each_equal_their_adapter_alone_with_and_without_padd
 
 def test_prompt_tuning_rows_generate_greedily_as_each_adapter_alone(prompts):
     tokens = torch.randint(0, 256, (len(PROMPT_ROWS), 5), generator=torch.Generator().manual_seed(11))
-    options = dict(max_new_tokens=5, do_sample=False)
-    together = prompts.generate(tokens, attention_mask=torch.ones_like(tokens), adapter_names=PROMPT_ROWS, **options)
-    for i, name in enumerate(PROMPT_ROWS):
-        lt.use(prompts, name)
-        single = prompts.generate(tokens[i:i + 1], attention_mask=torch.ones_like(tokens[i:i + 1]), **options)
-        assert together[i].tolist() == single[0].tolist(), name
-    lt.use(prompts, None)
+    assert_rows_generate_as_alone(prompts, tokens, PROMPT_ROWS, 5)
 
 
 def test_a_cache_filled_for_other_prompt_rows_is_refused(prompts):

@@ -163,7 +163,24 @@ def _text_ids(config: PromptTuning, model: nn.Module, vocab_size: int) -> list[i
 
 # -- the mechanism: hooks on the decoder ----------------------------------------------------
 
-class VirtualTokens(nn.Module):
+class _DecoderHooks:
+    """A pre-hook and a hook on the decoder (`before_decoder`, `after_decoder`), removable together."""
+
+    def hook_decoder(self, decoder: nn.Module) -> None:
+        self.positional_names = tuple(inspect.signature(decoder.forward).parameters)
+        self.handles = (decoder.register_forward_pre_hook(self.before_decoder, with_kwargs=True),
+                        decoder.register_forward_hook(self.after_decoder, with_kwargs=True))
+
+    def remove_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def keywords(self, args: tuple, kwargs: dict) -> dict:
+        """The decoder call's arguments, positional ones by name."""
+        return {**dict(zip(self.positional_names, args)), **kwargs}
+
+
+class VirtualTokens(nn.Module, _DecoderHooks):
     """One adapter's virtual tokens and the two decoder hooks that put them in and take them out."""
 
     def __init__(self, initial: torch.Tensor, adapter_name: str, router: Router, decoder: nn.Module):
@@ -171,26 +188,20 @@ class VirtualTokens(nn.Module):
         self.prompt_embeddings = nn.Parameter(initial)
         self.adapter_name = adapter_name
         self.router = router
-        self.positional_names = tuple(inspect.signature(decoder.forward).parameters)
         # Per decoder call in flight, innermost last: how many leading positions its output must lose.
         # A call that raised leaves its entry below the later ones, where it is never read.
         self.pending: list[int] = []
-        self.handles = (decoder.register_forward_pre_hook(self.before_decoder, with_kwargs=True),
-                        decoder.register_forward_hook(self.after_decoder, with_kwargs=True))
+        self.hook_decoder(decoder)
 
     @property
     def count(self) -> int:
         return self.prompt_embeddings.shape[0]
 
-    def remove_hooks(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
     def before_decoder(self, decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.router.rows is not None or not self.router.runs(self.adapter_name):
             self.pending.append(0)  # rows set: RowPrompts puts each row's tokens in
             return None
-        kwargs = {**dict(zip(self.positional_names, args)), **kwargs}
+        kwargs = self.keywords(args, kwargs)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is not None and cache.get_seq_length() > 0:
             kwargs, added = self._continue(kwargs, cache), 0
@@ -249,20 +260,14 @@ class VirtualTokens(nn.Module):
         kwargs["attention_mask"] = torch.cat([mask.new_ones((mask.shape[0], self.count)), mask], dim=1)
 
 
-class RowPrompts:
+class RowPrompts(_DecoderHooks):
     """The decoder hooks that give each batch row its own prompt adapter's virtual tokens."""
 
     def __init__(self, modules: nn.ModuleDict, router: Router, decoder: nn.Module):
         self.modules = modules
         self.router = router
-        self.positional_names = tuple(inspect.signature(decoder.forward).parameters)
         self.pending: list[tuple[int, ...] | None] = []  # per decoder call in flight: the rows' counts
-        self.handles = (decoder.register_forward_pre_hook(self.before_decoder, with_kwargs=True),
-                        decoder.register_forward_hook(self.after_decoder, with_kwargs=True))
-
-    def remove_hooks(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        self.hook_decoder(decoder)
 
     def counts(self) -> tuple[int, ...] | None:
         rows = self.router.rows
@@ -275,40 +280,41 @@ class RowPrompts:
         self.pending.append(None)
         if counts is None:
             return None
-        kwargs = {**dict(zip(self.positional_names, args)), **kwargs}
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            if kwargs.get("input_ids") is None:
-                raise LeantuneError("adapter_names with prompt adapters: the decoder got neither input_ids nor "
-                                    "inputs_embeds")
-            embeds = decoder.get_input_embeddings()(kwargs["input_ids"])
-        if embeds.shape[0] != len(counts):
+        kwargs = self.keywords(args, kwargs)
+        given = kwargs.get("inputs_embeds")
+        given = kwargs.get("input_ids") if given is None else given
+        if given is None:
+            raise LeantuneError("adapter_names with prompt adapters: the decoder got neither input_ids nor "
+                                "inputs_embeds")
+        if given.shape[0] != len(counts):
             return None  # routed_forward names the mismatch in one sentence
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         width = max(counts)
-        virtual = torch.tensor(counts, device=embeds.device)
+        virtual = torch.tensor(counts, device=given.device)
         past = 0
         if cache is not None and cache.get_seq_length() > 0:
             if getattr(cache, _ROWS_CACHE_MARK, None) != counts:
                 raise LeantuneError("adapter_names: the KV cache given to this forward was not filled with these "
                                     "rows' prompt adapters; start from an empty cache")
             past = cache.get_seq_length() - width
-        else:
+        else:  # the first forward: the virtual tokens go in front of the embedded inputs
+            embeds = kwargs.get("inputs_embeds")
+            embeds = decoder.get_input_embeddings()(kwargs["input_ids"]) if embeds is None else embeds
             kwargs["inputs_embeds"] = torch.cat([self._block(counts, width, embeds), embeds], dim=1)
             kwargs["input_ids"] = None
             self.pending[-1] = counts
-        real = embeds.shape[1]
+        real = given.shape[1]
         mask = kwargs.get("attention_mask")
         if mask is None:
-            mask = torch.ones(len(counts), past + real, dtype=torch.long, device=embeds.device)
-        block = torch.arange(width, device=embeds.device)[None] >= (width - virtual)[:, None]
+            mask = torch.ones(len(counts), past + real, dtype=torch.long, device=given.device)
+        block = torch.arange(width, device=given.device)[None] >= (width - virtual)[:, None]
         kwargs["attention_mask"] = torch.cat([block.to(mask.dtype), mask], dim=1)
         positions = kwargs.get("position_ids")
         if positions is None:
-            positions = torch.arange(past, past + real, device=embeds.device)[None].expand(len(counts), -1)
+            positions = torch.arange(past, past + real, device=given.device)[None].expand(len(counts), -1)
         positions = positions + virtual[:, None].to(positions.dtype)
         if self.pending[-1] is not None:
-            front = (torch.arange(width, device=embeds.device)[None] - (width - virtual)[:, None]).clamp(min=0)
+            front = (torch.arange(width, device=given.device)[None] - (width - virtual)[:, None]).clamp(min=0)
             positions = torch.cat([front.to(positions.dtype), positions], dim=1)
         kwargs["position_ids"] = positions
         return (), kwargs

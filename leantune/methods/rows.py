@@ -91,8 +91,8 @@ def _sources(stack: Sequence[nn.Module]) -> list[torch.Tensor]:
 
 def _unchanged(snapshot: list[torch.Tensor], live: list[torch.Tensor]) -> bool:
     # Compared by value, not by version counter: a `.data` write or a no-grad copy_ on `.data`
-    # leaves the counter as it was. The cost is two reads of the adapters' tensors (one
-    # concatenation per module instead of one comparison per tensor measured slower still).
+    # leaves the counter as it was. The cost is two reads of the adapters' tensors (comparing one
+    # concatenation per module instead of each tensor was measured slower).
     return len(snapshot) == len(live) and all(
         a.shape == b.shape and a.device == b.device and a.dtype == b.dtype and torch.equal(a, b)
         for a, b in zip(snapshot, live))  # a model moved or cast since keeps its Parameter objects

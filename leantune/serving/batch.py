@@ -46,9 +46,8 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 class RunningBatch:
     """Token ids in, next-token logits out, for a changing set of rows."""
 
-    def __init__(self, model: nn.Module, pad_id: int):
+    def __init__(self, model: nn.Module):
         self.model = model
-        self.pad_id = pad_id
         self.keyword = cache_keyword(model)
         self.prefill_options = last_logits_only(model)
         self.cache: DynamicCache | None = None

@@ -68,8 +68,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.end_ids = set(end_token_ids(tokenizer))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.batch = RunningBatch(model, pad)
+        self.batch = RunningBatch(model)
         self.running: list[Request] = []
         self.waiting: "queue.Queue[Request]" = queue.Queue()
         self.controls: "queue.Queue[tuple[Callable[[], Any], queue.Queue]]" = queue.Queue()
