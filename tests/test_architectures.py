@@ -144,6 +144,17 @@ def test_merge_save_load_and_the_peft_export(arch, method, tmp_path):
     torch.testing.assert_close(model(ids).logits, adapted, **CLOSE)
 
 
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if (a, "prefix") not in REFUSED])
+def test_prefixes_started_from_tokens_equal_the_base_model_reading_those_tokens_first(arch):
+    """Positions included: GPT-2's absolute ones, the others' rotary ones, all continue after the prefix."""
+    base = build(arch)
+    model = lt.attach(build(arch), lt.PrefixTuning(num_virtual_tokens=3, init="vocab", seed=2))
+    start = torch.randint(0, 512, (3,), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(5))
+    expected = base(torch.cat([start.expand(2, -1), ids], dim=1)).logits[:, 3:]
+    torch.testing.assert_close(model(ids).logits, expected, **CLOSE)
+
+
 @pytest.mark.parametrize("arch, method", OTHER_CELLS)
 def test_the_other_methods_train_save_reload_and_switch_off_on_every_architecture(arch, method, tmp_path):
     base = build(arch)

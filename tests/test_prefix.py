@@ -22,6 +22,7 @@ from leantune.bench.worker import WorkerSpec, build_model, trainable_parameters
 from leantune.cli import main
 from leantune.files import load_tensors
 from leantune.loss import IGNORE_INDEX, causal_lm_loss, full_logits_loss
+from leantune.models import load_tokenizer
 from leantune.methods.prefix import ENCODER_ATTR, KEYS, VALUES, encoder_of
 
 MODELS = ["tiny-llama", "tiny-qwen2"]
@@ -317,6 +318,37 @@ def test_merged_export_and_a_second_prefix_adapter_are_refused(tmp_path):
     lt.save_merged_model(model, tmp_path / "merged")
 
 
+# -- init from real tokens --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_prefixes_started_from_tokens_equal_the_base_model_reading_those_tokens_first(name):
+    """An independent reference: the base model run on the init tokens, then on the real ones after them."""
+    base = lt.load_model(name)
+    start = torch.randint(0, 512, (VIRTUAL,), generator=torch.Generator().manual_seed(4))
+    model = lt.attach(copy.deepcopy(base), lt.PrefixTuning(VIRTUAL, init="vocab", seed=4))
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(5))
+    expected = base(torch.cat([start.expand(2, -1), ids], dim=1)).logits[:, VIRTUAL:]
+    torch.testing.assert_close(model(ids).logits, expected, **TIGHT)
+    keys = encoder_of(model).keys
+    assert keys.requires_grad and keys.std() < 1  # the model's own scale, not a standard normal's
+    assert lt.PrefixTuning().starting_init == "vocab" and lt.PrefixTuning(reparam_hidden=8).starting_init == "random"
+
+
+def test_text_init_reads_the_text_tokens_repeated_and_a_model_without_a_name_is_told_to_use_another_init():
+    base = lt.load_model("tiny-llama")
+    text_ids = load_tokenizer("tiny-llama")("def f")["input_ids"]
+    start = torch.tensor((text_ids * VIRTUAL)[:VIRTUAL])
+    model = lt.attach(copy.deepcopy(base), lt.PrefixTuning(VIRTUAL, init="text", init_text="def f"))
+    ids = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(6))
+    expected = base(torch.cat([start[None], ids], dim=1)).logits[:, VIRTUAL:]
+    torch.testing.assert_close(model(ids).logits, expected, **TIGHT)
+    base.config._name_or_path = ""
+    with pytest.raises(lt.LeantuneError, match="^prefix: init='text' embeds init_text with the model's tokenizer, "
+                                               "and this model has no name to load it by"):
+        lt.attach(base, lt.PrefixTuning(VIRTUAL, init="text", init_text="def f"))
+    assert lt.attached(base) == {} and ENCODER_ATTR not in dict(base.named_children())
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, message", [
@@ -325,6 +357,10 @@ def test_merged_export_and_a_second_prefix_adapter_are_refused(tmp_path):
     ({"reparam_hidden": 0}, "prefix: 'reparam_hidden' must be an integer >= 1, got 0"),
     ({"reparam_hidden": True}, "prefix: 'reparam_hidden' must be an integer >= 1, got True"),
     ({"virtual_tokens": 4}, "prefix: unknown key 'virtual_tokens' (did you mean 'num_virtual_tokens'?)"),
+    ({"init": "zeros"}, "prefix: 'init' must be one of 'random', 'text', 'vocab', got 'zeros'"),
+    ({"init": "text"}, "prefix: init='text' needs 'init_text'"),
+    ({"init_text": "def"}, "prefix: 'init_text' is only read with init='text', got init='vocab'"),
+    ({"init": "vocab", "reparam_hidden": 8}, "prefix: init='vocab' starts plain prefixes, and with 'reparam_hidden'"),
 ])
 def test_invalid_settings_are_named(fields, message):
     with pytest.raises(lt.LeantuneError) as err:

@@ -35,7 +35,6 @@ The virtual tokens are inputs, not a weight update, so the adapter cannot be mer
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
@@ -43,11 +42,10 @@ import torch
 from torch import nn
 
 from ..errors import LeantuneError
-from ..models import load_tokenizer
 from .base import ModelMethod, register
 from .layer import Router, adapter_dtype, model_router
+from .token_init import init_token_ids, validate_init
 
-INITS = ("random", "text", "vocab")
 # The submodule of the model that holds each prompt adapter's virtual tokens, by adapter name.
 _PROMPTS_ATTR = "leantune_prompts"
 # Attribute on a KV cache: {adapter name: virtual tokens} that the cache already holds.
@@ -71,13 +69,8 @@ class PromptTuning(ModelMethod):
     def validate(self) -> None:
         super().validate()
         self._require_int("num_virtual_tokens")
-        self._require_choice("init", INITS)
+        validate_init(self.method_name, self.init, self.init_text)
         self._require_int("seed", minimum=0)
-        if self.init == "text" and (not isinstance(self.init_text, str) or not self.init_text):
-            raise LeantuneError("prompt: init='text' needs 'init_text', the text whose token embeddings start "
-                                f"the virtual tokens, got {self.init_text!r}")
-        if self.init != "text" and self.init_text is not None:
-            raise LeantuneError(f"prompt: 'init_text' is only read with init='text', got init={self.init!r}")
 
     def attach_to_model(self, model: nn.Module, adapter_name: str) -> list[str]:
         decoder = _decoder(model)
@@ -132,33 +125,14 @@ def initial_prompt(config: PromptTuning, model: nn.Module, embeddings: nn.Module
     weight = embeddings.weight.detach()
     count, hidden = config.num_virtual_tokens, weight.shape[1]
     dtype = adapter_dtype(weight)
-    generator = torch.Generator().manual_seed(config.seed)
     if config.init == "random":
+        generator = torch.Generator().manual_seed(config.seed)
         values = torch.randn(count, hidden, generator=generator, dtype=dtype) * weight.to(dtype).std().cpu()
     else:
-        ids = (torch.randint(0, weight.shape[0], (count,), generator=generator) if config.init == "vocab"
-               else torch.tensor(_text_ids(config, model, weight.shape[0])))
+        ids = init_token_ids(config.method_name, config.init, config.init_text, count, config.seed, model,
+                             weight.shape[0])
         values = weight[ids.to(weight.device)]
     return values.to(device=weight.device, dtype=dtype).clone()
-
-
-def _text_ids(config: PromptTuning, model: nn.Module, vocab_size: int) -> list[int]:
-    """The token ids of init_text, repeated or cut to num_virtual_tokens."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not name:
-        raise LeantuneError("prompt: init='text' embeds init_text with the model's tokenizer, and this model has no "
-                            "name to load it by; use init='random' or init='vocab'")
-    try:
-        tokenizer = load_tokenizer(name)
-    except LeantuneError as err:
-        raise LeantuneError(f"prompt: init='text' needs the tokenizer of '{name}' to embed init_text ({err})") from None
-    ids = list(tokenizer(config.init_text)["input_ids"])
-    if not ids:
-        raise LeantuneError(f"prompt: init_text {config.init_text!r} has no tokens")
-    if max(ids) >= vocab_size:
-        raise LeantuneError(f"prompt: init_text has token id {max(ids)}, beyond the model's {vocab_size} embeddings")
-    count = config.num_virtual_tokens
-    return (ids * math.ceil(count / len(ids)))[:count]
 
 
 # -- the mechanism: hooks on the decoder ----------------------------------------------------
