@@ -36,7 +36,7 @@ METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "full": {"method": {"name": "full"}, "lr": 1e-4},
     "lora": {"method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.1}, "lr": 3e-3},
     "ia3": {"method": {"name": "ia3"}, "lr": 1e-2},
-    "prompt": {"method": {"name": "prompt", "num_virtual_tokens": 20, "init": "random"}, "lr": 3e-1},
+    "prompt": {"method": {"name": "prompt", "num_virtual_tokens": 20, "init": "random"}, "lr": 3.0},
     "paca": {"method": {"name": "paca", "r": 16, "alpha": 32}, "lr": 2e-3},
     "sketchtune": {"method": {"name": "sketchtune"}, "lr": 3e-4},
 }
