@@ -349,6 +349,26 @@ def test_text_init_reads_the_text_tokens_repeated_and_a_model_without_a_name_is_
     assert lt.attached(base) == {} and ENCODER_ATTR not in dict(base.named_children())
 
 
+@pytest.mark.parametrize("config", [
+    lt.PrefixTuning(VIRTUAL, init="text", init_text="def f"),
+    lt.PromptTuning(num_virtual_tokens=VIRTUAL, init="text", init_text="def f"),
+    lt.Hybrid(parts=[lt.PrefixTuning(VIRTUAL), lt.LoRA(r=2, targets=["down_proj"])]),
+], ids=["prefix-text", "prompt-text", "mam-vocab"])
+def test_a_saved_token_started_adapter_loads_without_a_forward_pass_or_a_tokenizer(tmp_path, config):
+    """The saved tensors replace the start, so loading neither runs the model nor needs its name."""
+    trained = lt.attach(lt.load_model("tiny-llama"), config)
+    randomize_adapter(trained, seed=3)
+    lt.save_adapter(trained, tmp_path / "adapter")
+    fresh = lt.load_model("tiny-llama")
+    fresh.config._name_or_path = ""  # no tokenizer to find: a text start could not run
+    forwards = []
+    fresh.model.register_forward_hook(lambda *_: forwards.append(1))
+    loaded = lt.load_adapter(fresh, tmp_path / "adapter")
+    assert forwards == [] and lt.attached(loaded)["default"] == config
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(loaded(ids).logits, trained(ids).logits, **TIGHT)
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, message", [

@@ -89,7 +89,8 @@ def _model_name(model: nn.Module) -> str | None:
 def attach_with_state(model: nn.Module, config: MethodConfig, adapter_name: str,
                       state: dict[str, torch.Tensor]) -> nn.Module:
     """Attach `config` and load its tensors; a tensor that does not fit leaves the model as it was."""
-    api.attach(model, config, adapter_name)
+    api.attach(model, config.for_saved_tensors(), adapter_name)
+    api.attached(model)[adapter_name] = config  # what was saved, not the cheap start it was built from
     try:
         config.load_state_dict(model, adapter_name, state)
     except LeantuneError:

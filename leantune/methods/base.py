@@ -108,6 +108,13 @@ class MethodConfig:
         """Adapt `model` in place; return the names of the modules touched."""
         raise NotImplementedError
 
+    def for_saved_tensors(self) -> "MethodConfig":
+        """The config to attach when saved tensors are about to replace every initial value.
+
+        Methods whose start is costly (a forward pass, a tokenizer) return themselves with a cheap
+        start; the shapes stay the same, and the caller records the original config."""
+        return self
+
     def detach_from_model(self, model: nn.Module, adapter_name: str) -> None:
         """Undo what `attach_to_model` did beyond adapter layers (which the API unwraps)."""
 

@@ -7,7 +7,7 @@ they belong to, so `lt.disabled`, `lt.use` and detach act on the whole.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -37,6 +37,9 @@ class Hybrid(ModelMethod):
     @property
     def mergeable(self) -> bool:  # type: ignore[override]
         return all(part.mergeable for part in self.parts)
+
+    def for_saved_tensors(self) -> MethodConfig:
+        return replace(self, parts=[part.for_saved_tensors() for part in self.parts])
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.method_name, "parts": [part.to_dict() for part in self.parts]}

@@ -31,7 +31,7 @@ attention context, not a weight update, so the method is not mergeable.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -95,6 +95,9 @@ class PrefixTuning(ModelMethod):
         if self.init is not None:
             return self.init
         return "random" if self.reparam_hidden is not None else "vocab"
+
+    def for_saved_tensors(self) -> "PrefixTuning":
+        return replace(self, init="random", init_text=None)  # no forward pass, no tokenizer
 
     def attach_to_model(self, model: nn.Module, adapter_name: str) -> list[str]:
         if ENCODER_ATTR in model._modules:

@@ -35,7 +35,7 @@ The virtual tokens are inputs, not a weight update, so the adapter cannot be mer
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -71,6 +71,9 @@ class PromptTuning(ModelMethod):
         self._require_int("num_virtual_tokens")
         validate_init(self.method_name, self.init, self.init_text)
         self._require_int("seed", minimum=0)
+
+    def for_saved_tensors(self) -> "PromptTuning":
+        return replace(self, init="random", init_text=None)  # no forward pass, no tokenizer
 
     def attach_to_model(self, model: nn.Module, adapter_name: str) -> list[str]:
         decoder = _decoder(model)
