@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 import random
@@ -347,4 +348,39 @@ def test_unit_test_table_on_eval_data_without_reference_solutions_is_refused_bef
                                                r"solutions, but data.eval is '.*eval.jsonl'; set data.eval to a "
                                                r"humaneval-tests split"):
         lt.train(config)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "r": 4, "alpha": 8}, {"name": "paca", "r": 4}], ids=["lora", "paca"])
+def test_compiled_blocks_train_the_same_adapter_and_compile_once_for_every_layer(tmp_path, method):
+    """`compile: true` changes how the blocks compute, not what: the same adapter within float32
+    rounding; and the block graphs are shared, so a deeper model compiles no more graphs."""
+    from torch._dynamo.utils import counters
+
+    graphs, runs = {}, {}
+    for layers, compiled in ((2, False), (2, True), (4, True)):
+        torch._dynamo.reset()
+        counters.clear()
+        folder = tmp_path / f"{layers}-{compiled}"
+        folder.mkdir()
+        model = lt.load_model("tiny-llama")
+        if layers != len(model.model.layers):
+            deeper = copy.deepcopy(model.config)
+            deeper.num_hidden_layers = layers
+            model = type(model)(deeper)
+        runs[layers, compiled] = lt.train(tiny_config(folder, method=method, max_steps=3, data_eval=None,
+                                                      group_by_length=False, compile=compiled), model=model)
+        graphs[layers, compiled] = counters["stats"]["unique_graphs"]
+    assert runs[2, True].summary["compile_s"] > 0 and "compile_s" not in runs[2, False].summary
+    assert graphs[2, False] == 0 and 0 < graphs[4, True] == graphs[2, True]
+    eager, compiled = (adapter_tensors(tmp_path / f"2-{flag}" / "out") for flag in (False, True))
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-6)
+    assert all("_compiled_call_impl" not in block.__dict__ for block in runs[2, True].model.model.layers)
+
+
+def test_compile_with_distributed_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(LeantuneError, match="^config key 'compile' works without distributed for now; "
+                                            "got distributed: ddp"):
+        lt.train(tiny_config(tmp_path, compile=True, distributed="ddp"))
     assert not (tmp_path / "out").exists()

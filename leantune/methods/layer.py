@@ -102,6 +102,9 @@ class AdapterLayer(nn.Module):
         return module
 
     # -- forward --------------------------------------------------------------------------
+    # Eager inside a compiled block (`compile: true`, or a user's torch.compile): routing and PaCA's
+    # in-place column writes are Python state a graph would guard on and recompile for, per layer.
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.router.rows is not None:
             return routed_forward(self, x, self.router.rows, self.router.trust_versions)

@@ -93,6 +93,7 @@ class PaCALayer(AdapterLayer):
             self._ledger.join(self)
 
     # -- forward ------------------------------------------------------------------------------
+    @torch.compiler.disable  # eager inside compiled blocks, as AdapterLayer.forward
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._ledger is None or self.router.rows is not None:
             return super().forward(x, *args, **kwargs)

@@ -34,7 +34,7 @@ from .rundir import (check_out_dir, check_resume_identity, describe_resume_chang
                      resolve_out_dir)
 from .distributed import held_bytes, sharded_grad_norm
 from .interrupts import CtrlCStops
-from .runtime import RunEnvironment, enable_gradient_checkpointing
+from .runtime import RunEnvironment, apply_model_options, compile_summary, without_compiled_blocks
 
 
 class TrainingDiverged(LeantuneError):
@@ -103,8 +103,7 @@ class Trainer(CtrlCStops):
         self.model.to(self.device)
         self.env.seed(cfg.seed)  # adapter initialisation depends on it
         api.attach(self.model, method)
-        if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
+        apply_model_options(self.model, cfg)
         self.total_steps = self._total_steps()
         self.resume_point = self._resume_point()
         self.parallel.wrap(self.model)  # after the resumed adapter is in: sharding splits what it holds
@@ -368,6 +367,7 @@ class Trainer(CtrlCStops):
             "train_dropped": self.train_fit.dropped,
             "adapter": str(adapter_dir),
         }
+        summary.update(compile_summary(self.config))
         if self.parallel.active:
             summary.update(self._per_process_memory(summary["peak_memory_bytes"]))
         self.metrics.close()
@@ -392,7 +392,7 @@ class Trainer(CtrlCStops):
         """The trained model for what follows training (the unit-test table): a sharded one is
         rebuilt whole in this process from the base and the adapter just saved."""
         if self.parallel.mode != "fsdp":
-            return self.model
+            return without_compiled_blocks(self.model)
         return load_adapter(load_model(self.config.model).to(self.device), adapter_dir)
 
 

@@ -124,6 +124,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         "training finished:",
         f"  steps {summary['steps']} ({summary['epochs']} epochs), {summary['tokens']:,} tokens "
         f"({summary['loss_tokens']:,} with loss) in {summary['time_s']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s)",
+        *([f"  of which compiling {summary['compile_s']:.1f} s (compile: true)"] if "compile_s" in summary else []),
         f"  peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB",
         *_per_process_lines(summary),
         f"  eval loss before {loss(summary['eval_loss_before'])}, after {loss(summary['eval_loss_after'])}",

@@ -120,6 +120,25 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def apply_model_options(model: torch.nn.Module, config: Any) -> None:
+    """The config's options that change how the model computes, not what: recomputation and compiling."""
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if config.compile:  # config validation refuses it with distributed
+        compile_decoder_blocks(model)
+
+
+def compile_summary(config: Any) -> dict[str, float]:
+    """Seconds spent compiling (already inside the training time), for runs with `compile: true`."""
+    if not config.compile:
+        return {}
+    from torch._dynamo.utils import compilation_time_metrics  # PyTorch's own record of its compile calls
+    return {"compile_s": round(sum(compilation_time_metrics.get(_COMPILE_METRIC, [])), 3)}
+
+
+_COMPILE_METRIC = "_compile.compile_inner"
+
+
 def enable_gradient_checkpointing(model: Any) -> None:
     """Non-reentrant checkpointing: frozen inputs (the usual PEFT case) still get adapter gradients."""
     kwargs = {"use_reentrant": False}
@@ -129,6 +148,34 @@ def enable_gradient_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         raise LeantuneError("config key 'gradient_checkpointing': this model does not support it")
+
+
+def compile_decoder_blocks(model: torch.nn.Module) -> int:
+    """`torch.compile` each decoder block, as torchtune does; return how many were compiled.
+
+    Blocks of one shape share one compiled graph (PyTorch inlines module parameters as inputs), so
+    the compile cost is paid once, not per layer. Adapter layers run eagerly inside it (see
+    `AdapterLayer.forward`): the compiled code is the glue between the projections, i.e. the norms,
+    rotary embeddings, attention and activations."""
+    blocks = _decoder_blocks(model)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def without_compiled_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with every block eager again: generation after training changes shape every step."""
+    for module in model.modules():
+        module.__dict__.pop("_compiled_call_impl", None)  # what nn.Module.compile sets
+    return model
+
+
+def _decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    layers = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
+            return module
+    raise LeantuneError("config key 'compile': found no list of decoder blocks in this model to compile")
 
 
 def seed_everything(seed: int) -> None:
