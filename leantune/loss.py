@@ -38,6 +38,7 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     """
     if labels.shape != input_ids.shape:
         raise LeantuneError(f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}")
+    attention_mask = decoder_attention_mask(attention_mask, labels)
     decoder, head = _decoder_and_head(model)
     if chunked is None:
         chunked = head is not None and head.out_features >= CHUNKED_MIN_VOCAB
@@ -58,6 +59,22 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     denominator = _denominator(num_items, targets.numel(), hidden)
     return _ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk_tokens,
                                             _compute_dtype(hidden), torch.is_grad_enabled()) / denominator
+
+
+def decoder_attention_mask(attention_mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor | None:
+    """The mask the decoder needs for this loss: None where it would only cover right padding.
+
+    Under causal attention no token sees a later one, so padding after a row's last token never
+    reaches a labelled position, and positions count from 0 either way. Without a mask transformers
+    calls SDPA with is_causal, whose kernel skips the blocks above the diagonal instead of applying
+    a full mask to them: about half the attention work (benchmarks/results/2026-12-07-cpu-whole-job).
+    Any other mask (left or inner padding, labels on masked tokens, 4-D masks) is passed on as given."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape != labels.shape:
+        return attention_mask
+    real = attention_mask != 0
+    if bool((real[:, 1:] & ~real[:, :-1]).any()) or bool((labels[~real] != IGNORE_INDEX).any()):
+        return attention_mask
+    return None
 
 
 def full_logits_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,

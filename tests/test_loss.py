@@ -200,3 +200,41 @@ def test_no_gradient_is_formed_without_grad_mode(tiny_llama, monkeypatch):
     tracked = causal_lm_loss(tiny_llama, input_ids, labels, mask, chunk_tokens=16, chunked=True)
     assert calls
     torch.testing.assert_close(quiet, tracked.detach())
+
+
+def test_right_padding_mask_is_dropped_only_where_it_changes_nothing():
+    from leantune.loss import decoder_attention_mask
+
+    input_ids, labels, mask = random_batch()
+    assert decoder_attention_mask(mask, labels) is None  # right padding without labels: causal attention suffices
+    left = mask.flip(1)
+    assert decoder_attention_mask(left, labels.flip(1)) is left
+    inner = mask.clone()
+    inner[0, 3] = 0
+    assert decoder_attention_mask(inner, labels) is inner
+    labelled_padding = labels.clone()
+    labelled_padding[1, 17] = 5
+    assert decoder_attention_mask(mask, labelled_padding) is mask
+    assert decoder_attention_mask(None, labels) is None
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("chunked", [True, False])
+def test_padded_batches_match_the_reference_with_their_mask(tiny_llama, padding, chunked):
+    """Left padding keeps its mask (dropping it would change the loss); right padding loses it and
+    still equals the masked reference, loss and adapter gradients."""
+    model = tiny_llama.double()
+    lt.attach(model, lt.LoRA(r=4))
+    randomize_adapter(model)
+    input_ids, labels, mask = random_batch()
+    if padding == "left":
+        input_ids, labels, mask = input_ids.flip(1), labels.flip(1), mask.flip(1)
+    expected = hf_reference_loss(model, input_ids, labels, mask)
+    expected.backward()
+    expected_grads = trainable_grads(model)
+    model.zero_grad()
+    loss = causal_lm_loss(model, input_ids, labels, mask, chunked=chunked)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    for name, grad in trainable_grads(model).items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-10, atol=1e-12, msg=name)
