@@ -65,8 +65,8 @@ def usual_stack(out: Path) -> dict:
     model = peft.get_peft_model(lt.load_model("smollm2-135m"),
                                 peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
     args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=4, learning_rate=3e-3,
-                             num_train_epochs=1, lr_scheduler_type="cosine", warmup_ratio=0.1, seed=0,
-                             group_by_length=True, report_to=[], use_cpu=True, save_strategy="no",
+                             num_train_epochs=1, lr_scheduler_type="cosine", warmup_steps=0.1, seed=0,
+                             train_sampling_strategy="group_by_length", report_to=[], use_cpu=True, save_strategy="no",
                              logging_steps=5, disable_tqdm=True, dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=collate)
     started = time.perf_counter()
