@@ -371,7 +371,8 @@ def test_compiled_blocks_train_the_same_adapter_and_compile_once_for_every_layer
         runs[layers, compiled] = lt.train(tiny_config(folder, method=method, max_steps=3, data_eval=None,
                                                       group_by_length=False, compile=compiled), model=model)
         graphs[layers, compiled] = counters["stats"]["unique_graphs"]
-    assert runs[2, True].summary["compile_s"] > 0 and "compile_s" not in runs[2, False].summary
+    assert 0 < runs[2, True].summary["compile_s"] < runs[2, True].summary["time_s"]
+    assert "compile_s" not in runs[2, False].summary
     assert graphs[2, False] == 0 and 0 < graphs[4, True] == graphs[2, True]
     eager, compiled = (adapter_tensors(tmp_path / f"2-{flag}" / "out") for flag in (False, True))
     for key, value in eager.items():

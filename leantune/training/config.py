@@ -32,7 +32,7 @@ DISTRIBUTED = ("none", "ddp", "fsdp")
 # make the resumed run a different run. out_dir is not compared: it is how --resume finds the run.
 RESUMABLE_KEYS = ("max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every", "progress",
                   "unit_test_table", "unit_test_limit", "unit_test_max_new_tokens", "distributed",
-                  "distributed_timeout_s")
+                  "distributed_timeout_s", "compile")
 RUN_LENGTH_KEYS = ("max_steps", "epochs")
 # `method: auto` is the embedded default method: PaCA, whose parameters `--set method.KEY=...` may change.
 AUTO_METHOD = "auto"

@@ -41,7 +41,8 @@ def keys_help() -> str:
 def resume_rule() -> str:
     """What --resume may change, for `leantune train --help`."""
     text = (f"--resume may change only {', '.join(RESUMABLE_KEYS)} from the run's out_dir/config.yaml: they "
-            "decide how long the run goes on, what it reports or saves and over how many processes, not what it "
+            "decide how long the run goes on, what it reports or saves, over how many processes and whether blocks "
+            "are compiled, not what it "
             "computes (a new "
             "max_steps or epochs stretches the learning-rate schedule to the new total). A change to any other "
             "key is refused, since the checkpoint would then continue a different run; for that, start a new "

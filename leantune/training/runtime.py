@@ -128,15 +128,14 @@ def apply_model_options(model: torch.nn.Module, config: Any) -> None:
         compile_decoder_blocks(model)
 
 
-def compile_summary(config: Any) -> dict[str, float]:
-    """Seconds spent compiling (already inside the training time), for runs with `compile: true`."""
-    if not config.compile:
-        return {}
+def compile_seconds() -> float:
+    """Seconds PyTorch has spent compiling in this process so far: graphs (forward and joint) and the
+    backward graphs it compiles lazily at their first backward."""
     from torch._dynamo.utils import compilation_time_metrics  # PyTorch's own record of its compile calls
-    return {"compile_s": round(sum(compilation_time_metrics.get(_COMPILE_METRIC, [])), 3)}
+    return sum(sum(compilation_time_metrics.get(key, [])) for key in _COMPILE_METRICS)
 
 
-_COMPILE_METRIC = "_compile.compile_inner"
+_COMPILE_METRICS = ("_compile.compile_inner", "backward._backward_impl")
 
 
 def enable_gradient_checkpointing(model: Any) -> None:
@@ -171,7 +170,10 @@ def without_compiled_blocks(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    layers = getattr(model.config, "num_hidden_layers", None)
+    config = getattr(model, "config", None)
+    if callable(getattr(config, "get_text_config", None)):
+        config = config.get_text_config(decoder=True)  # multimodal models keep the decoder's apart
+    layers = getattr(config, "num_hidden_layers", None)
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
             return module
