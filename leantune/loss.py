@@ -38,7 +38,8 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     """
     if labels.shape != input_ids.shape:
         raise LeantuneError(f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}")
-    attention_mask = decoder_attention_mask(attention_mask, labels)
+    if position_ids is None and not _bidirectional(model):
+        attention_mask = decoder_attention_mask(attention_mask, labels)
     decoder, head = _decoder_and_head(model)
     if chunked is None:
         chunked = head is not None and head.out_features >= CHUNKED_MIN_VOCAB
@@ -68,13 +69,20 @@ def decoder_attention_mask(attention_mask: torch.Tensor | None, labels: torch.Te
     reaches a labelled position, and positions count from 0 either way. Without a mask transformers
     calls SDPA with is_causal, whose kernel skips the blocks above the diagonal instead of applying
     a full mask to them: about half the attention work (benchmarks/results/2026-12-07-cpu-whole-job).
-    Any other mask (left or inner padding, labels on masked tokens, 4-D masks) is passed on as given."""
+    Any other mask (left or inner padding, labels on masked tokens, 4-D masks) is passed on as given,
+    and so is every mask of a call with its own position_ids (transformers reads restarting
+    positions without a mask as packed documents) or of a model set to attend both ways."""
     if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape != labels.shape:
         return attention_mask
     real = attention_mask != 0
     if bool((real[:, 1:] & ~real[:, :-1]).any()) or bool((labels[~real] != IGNORE_INDEX).any()):
         return attention_mask
     return None
+
+
+def _bidirectional(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "use_bidirectional_attention", False) or getattr(config, "is_encoder_decoder", False))
 
 
 def full_logits_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,

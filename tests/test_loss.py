@@ -238,3 +238,18 @@ def test_padded_batches_match_the_reference_with_their_mask(tiny_llama, padding,
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     for name, grad in trainable_grads(model).items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("case", ["plain", "position_ids", "bidirectional"])
+def test_the_decoder_gets_the_mask_unless_dropping_it_is_exact(tiny_llama, case):
+    seen = []
+    tiny_llama.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["attention_mask"]),
+                                               with_kwargs=True)
+    input_ids, labels, mask = random_batch()
+    positions = None
+    if case == "position_ids":  # restarting positions: transformers would read them as packed documents
+        positions = torch.cat([torch.arange(10), torch.arange(10)]).expand(3, -1)
+    if case == "bidirectional":
+        tiny_llama.config.use_bidirectional_attention = True
+    causal_lm_loss(tiny_llama, input_ids, labels, mask, chunked=True, position_ids=positions)
+    assert (seen[0] is None) == (case == "plain")
