@@ -254,3 +254,44 @@ def test_bf16_autocast_model_matches_its_dense_twin(tiny_llama, tokens):
     lt.attach(tiny_llama, lt.LoRA(r=4))
     randomize_adapter(tiny_llama)
     check_bf16_autocast_against_dense_twin(tiny_llama, tokens)
+
+
+@pytest.mark.parametrize("freeze_a", [False, True])
+@pytest.mark.parametrize("fused", [True, False])
+def test_dropout_in_training_matches_dense_autograd_with_the_same_mask(fused, freeze_a, monkeypatch):
+    """Training with dropout runs the fused function too (only xd and xd·Aᵀ saved); both paths equal
+    x Wᵀ + b + s (dropout(x) Aᵀ) Bᵀ under the same dropout draw, forward and every gradient."""
+    from leantune.methods.lora import LoRALayer, _FusedLoRA
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(32, 48).double()
+    model = torch.nn.Sequential(base)
+    lt.attach(model, lt.LoRA(r=4, alpha=8, dropout=0.25, freeze_a=freeze_a, targets=["0"]))
+    randomize_adapter(model)
+    layer = model[0]
+    calls = []
+    monkeypatch.setattr(_FusedLoRA, "apply", lambda *args, _apply=_FusedLoRA.apply: calls.append(1) or _apply(*args))
+    if not fused:
+        monkeypatch.setattr(LoRALayer, "_can_fuse", lambda self: False)
+    model.train()
+    x = torch.randn(3, 5, 32, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(7)
+    out = model(x)
+    assert bool(calls) == fused
+
+    torch.manual_seed(7)
+    x_ref = x.detach().clone().requires_grad_(True)
+    a = layer.lora_A.detach().clone().requires_grad_(not freeze_a)
+    b = layer.lora_B.detach().clone().requires_grad_(True)
+    dropped = torch.nn.functional.dropout(x_ref, 0.25, True)
+    expected = x_ref @ base.weight.detach().t() + base.bias.detach() + layer.scale * (dropped @ a.t()) @ b.t()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=1e-12, atol=1e-12)
+    if freeze_a:
+        assert layer.lora_A.grad is None
+    else:
+        torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-12, atol=1e-12)

@@ -1,8 +1,8 @@
 """LoRA: y = W0 x + s · B A x with s = alpha / r (alpha / sqrt(r) with rsLoRA).
 
-The common case (no dropout, plain frozen nn.Linear base) runs as one fused autograd function:
-the adapter product is added into the base output in place, the backward reuses G·B for both
-dX and dA, and only x and x·Aᵀ (r × tokens) are saved.
+The common case (a plain frozen nn.Linear base, with or without dropout) runs as one fused
+autograd function: the adapter product is added into the base output in place, the backward
+reuses G·B for both dX and dA, and only x (after dropout) and x·Aᵀ (r × tokens) are saved.
 
 LoRA-FA (`freeze_a=True`): A stays at its random init and only B trains. A is then a frozen
 parameter, saved with the adapter (it defines the update) but never given to the optimizer, and
@@ -71,38 +71,45 @@ class LoRA(ModuleMethod):
 
 
 class _FusedLoRA(torch.autograd.Function):
-    """y = x Wᵀ + b + s (x Aᵀ) Bᵀ for a frozen W and b.
+    """y = x Wᵀ + b + s (xd Aᵀ) Bᵀ for a frozen W and b; xd is x after LoRA dropout (None: x itself).
 
-    The rank-r intermediates x Aᵀ and G B are formed as r × tokens (A xᵀ, Bᵀ Gᵀ): on CPU these
+    The rank-r intermediates xd Aᵀ and G B are formed as r × tokens (A xdᵀ, Bᵀ Gᵀ): on CPU these
     skinny products run 2-3× faster in that layout than as tokens × r, and so do the two
-    factor gradients that read them. Saved for backward: x Aᵀ (for dB), and x only when A
-    trains (dA = s (G B)ᵀ x); dX = G W + s (G B) A needs only the weights.
+    factor gradients that read them. Saved for backward: xd Aᵀ (for dB), and xd only when A
+    trains (dA = s (G B)ᵀ xd); dX = G W + s (G B) A needs only the weights. Dropout itself stays
+    outside (F.dropout keeps its mask and routes dXd back to x), as in dora.py.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+    def forward(ctx, x, x_dropped, weight, bias, lora_a, lora_b, scale):
         x2 = x.reshape(-1, x.shape[-1])
-        xa_t = lora_a @ x2.t()
+        xd2 = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1])
+        xa_t = lora_a @ xd2.t()
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         out.addmm_(xa_t.t(), lora_b.t(), alpha=scale)
-        ctx.save_for_backward(x2 if ctx.needs_input_grad[3] else None, xa_t, weight, lora_a, lora_b)
+        ctx.save_for_backward(xd2 if ctx.needs_input_grad[4] else None, xa_t, weight, lora_a, lora_b)
         ctx.scale = scale
         ctx.x_shape = x.shape
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x2, xa_t, weight, lora_a, lora_b = ctx.saved_tensors
+        xd2, xa_t, weight, lora_a, lora_b = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        gb_t = lora_b.t() @ g2.t()  # r × tokens, shared by dX and dA
-        grad_x = grad_a = grad_b = None
+        gb_t = lora_b.t() @ g2.t()  # r × tokens, shared by dX (or dXd) and dA
+        grad_x = grad_xd = grad_a = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_xd = (gb_t.t() @ lora_a).mul_(ctx.scale).view(ctx.x_shape)
         if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ weight).addmm_(gb_t.t(), lora_a, alpha=ctx.scale).view(ctx.x_shape)
-        if ctx.needs_input_grad[3]:
-            grad_a = (gb_t @ x2).mul_(ctx.scale)
+            grad_x = g2 @ weight
+            if grad_xd is None:
+                grad_x.addmm_(gb_t.t(), lora_a, alpha=ctx.scale)
+            grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[4]:
+            grad_a = (gb_t @ xd2).mul_(ctx.scale)
+        if ctx.needs_input_grad[5]:
             grad_b = (xa_t @ g2).mul_(ctx.scale).t().contiguous()
-        return grad_x, None, None, grad_a, grad_b, None
+        return grad_x, grad_xd, None, None, grad_a, grad_b, None
 
 
 class LoRALayer(AdapterLayer):
@@ -185,15 +192,16 @@ class LoRALayer(AdapterLayer):
     def _can_fuse(self) -> bool:
         base = self.base_layer
         return (type(base) is nn.Linear and not base.weight.requires_grad
-                and (base.bias is None or not base.bias.requires_grad)
-                and not (self.training and self.dropout > 0))
+                and (base.bias is None or not base.bias.requires_grad))
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_dropped = F.dropout(x, self.dropout, True) if self.training and self.dropout > 0 else None
         if (self._can_fuse() and x.dtype == self.lora_A.dtype == self.base_layer.weight.dtype
                 and not autocast_active(x)):
-            return _FusedLoRA.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B, self.scale)
+            return _FusedLoRA.apply(x, x_dropped, self.base_layer.weight, self.base_layer.bias, self.lora_A,
+                                    self.lora_B, self.scale)
         result = self.base_layer(x)
-        h = F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+        h = x if x_dropped is None else x_dropped
         update = F.linear(F.linear(h.to(self.lora_A.dtype), self.lora_A), self.lora_B)
         return result + (self.scale * update).to(result.dtype)
 
