@@ -30,11 +30,10 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, resolved_dict, to_yaml
 from .optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from .reporting import MetricsLog, NoMetrics, Progress, format_summary, peak_memory_bytes
-from .rundir import (check_out_dir, check_resume_identity, describe_resume_changes, remove_run_artifacts,
-                     resolve_out_dir)
+from .rundir import check_out_dir, check_resume_identity, describe_resume_changes, remove_run_artifacts, resolve_out_dir
 from .distributed import held_bytes, sharded_grad_norm
 from .interrupts import CtrlCStops
-from .runtime import RunEnvironment, apply_model_options, compile_seconds, without_compiled_blocks
+from .runtime import RunEnvironment, apply_model_options, compile_clock, compile_summary, without_compiled_blocks
 
 
 class TrainingDiverged(LeantuneError):
@@ -209,8 +208,9 @@ class Trainer(CtrlCStops):
             return
         info = api.summary(self.model)
         cfg = self.config
+        methods = ", ".join(a["method"] for a in info["adapters"].values()) or "no adapter"
         lines = [
-            f"model {cfg.model} + {info_methods(info)}: {info['trainable']:,} trainable of {info['total']:,} parameters",
+            f"model {cfg.model} + {methods}: {info['trainable']:,} trainable of {info['total']:,} parameters",
             f"train data {cfg.data.train}: {self.train_fit.describe()}"
             + (f", packed into {len(self.train_stream.examples)} rows" if cfg.packing else ""),
         ]
@@ -230,7 +230,7 @@ class Trainer(CtrlCStops):
         progress = Progress(self.total_steps, state["step"], enabled=cfg.progress and self.env.is_writer)
         session_start = time.perf_counter()
         elapsed_before = state["elapsed_s"]
-        compiling_before, compiled_before = compile_seconds(), state.get("compile_s", 0.0)
+        tick_compile_clock = compile_clock(state, cfg.compile)
         session_tokens = 0
         try:
             while state["step"] < self.total_steps:
@@ -243,8 +243,7 @@ class Trainer(CtrlCStops):
                 session_tokens += tokens
                 now = time.perf_counter()
                 state["elapsed_s"] = elapsed_before + (now - session_start)
-                if cfg.compile:
-                    state["compile_s"] = compiled_before + compile_seconds() - compiling_before
+                tick_compile_clock()
                 tokens_per_s = session_tokens / max(now - session_start, 1e-9)
                 progress.update(loss=loss, lr=lr, tokens_per_s=tokens_per_s)
                 if state["step"] % cfg.log_every == 0 or state["step"] == self.total_steps:
@@ -370,8 +369,7 @@ class Trainer(CtrlCStops):
             "train_dropped": self.train_fit.dropped,
             "adapter": str(adapter_dir),
         }
-        if self.config.compile:  # inside time_s: the compiling done while the steps ran
-            summary["compile_s"] = round(state.get("compile_s", 0.0), 3)
+        summary.update(compile_summary(self.config, state))
         if self.parallel.active:
             summary.update(self._per_process_memory(summary["peak_memory_bytes"]))
         self.metrics.close()
@@ -398,7 +396,3 @@ class Trainer(CtrlCStops):
         if self.parallel.mode != "fsdp":
             return without_compiled_blocks(self.model)
         return load_adapter(load_model(self.config.model).to(self.device), adapter_dir)
-
-
-def info_methods(info: dict[str, Any]) -> str:
-    return ", ".join(f"{a['method']}" for a in info["adapters"].values()) or "no adapter"

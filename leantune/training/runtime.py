@@ -138,6 +138,23 @@ def compile_seconds() -> float:
 _COMPILE_METRICS = ("_compile.compile_inner", "backward._backward_impl")
 
 
+def compile_clock(state: dict[str, Any], enabled: bool) -> Callable[[], None]:
+    """A tick that keeps state["compile_s"]: the seconds compiled since this call (while the steps
+    run), on top of what a resumed run carried in."""
+    if not enabled:
+        return lambda: None
+    start, carried = compile_seconds(), state.get("compile_s", 0.0)
+
+    def tick() -> None:
+        state["compile_s"] = carried + compile_seconds() - start
+    return tick
+
+
+def compile_summary(config: Any, state: dict[str, Any]) -> dict[str, float]:
+    """`compile_s` for the summary of a `compile: true` run (already inside its time_s)."""
+    return {"compile_s": round(state.get("compile_s", 0.0), 3)} if config.compile else {}
+
+
 def enable_gradient_checkpointing(model: Any) -> None:
     """Non-reentrant checkpointing: frozen inputs (the usual PEFT case) still get adapter gradients."""
     kwargs = {"use_reentrant": False}
