@@ -68,7 +68,8 @@ def decoder_attention_mask(attention_mask: torch.Tensor | None, labels: torch.Te
     Under causal attention no token sees a later one, so padding after a row's last token never
     reaches a labelled position, and positions count from 0 either way. Without a mask transformers
     calls SDPA with is_causal, whose kernel skips the blocks above the diagonal instead of applying
-    a full mask to them: about half the attention work (benchmarks/results/2026-12-07-cpu-whole-job).
+    a full mask to them (the demo job with and without this: benchmarks/results/2026-12-07-cpu-whole-job
+    against -whole-job-2).
     Any other mask (left or inner padding, labels on masked tokens, 4-D masks) is passed on as given,
     and so is every mask of a call with its own position_ids (transformers reads restarting
     positions without a mask as packed documents) or of a model set to attend both ways."""
