@@ -146,6 +146,7 @@ def router(model: nn.Module) -> Router:
 def bind_layers(model: nn.Module) -> None:
     """Every adapter layer of `model` reads the model's router (after attach or a conversion)."""
     shared = router(model)
+    shared.layout += 1
     for layer in adapter_layers(model):
         layer.router = shared
 
@@ -221,6 +222,7 @@ def detach(model: nn.Module, adapter_name: str | None = None, keep_merged: bool 
             replace_module(model, module_name, base.to_conv1d() if isinstance(base, LinearFromConv1D) else base)
         registry[name].detach_from_model(model, name)
         del registry[name]
+        router(model).layout += 1
         chosen = router(model).selected
         if chosen is not None:
             router(model).select(chosen - {name})

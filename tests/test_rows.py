@@ -86,6 +86,30 @@ def test_generate_reads_the_adapters_once_so_a_data_write_between_calls_is_seen(
     assert_rows_generate_as_alone(mixed, tokens, names, 4)
 
 
+def test_under_trusted_versions_attach_detach_load_and_merge_still_reach_the_next_routed_forward(mixed, tmp_path):
+    """The server trusts that adapters change only by attach, detach or load: those (and merge) are seen."""
+    api.router(mixed).trust_versions = True
+    tokens = torch.randint(0, 256, (3, 6), generator=torch.Generator().manual_seed(12))
+    names = ["rs", "lora", None]
+    mixed(tokens, adapter_names=names)  # the stacked forms are cached now
+    lt.save_adapter(mixed, tmp_path / "rs", adapter_name="rs")
+    lt.detach(mixed, "rs")
+    lt.attach(mixed, lt.LoRA(r=8, alpha=4, rslora=True, targets=["q_proj", "v_proj"]), adapter_name="rs")
+    randomize_adapter(mixed, seed=13)  # a new "rs" (and every other adapter moved: no stale form may survive)
+    lt.use(mixed, None)
+    api.router(mixed).layout += 1  # randomize_adapter wrote tensors in place, outside the trusted paths
+    expected = torch.cat([alone(mixed, name, tokens[i:i + 1]) for i, name in enumerate(names)])
+    torch.testing.assert_close(mixed(tokens, adapter_names=names).logits, expected, **TOL)
+    lt.detach(mixed, "rs")
+    lt.load_adapter(mixed, tmp_path / "rs", adapter_name="rs")  # the saved one back
+    expected = torch.cat([alone(mixed, name, tokens[i:i + 1]) for i, name in enumerate(names)])
+    torch.testing.assert_close(mixed(tokens, adapter_names=names).logits, expected, **TOL)
+    lt.use(mixed, "lora")
+    lt.merge(mixed, "lora")
+    with pytest.raises(LeantuneError, match="merged"):
+        mixed(tokens, adapter_names=names)
+
+
 @pytest.fixture
 def prompts(tiny_llama):
     lt.attach(tiny_llama, lt.PromptTuning(num_virtual_tokens=3), adapter_name="p3")

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import LeantuneError
 from ..quant import quantize_base
-from .layer import AdapterLayer, adapter_layers, bare_module_name, named_adapter_layers
+from .layer import AdapterLayer, adapter_layers, bare_module_name, model_router, named_adapter_layers
 from .targets import linear_view, replace_module, resolve_targets
 
 METHODS: dict[str, type["MethodConfig"]] = {}
@@ -199,6 +199,7 @@ class ModuleMethod(MethodConfig):
         super().load_state_dict(model, adapter_name, state)
         for _, layer in named_adapter_layers(model, adapter_name):
             layer.adapter_state_loaded()
+        model_router(model).layout += 1  # new tensors: stacked row forms are rebuilt even under trust_versions
 
 
 @dataclass

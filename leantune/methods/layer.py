@@ -34,6 +34,9 @@ class Router:
         self.switched_off: set[str] = set()
         self.rows: tuple[str | None, ...] | None = None  # one adapter per batch row (adapter_names=); None: off
         self.trust_versions = False  # rows: adapters change only by attach/detach (the server; methods/rows.py)
+        # Bumped whenever adapter layers are wrapped, unwrapped, merged or unmerged: under trust_versions
+        # a module's stacked row forms stay valid while it holds (methods/rows.py).
+        self.layout = 0
 
     def runs(self, adapter_name: str) -> bool:
         adapter_name = owner_name(adapter_name)
@@ -107,7 +110,8 @@ class AdapterLayer(nn.Module):
     @torch.compiler.disable
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.router.rows is not None:
-            return routed_forward(self, x, self.router.rows, self.router.trust_versions)
+            router = self.router
+            return routed_forward(self, x, router.rows, router.layout if router.trust_versions else None)
         if self.disabled:
             return self.disabled_forward(x, *args, **kwargs)
         if self.merged:
@@ -179,6 +183,7 @@ class AdapterLayer(nn.Module):
         with torch.no_grad():
             self.merge_into_base()
         self.merged = True
+        self.router.layout += 1
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -189,6 +194,7 @@ class AdapterLayer(nn.Module):
                 getattr(base, name).copy_(saved)
         self._merge_backup = {}
         self.merged = False
+        self.router.layout += 1
 
 
 def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:

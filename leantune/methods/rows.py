@@ -51,7 +51,7 @@ class _Stacked:
     pre: torch.Tensor | None  # [N+1, in]
     post: torch.Tensor | None  # [N+1, out]
     bias_scale: torch.Tensor | None  # [N+1, out]
-    key: tuple = ()  # the layers it was built from (trust_versions)
+    layout: int | None = None  # the router's layout it was last checked at, under trust_versions
     groups: "_Groups | None" = None  # the last batch's grouping (the same rows at every decode step)
 
 
@@ -139,25 +139,25 @@ def _build(outer: nn.Module, stack: list[nn.Module], snapshot: list[torch.Tensor
                     _stack([f.pre for f in forms], (in_features,), 1.0, like), post, bias_scale)
 
 
-def stacked_forms(outer: nn.Module, trust_versions: bool = False) -> _Stacked:
+def stacked_forms(outer: nn.Module, layout: int | None = None) -> _Stacked:
     """The stacked forms of `outer`'s stack, rebuilt when any adapter tensor of it changed.
 
-    `trust_versions` (the server, whose engine alone changes adapters, and only by attaching and
-    detaching them): a change is seen from which layers the stack holds, without reading tensors.
+    `layout` (the router's, given under trust_versions: the server, whose engine alone changes
+    adapters, and only by attaching, detaching or loading them): while it is the one the cached
+    forms were checked at, they are returned without walking the stack or reading any tensor.
     """
+    cached: _Stacked | None = outer.__dict__.get("_row_forms")
+    if layout is not None and cached is not None and cached.layout == layout:
+        return cached
     stack = layer_stack(outer)
     for layer in stack:
         layer.check_routable()
     weight = stack[-1].clean_weight()  # PaCA takes its columns back out of the base weight if a forward placed them
-    cached: _Stacked | None = outer.__dict__.get("_row_forms")
-    layers = tuple(id(layer) for layer in stack)
-    if trust_versions and cached is not None and cached.weight is weight and cached.key == layers:
-        return cached
     live = _sources(stack)
     if cached is None or cached.weight is not weight or not _unchanged(cached.snapshot, live):
         cached = _build(outer, stack, [t.detach().clone() for t in live])
         outer.__dict__["_row_forms"] = cached
-    cached.key = layers
+    cached.layout = layout
     return cached
 
 
@@ -205,12 +205,13 @@ def _add_grouped_update(y: torch.Tensor, groups: _Groups, h: torch.Tensor) -> to
 
 
 def routed_forward(outer: nn.Module, x: torch.Tensor, rows: Sequence[str | None],
-                   trust_versions: bool = False) -> torch.Tensor:
-    """The module's output for a batch whose row i runs adapter rows[i] (None: the base model)."""
+                   layout: int | None = None) -> torch.Tensor:
+    """The module's output for a batch whose row i runs adapter rows[i] (None: the base model);
+    `layout`: the router's, when adapters are trusted to change only through it (`stacked_forms`)."""
     if x.dim() < 2 or x.shape[0] != len(rows):
         raise LeantuneError(f"adapter_names has {len(rows)} entries but the batch has "
                             f"{x.shape[0] if x.dim() else 0} rows; give one adapter name (or None) per row")
-    forms = stacked_forms(outer, trust_versions)
+    forms = stacked_forms(outer, layout)
     rows = tuple(rows)
     if forms.groups is None or forms.groups.rows != rows or forms.groups.index.device != x.device:
         forms.groups = _group(rows, forms, x.device)
