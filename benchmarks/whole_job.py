@@ -11,6 +11,10 @@ training wall-clock, tokens/s, peak RSS of the process, and the held-out eval lo
 metric for all three: the PEFT adapter is imported into leantune for it).
 
     python benchmarks/whole_job.py --out benchmarks/results/DATE-cpu-whole-job [--repeats N]
+
+`--precision bf16` runs all three under bfloat16 autocast (the Trainer's `bf16=True`, leantune's
+`precision: bf16`): the matmuls in bfloat16, on CPUs with AVX512-BF16 (or AMX) several times the
+float32 rate. `--runs` picks some of the three (the stack's row is the reference of the table).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ RUNS = {
 }
 
 
-def usual_stack(out: Path) -> dict:
+def usual_stack(out: Path, precision: str = "fp32") -> dict:
     """In this (fresh) process: Trainer + PEFT LoRA on leantune's tokenized examples."""
     import peft
     import torch
@@ -67,7 +71,7 @@ def usual_stack(out: Path) -> dict:
     args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=4, learning_rate=3e-3,
                              num_train_epochs=1, lr_scheduler_type="cosine", warmup_steps=0.1, seed=0,
                              train_sampling_strategy="group_by_length", report_to=[], use_cpu=True, save_strategy="no",
-                             logging_steps=5, disable_tqdm=True, dataloader_num_workers=0)
+                             logging_steps=5, disable_tqdm=True, dataloader_num_workers=0, bf16=precision == "bf16")
     trainer = Trainer(model=model, args=args, train_dataset=Rows(), data_collator=collate)
     started = time.perf_counter()
     trainer.train()
@@ -93,22 +97,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated: " + ", ".join(RUNS))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one configuration in this process
     args = parser.parse_args()
     out = Path(args.out)
     if args.one:
-        print(json.dumps(usual_stack(out / args.one)))
+        print(json.dumps(usual_stack(out / args.one, args.precision)))
         return
-    results = {"command": " ".join(["python"] + sys.argv), "runs": []}
+    results = {"command": " ".join(["python"] + sys.argv), "precision": args.precision, "runs": []}
     for repeat in range(args.repeats):  # interleaved: the VM's drift hits every configuration alike
-        for name, extra in RUNS.items():
+        for name in args.runs.split(","):
+            extra = RUNS[name]
             folder = out / f"{name}-{repeat}"
             if extra is None:
-                done = subprocess.run([sys.executable, __file__, "--out", str(out), "--one", f"{name}-{repeat}"],
-                                      check=True, capture_output=True, text=True)
+                done = subprocess.run([sys.executable, __file__, "--out", str(out), "--one", f"{name}-{repeat}",
+                                       "--precision", args.precision], check=True, capture_output=True, text=True)
                 row = json.loads(done.stdout.strip().splitlines()[-1])
             else:
-                row = leantune_run(folder, extra)
+                row = leantune_run(folder, [*extra, "--set", f"precision={args.precision}"])
             row.update(name=name, repeat=repeat)
             results["runs"].append(row)
             print(json.dumps(row), flush=True)

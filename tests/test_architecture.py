@@ -16,6 +16,7 @@ LAYERS = [
     "leantune.builtin_datasets",  # names only, no torch: the commands' help texts show them
     "leantune.files",  # the leaf for atomic writes, safetensors and JSON documents
     "leantune.loss",
+    "leantune.fused_ops",  # RMSNorm and SwiGLU as autograd functions (torch only)
     "leantune.quant",
     "leantune.data",
     "leantune.byte_tokenizer",

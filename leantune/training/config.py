@@ -83,6 +83,8 @@ class TrainConfig:
     precision: str = _doc("fp32", "fp32, or bf16 / fp16 autocast where the device supports it")
     device: str = _doc("auto", "auto (cuda when available, else cpu), cpu or cuda")
     gradient_checkpointing: bool = _doc(False, "recompute decoder activations in backward to save memory")
+    fused_ops: bool = _doc(True, "RMSNorm and gated-SiLU MLPs through fused autograd functions in float32: the same "
+                                 "function with one tensor less kept per MLP; false: the model's own forwards")
     compile: bool = _doc(False, "torch.compile each decoder block (adapter layers stay eager); the first steps "
                                 "pay the compile time, reported apart as compile_s")
     max_grad_norm: float | None = _doc(1.0, "clip the gradient norm to this value; null: no clipping")
@@ -333,7 +335,7 @@ def validate(config: TrainConfig) -> None:
     _choice(config, "device", DEVICES)
     if config.chunked_loss not in ("auto", True, False):
         _fail("chunked_loss", "auto, true or false", config.chunked_loss)
-    for key in ("packing", "group_by_length", "gradient_checkpointing", "compile", "progress", "unit_test_table"):
+    for key in ("packing", "group_by_length", "gradient_checkpointing", "fused_ops", "compile", "progress", "unit_test_table"):
         _bool(config, key)
     if config.compile and config.distributed != "none":
         raise LeantuneError(f"config key 'compile' works without distributed for now; got distributed: "

@@ -33,7 +33,7 @@ from .reporting import MetricsLog, NoMetrics, Progress, format_summary, peak_mem
 from .rundir import check_out_dir, check_resume_identity, describe_resume_changes, remove_run_artifacts, resolve_out_dir
 from .distributed import held_bytes, sharded_grad_norm
 from .interrupts import CtrlCStops
-from .runtime import RunEnvironment, apply_model_options, compile_clock, compile_summary, without_compiled_blocks
+from .runtime import RunEnvironment, apply_model_options, compile_clock, compile_summary, without_model_options
 
 
 class TrainingDiverged(LeantuneError):
@@ -394,5 +394,5 @@ class Trainer(CtrlCStops):
         """The trained model for what follows training (the unit-test table): a sharded one is
         rebuilt whole in this process from the base and the adapter just saved."""
         if self.parallel.mode != "fsdp":
-            return without_compiled_blocks(self.model)
+            return without_model_options(self.model)
         return load_adapter(load_model(self.config.model).to(self.device), adapter_dir)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import LeantuneError
+from ..fused_ops import fuse_norms_and_mlps, unfuse
 from .distributed import Parallel, launched_world
 
 
@@ -121,9 +122,12 @@ def autocast(precision: str, device: torch.device):
 
 
 def apply_model_options(model: torch.nn.Module, config: Any) -> None:
-    """The config's options that change how the model computes, not what: recomputation and compiling."""
+    """The config's options that change how the model computes, not what: recomputation, the fused
+    norms and MLPs, and compiling (last: a compiled block traces the fused forwards)."""
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if config.fused_ops:
+        fuse_norms_and_mlps(model)
     if config.compile:  # config validation refuses it with distributed
         compile_decoder_blocks(model)
 
@@ -179,10 +183,12 @@ def compile_decoder_blocks(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
-def without_compiled_blocks(model: torch.nn.Module) -> torch.nn.Module:
-    """The model with every block eager again: generation after training changes shape every step."""
+def without_model_options(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with every block eager again (generation after training changes shape every step)
+    and every module on its own forward: what follows training gets the model it was given."""
     for module in model.modules():
         module.__dict__.pop("_compiled_call_impl", None)  # what nn.Module.compile sets
+    unfuse(model)
     return model
 
 
