@@ -132,7 +132,7 @@ def dense_twin(model, name="tiny-llama"):
             return F.linear(x, self.linear.weight, self.linear.bias) + self.scale * (x @ self.a.t() @ self.b.t())
 
     class DensePaCA(nn.Module):
-        """(W0 with s·Δ added to columns I) x + b, in float32 whatever autocast says (as PaCA documents)."""
+        """(W0 with s·Δ added to columns I) x + b, cast by autocast as any linear (as PaCA's is)."""
 
         def __init__(self, linear, layer):
             super().__init__()
@@ -140,9 +140,8 @@ def dense_twin(model, name="tiny-llama"):
             self.delta = nn.Parameter(layer.paca_delta.detach().clone())
 
         def forward(self, x):
-            with torch.autocast(x.device.type, enabled=False):
-                weight = self.linear.weight.index_add(1, self.index, self.scale * self.delta)
-                return F.linear(x.float(), weight, self.linear.bias)
+            weight = self.linear.weight.index_add(1, self.index, self.scale * self.delta)
+            return F.linear(x, weight, self.linear.bias)
 
     twin = lt.load_model(name)
     for param in twin.parameters():

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import leantune as lt
 from conftest import TwoLayer, randomize_adapter
-from helpers import assert_matches_reference, check_bf16_autocast_against_dense_twin
+from helpers import assert_matches_reference, check_bf16_autocast_against_dense_twin, relative_error
 from leantune.methods.paca import PaCALayer, choose_columns
 
 
@@ -403,12 +403,13 @@ def test_trains_and_loss_goes_down(tiny_llama, tokens):
 
 
 @pytest.mark.parametrize("shape", [(7, 64), (2, 5, 64)])
-def test_bf16_autocast_layer_runs_in_float32_and_equals_the_dense_reference(shape):
-    """PaCA's fused matmul leaves autocast for its layer: under bf16 autocast the output is float32
-    and matches the float32 dense formula to float32 precision, gradients included."""
+def test_bf16_autocast_runs_the_gemms_as_a_linear_would_and_sums_the_delta_gradient_in_float32(shape):
+    """Under bf16 autocast PaCA's layer computes what a linear of its effective weight computes there
+    (bf16 operands and output), x's gradient comes back in float32, and Δ's gradient is within
+    bf16 rounding of the float64 formula s · Gᵀ X_I."""
     torch.manual_seed(0)
     base = torch.nn.Linear(64, 48)
-    w0 = base.weight.detach().clone()
+    w0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
     model = torch.nn.Sequential(base)
     lt.attach(model, lt.PaCA(r=8, alpha=16, targets=["0"]))
     layer = model[0]
@@ -416,15 +417,21 @@ def test_bf16_autocast_layer_runs_in_float32_and_equals_the_dense_reference(shap
     x = torch.randn(*shape, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
-    assert out.dtype == torch.float32
+    assert out.dtype == torch.bfloat16
+    effective = w0.index_add(1, layer.paca_index, 2.0 * layer.paca_delta.detach())
     x_ref = x.detach().clone().requires_grad_(True)
-    expected, (d,) = dense_reference(x_ref, w0, base.bias.detach(), [(layer.paca_index, layer.paca_delta.detach(), 2.0)])
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.linear(x_ref, effective, b0)
+    torch.testing.assert_close(out, expected, rtol=1.6e-2, atol=1e-2)
     grad = torch.randn_like(out)
     out.backward(grad)
     expected.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.paca_delta.grad, d.grad[:, layer.paca_index], rtol=1e-5, atol=1e-6)
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1.6e-2, atol=1e-2)
+    g64, x64 = grad.double().reshape(-1, 48), x.detach().double().reshape(-1, 64)
+    delta_grad = 2.0 * g64.t() @ x64[:, layer.paca_index]
+    assert layer.paca_delta.grad.dtype == torch.float32
+    assert relative_error(layer.paca_delta.grad.double(), delta_grad) < 1e-2
 
 
 def test_bf16_autocast_model_matches_its_dense_twin(tiny_llama, tokens):

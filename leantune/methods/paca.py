@@ -130,15 +130,15 @@ class PaCALayer(AdapterLayer):
             update = F.linear(x.index_select(-1, self.paca_index).to(self.paca_delta.dtype), self.paca_delta)
             result = self.base_layer(x, *args, **kwargs)
             return result + (self.scale * update).to(result.dtype)
-        if autocast_active(x):  # the fused matmul keeps one dtype: this layer runs in full precision
-            with torch.autocast(x.device.type, enabled=False):
-                return self.adapted_forward(x.to(self.paca_delta.dtype), *args, **kwargs)
         plan = self._ledger.plan(self)
         bias = self._ledger.base.bias
         trainable = any(d.requires_grad for d in plan.deltas)
         if not torch.is_grad_enabled() or not (trainable or x.requires_grad or (bias is not None and bias.requires_grad)):
-            return F.linear(x, plan.weight(), bias)
-        return _PaCAMatmul.apply(x, bias, plan, *plan.deltas)
+            return F.linear(x, plan.weight(), bias)  # autocast, when on, casts as for any linear
+        # Under autocast the GEMMs run in its dtype, as nn.Linear's would (bfloat16 GEMMs are several
+        # times the float32 rate on CPUs with AVX512-BF16); Δ's gradient is summed in float32.
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast_active(x) else None
+        return _PaCAMatmul.apply(x, bias, plan, compute_dtype, *plan.deltas)
 
     # -- merge / unmerge / detach -------------------------------------------------------------
     def merge(self) -> None:
@@ -194,15 +194,19 @@ class PaCALayer(AdapterLayer):
 
 
 class _PaCAMatmul(torch.autograd.Function):
-    """y = x W_effᵀ + b, saving only x[..., I]; W_eff is read from the base, never saved."""
+    """y = x W_effᵀ + b, saving only x[..., I]; W_eff is read from the base, never saved.
+
+    `compute_dtype` (autocast's, or None): both GEMMs (y and the input gradient) run with their
+    operands cast to it; x's gradient comes back in x's dtype."""
 
     @staticmethod
-    def forward(ctx, x, bias, plan, *deltas):
+    def forward(ctx, x, bias, plan, compute_dtype, *deltas):
         x2 = x.reshape(-1, x.shape[-1])
-        out = F.linear(x2, plan.weight(), bias)
-        ctx.plan = plan
-        ctx.x_shape = x.shape
-        if any(ctx.needs_input_grad[3:]):
+        out = F.linear(*_cast(compute_dtype, x2, plan.weight(), bias))
+        ctx.plan, ctx.compute_dtype = plan, compute_dtype
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if any(ctx.needs_input_grad[4:]):
             ctx.save_for_backward(x2.index_select(1, plan.gather))
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -213,21 +217,26 @@ class _PaCAMatmul(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             plan.ensure()
-            grad_x = (g2 @ plan.weight()).view(ctx.x_shape)
+            grad, weight = _cast(ctx.compute_dtype, g2, plan.weight())
+            grad_x = (grad @ weight).to(ctx.x_dtype).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad_bias = g2.sum(0)
+            grad_bias = g2.sum(0, dtype=torch.promote_types(g2.dtype, torch.float32)).to(ctx.bias_dtype)
         grad_deltas = []
-        if any(ctx.needs_input_grad[3:]):
+        if any(ctx.needs_input_grad[4:]):
             (x_cols,) = ctx.saved_tensors
             for i, delta in enumerate(plan.deltas):
-                if not ctx.needs_input_grad[3 + i]:
+                if not ctx.needs_input_grad[4 + i]:
                     grad_deltas.append(None)
                     continue
                 cols = x_cols if plan.positions is None else x_cols.index_select(1, plan.positions[i])
                 grad_deltas.append(_accumulate_grad(g2, cols, plan.scales[i], delta.dtype))
         else:
             grad_deltas = [None] * len(plan.deltas)
-        return (grad_x, grad_bias, None, *grad_deltas)
+        return (grad_x, grad_bias, None, None, *grad_deltas)
+
+
+def _cast(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    return tensors if dtype is None else tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def _accumulate_grad(g2: torch.Tensor, x_cols: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
