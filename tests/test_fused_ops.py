@@ -86,6 +86,49 @@ def test_modules_that_compute_something_else_keep_their_forward():
     assert fuse_norms_and_mlps(model) == 0
 
 
+class _ClampedMLP(torch.nn.Module):
+    """A SwiGLU that clamps its gate (as some Hugging Face MLPs do): equal to the plain one on small inputs."""
+
+    def __init__(self, width=16, hidden=32, limit=10.0):
+        super().__init__()
+        self.gate_proj, self.up_proj = torch.nn.Linear(width, hidden), torch.nn.Linear(width, hidden)
+        self.down_proj, self.act_fn, self.limit = torch.nn.Linear(hidden, width), torch.nn.SiLU(), limit
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x).clamp(max=self.limit)) * self.up_proj(x))
+
+
+class _DropoutMLP(_ClampedMLP):
+    def forward(self, x):
+        return torch.nn.functional.dropout(self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)), 0.1,
+                                           self.training)
+
+
+class _PlainMLP(_ClampedMLP):
+    def forward(self, hidden_state):
+        """The canonical form, under another argument name and with a docstring."""
+        out = self.down_proj(self.act_fn(self.gate_proj(hidden_state)) * self.up_proj(hidden_state))
+        return out
+
+
+def test_only_mlps_whose_forward_is_the_plain_gated_expression_are_switched():
+    torch.manual_seed(0)
+    for module in (_ClampedMLP(), _DropoutMLP()):
+        assert fuse_norms_and_mlps(module) == 0, type(module).__name__
+    assert fuse_norms_and_mlps(_PlainMLP()) == 1
+
+
+def test_a_copy_of_a_fused_model_runs_its_own_modules(tiny_llama):
+    import copy
+
+    fuse_norms_and_mlps(tiny_llama)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    expected = tiny_llama(ids).logits
+    other = copy.deepcopy(tiny_llama)
+    torch.testing.assert_close(other(ids).logits, expected, atol=0, rtol=0)
+    assert all(module.forward.__self__ is module for module in other.modules() if "forward" in module.__dict__)
+
+
 def test_dropout_in_training_mode_does_not_hide_a_gated_mlp_and_training_mode_is_kept(tiny_llama):
     lt.attach(tiny_llama, lt.LoRA(r=4, alpha=8, dropout=0.5))
     tiny_llama.train()

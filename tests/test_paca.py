@@ -434,6 +434,21 @@ def test_bf16_autocast_runs_the_gemms_as_a_linear_would_and_sums_the_delta_gradi
     assert relative_error(layer.paca_delta.grad.double(), delta_grad) < 1e-2
 
 
+def test_a_float64_layer_stays_float64_under_bf16_autocast_as_a_linear_does():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48).double()
+    w0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
+    model = torch.nn.Sequential(base)
+    lt.attach(model, lt.PaCA(r=8, alpha=16, targets=["0"]))
+    randomize_adapter(model, scale=0.2)
+    x = torch.randn(5, 64, dtype=torch.float64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.float64
+    effective = w0.index_add(1, model[0].paca_index, 2.0 * model[0].paca_delta.detach())
+    torch.testing.assert_close(out, F.linear(x, effective, b0), rtol=1e-12, atol=1e-12)
+
+
 def test_bf16_autocast_model_matches_its_dense_twin(tiny_llama, tokens):
     lt.attach(tiny_llama, lt.PaCA(r=4, alpha=8))
     randomize_adapter(tiny_llama)

@@ -110,6 +110,26 @@ def test_under_trusted_versions_attach_detach_load_and_merge_still_reach_the_nex
         mixed(tokens, adapter_names=names)
 
 
+def test_under_trusted_versions_paca_columns_placed_by_a_plain_forward_and_a_paca_merge_are_seen(tiny_llama):
+    """PaCA innermost: a plain forward leaves its columns in the base weight; a trusted routed
+    forward still takes them out, and merging PaCA (its own merge, not AdapterLayer's) is refused."""
+    lt.attach(tiny_llama, lt.PaCA(r=4, alpha=8), adapter_name="paca")
+    lt.attach(tiny_llama, lt.LoRA(r=4, alpha=8), adapter_name="lora")
+    randomize_adapter(tiny_llama)
+    model = tiny_llama.eval()
+    tokens = torch.randint(0, 256, (3, 6), generator=torch.Generator().manual_seed(3))
+    names = ["paca", "lora", None]
+    expected = torch.cat([alone(model, name, tokens[i:i + 1]) for i, name in enumerate(names)])
+    api.router(model).trust_versions = True
+    model(tokens, adapter_names=names)
+    alone(model, "paca", tokens)  # a plain forward: PaCA's columns go into the base weight
+    torch.testing.assert_close(model(tokens, adapter_names=names).logits, expected, **TOL)
+    lt.use(model, "paca")
+    lt.merge(model, "paca")
+    with pytest.raises(LeantuneError, match="merged"):
+        model(tokens, adapter_names=names)
+
+
 @pytest.fixture
 def prompts(tiny_llama):
     lt.attach(tiny_llama, lt.PromptTuning(num_virtual_tokens=3), adapter_name="p3")

@@ -66,6 +66,9 @@ class AdapterLayer(nn.Module):
     """
 
     method_name: ClassVar[str] = ""  # the config's name, for messages (users know methods, not layer classes)
+    # Whether clean_weight() first undoes in-place edits of the base weight that a plain forward
+    # made (PaCA's columns): routed forwards then call it even when their cached forms are trusted.
+    cleans_base_in_place: ClassVar[bool] = False
 
     def __init__(self, base_layer: nn.Module, adapter_name: str):
         super().__init__()

@@ -68,6 +68,7 @@ _merge_generations = itertools.count(1)  # tells one merge's snapshot of Δ from
 
 class PaCALayer(AdapterLayer):
     method_name: ClassVar[str] = "paca"
+    cleans_base_in_place = True  # a plain forward may leave its columns in the base weight
     merged_base_tensors: ClassVar[tuple[str, ...]] = ("weight",)  # used only when stacked on another method
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: PaCA, module_name: str):
@@ -137,7 +138,8 @@ class PaCALayer(AdapterLayer):
             return F.linear(x, plan.weight(), bias)  # autocast, when on, casts as for any linear
         # Under autocast the GEMMs run in its dtype, as nn.Linear's would (bfloat16 GEMMs are several
         # times the float32 rate on CPUs with AVX512-BF16); Δ's gradient is summed in float32.
-        compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast_active(x) else None
+        lowered = autocast_active(x) and torch.float64 not in (x.dtype, plan.weight().dtype)  # autocast keeps float64
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if lowered else None
         return _PaCAMatmul.apply(x, bias, plan, compute_dtype, *plan.deltas)
 
     # -- merge / unmerge / detach -------------------------------------------------------------
@@ -149,6 +151,7 @@ class PaCALayer(AdapterLayer):
             self._merge_generation = next(_merge_generations)
             self.merged = True
             self._ledger.sync_base()
+            self.router.layout += 1
 
     def unmerge(self) -> None:
         if self._ledger is None:
@@ -157,6 +160,7 @@ class PaCALayer(AdapterLayer):
             self.merged = False
             self._merged_delta = None
             self._ledger.sync_base()
+            self.router.layout += 1
 
     def merge_into_base(self) -> None:
         """Only used on top of another method: add the scattered delta to the innermost weight."""

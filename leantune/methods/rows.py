@@ -52,6 +52,7 @@ class _Stacked:
     post: torch.Tensor | None  # [N+1, out]
     bias_scale: torch.Tensor | None  # [N+1, out]
     layout: int | None = None  # the router's layout it was last checked at, under trust_versions
+    innermost: nn.Module | None = None  # the stack's innermost layer, whose clean_weight() undoes base edits
     groups: "_Groups | None" = None  # the last batch's grouping (the same rows at every decode step)
 
 
@@ -148,6 +149,8 @@ def stacked_forms(outer: nn.Module, layout: int | None = None) -> _Stacked:
     """
     cached: _Stacked | None = outer.__dict__.get("_row_forms")
     if layout is not None and cached is not None and cached.layout == layout:
+        if cached.innermost.cleans_base_in_place:
+            cached.innermost.clean_weight()  # a plain forward since may have placed PaCA's columns
         return cached
     stack = layer_stack(outer)
     for layer in stack:
@@ -157,7 +160,7 @@ def stacked_forms(outer: nn.Module, layout: int | None = None) -> _Stacked:
     if cached is None or cached.weight is not weight or not _unchanged(cached.snapshot, live):
         cached = _build(outer, stack, [t.detach().clone() for t in live])
         outer.__dict__["_row_forms"] = cached
-    cached.layout = layout
+    cached.layout, cached.innermost = layout, stack[-1]
     return cached
 
 
