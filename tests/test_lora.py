@@ -16,6 +16,16 @@ def reference_lora(x, weight, bias, a, b, scale):
     return F.linear(x, weight, bias) + scale * (x @ a.t() @ b.t())
 
 
+def _backward_alike(out, expected, *pairs):
+    """Back-propagate one random gradient through both outputs; each (ours, reference) pair of leaves
+    gets the same gradient to float64 precision."""
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    for ours, reference in pairs:
+        torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_forward_and_gradients_match_reference(rslora):
     torch.manual_seed(0)
@@ -67,11 +77,7 @@ def test_lora_fa_forward_and_gradients_match_dense_autograd(fused, monkeypatch):
     x_ref = x.detach().clone().requires_grad_(True)
     expected = reference_lora(x_ref, layer.base_layer.weight.detach(), layer.base_layer.bias.detach(), a0, b, layer.scale)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=1e-12, atol=1e-12)
+    _backward_alike(out, expected, (x, x_ref), (layer.lora_B, b))
     assert layer.lora_A.grad is None and layer.base_layer.weight.grad is None
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
@@ -286,11 +292,7 @@ def test_dropout_in_training_matches_dense_autograd_with_the_same_mask(fused, fr
     dropped = torch.nn.functional.dropout(x_ref, 0.25, True)
     expected = x_ref @ base.weight.detach().t() + base.bias.detach() + layer.scale * (dropped @ a.t()) @ b.t()
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(out)
-    out.backward(grad)
-    expected.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(layer.lora_B.grad, b.grad, rtol=1e-12, atol=1e-12)
+    _backward_alike(out, expected, (x, x_ref), (layer.lora_B, b))
     if freeze_a:
         assert layer.lora_A.grad is None
     else:
