@@ -138,9 +138,8 @@ class PaCALayer(AdapterLayer):
             return F.linear(x, plan.weight(), bias)  # autocast, when on, casts as for any linear
         # Under autocast the GEMMs run in its dtype, as nn.Linear's would (bfloat16 GEMMs are several
         # times the float32 rate on CPUs with AVX512-BF16); Δ's gradient is summed in float32.
-        lowered = autocast_active(x) and torch.float64 not in (x.dtype, plan.weight().dtype)  # autocast keeps float64
-        compute_dtype = torch.get_autocast_dtype(x.device.type) if lowered else None
-        return _PaCAMatmul.apply(x, bias, plan, compute_dtype, *plan.deltas)
+        autocast_dtype = torch.get_autocast_dtype(x.device.type) if autocast_active(x) else None
+        return _PaCAMatmul.apply(x, bias, plan, autocast_dtype, *plan.deltas)
 
     # -- merge / unmerge / detach -------------------------------------------------------------
     def merge(self) -> None:
@@ -200,13 +199,16 @@ class PaCALayer(AdapterLayer):
 class _PaCAMatmul(torch.autograd.Function):
     """y = x W_effᵀ + b, saving only x[..., I]; W_eff is read from the base, never saved.
 
-    `compute_dtype` (autocast's, or None): both GEMMs (y and the input gradient) run with their
-    operands cast to it; x's gradient comes back in x's dtype."""
+    `autocast_dtype` (or None): both GEMMs (y and the input gradient) run with their operands cast
+    to it, unless x or the weight is float64 (autocast keeps float64); x's gradient comes back in
+    x's dtype."""
 
     @staticmethod
-    def forward(ctx, x, bias, plan, compute_dtype, *deltas):
+    def forward(ctx, x, bias, plan, autocast_dtype, *deltas):
         x2 = x.reshape(-1, x.shape[-1])
-        out = F.linear(*_cast(compute_dtype, x2, plan.weight(), bias))
+        weight = plan.weight()  # dequantized once per forward for an NF4 base
+        compute_dtype = None if torch.float64 in (x.dtype, weight.dtype) else autocast_dtype
+        out = F.linear(*_cast(compute_dtype, x2, weight, bias))
         ctx.plan, ctx.compute_dtype = plan, compute_dtype
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
