@@ -240,3 +240,44 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(adapters):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_the_running_batch_equals_each_row_alone_across_joins_leaves_and_cache_growth(adapters, monkeypatch):
+    """Rows join, leave and outgrow their cache's room (HEADROOM 3): every step's logits equal the
+    row's whole sequence run alone with its adapter, without a cache."""
+    import torch
+
+    from leantune.serving.batch import GrowingLayer, RunningBatch
+
+    monkeypatch.setattr(GrowingLayer, "HEADROOM", 3)
+    model = lt.load_model("tiny-llama").eval()
+    for name in ("a", "b"):
+        attach_adapter(model, name, adapters[name])
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"ids": torch.randint(3, 200, (n,), generator=generator).tolist(), "adapter": a}
+            for n, a in ((7, "a"), (3, "b"), (11, None), (5, "a"))]
+
+    def alone(row):
+        lt.use(model, row["adapter"])
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([row["ids"]])).logits[0, -1]
+
+    batch, running = RunningBatch(model), []
+
+    def check(logits, members):
+        for row, got in zip(members, logits):
+            torch.testing.assert_close(got, alone(row), rtol=1e-4, atol=1e-4)
+
+    for joining in ([rows[0], rows[1]], [rows[2]], [], [rows[3]], [], []):
+        if joining:
+            check(batch.prefill([r["ids"] for r in joining], [r["adapter"] for r in joining]), joining)
+            running += joining
+        for _ in range(4):
+            for row in running:
+                row["ids"].append(int(torch.randint(3, 200, (1,), generator=generator)))
+            check(batch.decode([r["ids"][-1] for r in running]), running)
+        if len(running) > 2:  # the longest leaves: the front columns only it used are cut off
+            kept = [i for i, r in enumerate(running) if r is not rows[2]]
+            batch.keep(kept)
+            running = [running[i] for i in kept]
+    assert isinstance(batch.cache.layers[0], GrowingLayer)

@@ -1,5 +1,6 @@
 """The running batch of the server: one row per sequence, each with its own adapter, sharing one
-left-padded `transformers` cache that grows by a column per decode step.
+left-padded `transformers` cache that grows by a column per decode step (written into room kept at
+the end of each layer's buffer: `GrowingLayer`).
 
 Sequences join between decode steps: each newcomer is prefilled alone (no padding to spend
 compute on), then the newcomers' caches and the running one are left-padded to the same length
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 def cache_keyword(model: nn.Module) -> str:
@@ -41,6 +43,44 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views of buffers with room for `HEADROOM` more columns.
+
+    DynamicLayer concatenates, copying the layer's whole cache for each new token: for 8 rows over a
+    few hundred tokens that was about a tenth of a decode step on CPU. Here a step writes one column,
+    and the cache is copied once per HEADROOM tokens. Whoever replaces `keys`/`values` from outside
+    (crop, batch_select_indices, the batch's trim) leaves plain tensors, adopted at the next update."""
+
+    HEADROOM = 64
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length, added = self.get_seq_length(), key_states.shape[-2]
+        if self.keys is not getattr(self, "_key_view", None) or length + added > self._key_buffer.shape[-2]:
+            self._key_buffer = self._with_room(self.keys, key_states, length + added)
+            self._value_buffer = self._with_room(self.values, value_states, length + added)
+        end = length + added
+        self._key_buffer[..., length:end, :] = key_states
+        self._value_buffer[..., length:end, :] = value_states
+        self.keys = self._key_view = self._key_buffer[..., :end, :]
+        self.values = self._value_buffer[..., :end, :]
+        return self.keys, self.values
+
+    def _with_room(self, held: torch.Tensor, new: torch.Tensor, needed: int) -> torch.Tensor:
+        buffer = new.new_empty((*new.shape[:-2], needed + self.HEADROOM, new.shape[-1]))
+        if held.numel():
+            buffer[..., :held.shape[-2], :] = held
+        return buffer
+
+
+def growing_cache() -> DynamicCache:
+    """An empty DynamicCache whose layers, added as the model fills them, are GrowingLayers."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = GrowingLayer
+    return cache
 
 
 class RunningBatch:
@@ -107,11 +147,8 @@ class RunningBatch:
         """Add the newcomers' caches to the running one: all left-padded to one length, then stacked."""
         if self.cache is not None:
             parts = [(self.cache, self.mask, self.adapters), *parts]
-        if len(parts) == 1:
-            self.cache, self.mask, self.adapters = parts[0]
-            return
         width = max(mask.shape[1] for _, mask, _ in parts)
-        merged = DynamicCache()
+        merged = growing_cache()
         for index, layers in enumerate(zip(*(cache.layers for cache, _, _ in parts))):
             keys = torch.cat([_left_pad(layer.keys, width, -2) for layer in layers])
             values = torch.cat([_left_pad(layer.values, width, -2) for layer in layers])
