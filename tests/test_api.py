@@ -339,3 +339,42 @@ def test_stacking_on_a_quantized_base_names_the_adapter_not_a_class(tiny_llama):
     assert "NF4Linear" not in str(caught.value)
     with pytest.raises(LeantuneError, match="targets 'all-linear' found no plain linear: the linears carry a lora"):
         lt.attach(tiny_llama, lt.LoRA(r=2), "y")
+
+
+def test_switched_off_wrappers_are_passed_by_without_changing_any_output(tiny_llama, tokens, monkeypatch):
+    """A plain forward skips the switched-off adapters' wrappers that only pass their input on
+    (methods/layer.py `_first_running`); every selection gives exactly what calling through each of
+    them gives, PiSSA's off-path (its own W0) still runs, and a hook on a skipped wrapper still fires."""
+    from leantune.methods import layer as layer_module
+
+    lt.attach(tiny_llama, lt.LoRA(r=2, init="pissa"), "p")
+    for name, config in (("a", lt.LoRA(r=4)), ("b", lt.IA3()), ("c", lt.LoRA(r=2))):
+        lt.attach(tiny_llama, config, name)
+    randomize_adapter(tiny_llama)
+    selections = [None, "p", "a", "b", "c", ["a", "c"], ["p", "b"]]
+
+    def outputs():
+        found = []
+        for chosen in selections:
+            lt.use(tiny_llama, chosen)
+            with torch.no_grad():
+                found.append(tiny_llama(tokens).logits)
+        with lt.disabled(tiny_llama), torch.no_grad():
+            found.append(tiny_llama(tokens).logits)
+        return found
+
+    fast = outputs()
+    with monkeypatch.context() as patch:
+        patch.setattr(layer_module, "_first_running", lambda module: module)
+        slow = outputs()
+    for got, want in zip(fast, slow):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(fast[1], fast[2])
+
+    calls = []
+    middle = next(m for m in tiny_llama.modules() if isinstance(m, AdapterLayer) and m.adapter_name == "b")
+    middle.register_forward_hook(lambda *_: calls.append(1))
+    lt.use(tiny_llama, "p")
+    with torch.no_grad():
+        tiny_llama(tokens)
+    assert calls

@@ -126,7 +126,11 @@ class AdapterLayer(nn.Module):
 
     def disabled_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Exactly the original module; layers that edit base weights in place override this."""
-        return self.base_layer(x, *args, **kwargs)
+        return _first_running(self.base_layer)(x, *args, **kwargs)
+
+    def passes_input_on_when_off(self) -> bool:
+        """Whether this layer, switched off, only calls the module it wraps with the same arguments."""
+        return type(self).disabled_forward is AdapterLayer.disabled_forward
 
     # -- one adapter per batch row (methods/rows.py) -----------------------------------------
     def row_form(self) -> RowForm:
@@ -268,3 +272,16 @@ def named_adapter_layers(model: nn.Module, adapter_name: str | None = None) -> I
         if isinstance(module, AdapterLayer) and (adapter_name is None or module.adapter_name == adapter_name
                                                   or owner_name(module.adapter_name) == adapter_name):
             yield name, module
+
+
+def _first_running(module: nn.Module) -> nn.Module:
+    """`module`, or the first module below it that does more than pass its input on.
+
+    A switched-off adapter layer with the default forward and no hooks only calls the module it
+    wraps; with one adapter of many selected (`lt.use`), every targeted module would otherwise call
+    through each of the others' wrappers (16 attached: a decode step 15% slower than one adapter's)."""
+    while (isinstance(module, AdapterLayer) and type(module).forward is AdapterLayer.forward
+           and module.router.rows is None and module.disabled and module.passes_input_on_when_off()
+           and not (module._forward_hooks or module._forward_pre_hooks)):
+        module = module.base_layer
+    return module

@@ -172,7 +172,10 @@ class LoRALayer(AdapterLayer):
     def disabled_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._original_weight is not None:
             return F.linear(x, self._original_weight, self.base_module().bias)
-        return self.base_layer(x, *args, **kwargs)
+        return super().disabled_forward(x, *args, **kwargs)
+
+    def passes_input_on_when_off(self) -> bool:
+        return self._original_weight is None  # PiSSA's base holds W0 - s B0 A0: off, it runs W0 itself
 
     # -- one adapter per batch row ----------------------------------------------------------
     def row_form(self) -> RowForm:
