@@ -185,6 +185,7 @@ def compare_rounds(url: str, theirs, tokenizer, rounds: int, requests: int) -> d
     and the median of those is what the targets read."""
     jobs = [(f"a{i % 16}", p) for i, p in enumerate(prompts(tokenizer, requests))]
     found: dict[str, list] = {"mixed": [], "same": [], "peft": []}
+    peft_one_at_a_time(theirs, tokenizer, jobs[:1])  # warm-up: first-call costs stay out of round 1 (the server had one)
     for _ in range(rounds):
         found["mixed"].append(run_load(url, jobs, 8, raw=True))
         found["same"].append(run_load(url, [("a0", p) for _, p in jobs], 8, raw=True))

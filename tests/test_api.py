@@ -371,6 +371,16 @@ def test_switched_off_wrappers_are_passed_by_without_changing_any_output(tiny_ll
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not torch.equal(fast[1], fast[2])
 
+    lt.use(tiny_llama, "p")
+    chain = [tiny_llama.model.layers[0].mlp.down_proj]  # c over b over a over p
+    while isinstance(chain[-1].base_layer, AdapterLayer):
+        chain.append(chain[-1].base_layer)
+    assert [m.adapter_name for m in chain] == ["c", "b", "a", "p"]
+    assert layer_module._first_running(chain[1]) is chain[-1]
+    chain[2].forward = chain[2].forward  # replaced on the instance (as accelerate's hooks do): not passed by
+    assert layer_module._first_running(chain[1]) is chain[2]
+    del chain[2].forward
+
     calls = []
     middle = next(m for m in tiny_llama.modules() if isinstance(m, AdapterLayer) and m.adapter_name == "b")
     middle.register_forward_hook(lambda *_: calls.append(1))

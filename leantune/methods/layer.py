@@ -130,7 +130,7 @@ class AdapterLayer(nn.Module):
 
     def passes_input_on_when_off(self) -> bool:
         """Whether this layer, switched off, only calls the module it wraps with the same arguments."""
-        return type(self).disabled_forward is AdapterLayer.disabled_forward
+        return runs_default_off_path(self, AdapterLayer)
 
     # -- one adapter per batch row (methods/rows.py) -----------------------------------------
     def row_form(self) -> RowForm:
@@ -280,8 +280,29 @@ def _first_running(module: nn.Module) -> nn.Module:
     A switched-off adapter layer with the default forward and no hooks only calls the module it
     wraps; with one adapter of many selected (`lt.use`), every targeted module would otherwise call
     through each of the others' wrappers (16 attached: a decode step 15% slower than one adapter's)."""
-    while (isinstance(module, AdapterLayer) and type(module).forward is AdapterLayer.forward
-           and module.router.rows is None and module.disabled and module.passes_input_on_when_off()
-           and not (module._forward_hooks or module._forward_pre_hooks)):
+    if _global_hooks():
+        return module
+    while (isinstance(module, AdapterLayer) and module.router.rows is None and module.disabled
+           and module.passes_input_on_when_off() and not _hooked(module)):
         module = module.base_layer
     return module
+
+
+def runs_default_off_path(layer: AdapterLayer, defined_by: type) -> bool:
+    """Whether `layer` runs `defined_by`'s forward and disabled_forward, neither replaced on its
+    class or on the instance (accelerate's hooks and users' patches replace `forward` there)."""
+    return (type(layer).forward is AdapterLayer.forward and type(layer).disabled_forward is defined_by.disabled_forward
+            and "forward" not in layer.__dict__ and "disabled_forward" not in layer.__dict__)
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Hooks registered for every module (`register_module_forward_hook` and kin) see each wrapper call."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)

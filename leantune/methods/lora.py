@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import LeantuneError
 from .base import ModuleMethod, register
-from .layer import AdapterLayer, adapter_dtype, add_to_weight, autocast_active
+from .layer import AdapterLayer, adapter_dtype, add_to_weight, autocast_active, runs_default_off_path
 from .rows import RowForm
 
 INITS = ("kaiming", "gaussian", "pissa")
@@ -175,7 +175,8 @@ class LoRALayer(AdapterLayer):
         return super().disabled_forward(x, *args, **kwargs)
 
     def passes_input_on_when_off(self) -> bool:
-        return self._original_weight is None  # PiSSA's base holds W0 - s B0 A0: off, it runs W0 itself
+        # PiSSA's base holds W0 - s B0 A0: switched off, the layer runs W0 itself
+        return self._original_weight is None and runs_default_off_path(self, LoRALayer)
 
     # -- one adapter per batch row ----------------------------------------------------------
     def row_form(self) -> RowForm:

@@ -59,14 +59,15 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length, added = self.get_seq_length(), key_states.shape[-2]
-        if self.keys is not getattr(self, "_key_view", None) or length + added > self._key_buffer.shape[-2]:
+        replaced = self.keys is not getattr(self, "_key_view", None) or self.values is not self._value_view
+        if replaced or length + added > self._key_buffer.shape[-2]:
             self._key_buffer = self._with_room(self.keys, key_states, length + added)
             self._value_buffer = self._with_room(self.values, value_states, length + added)
         end = length + added
         self._key_buffer[..., length:end, :] = key_states
         self._value_buffer[..., length:end, :] = value_states
         self.keys = self._key_view = self._key_buffer[..., :end, :]
-        self.values = self._value_buffer[..., :end, :]
+        self.values = self._value_view = self._value_buffer[..., :end, :]
         return self.keys, self.values
 
     def _with_room(self, held: torch.Tensor, new: torch.Tensor, needed: int) -> torch.Tensor:
