@@ -7,6 +7,7 @@ from typing import ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from ..errors import LeantuneError
 from .rows import RowForm, routed_forward
@@ -302,7 +303,5 @@ def _hooked(module: nn.Module) -> bool:
 
 def _global_hooks() -> bool:
     """Hooks registered for every module (`register_module_forward_hook` and kin) see each wrapper call."""
-    from torch.nn.modules import module as torch_module
-
     return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
                 or torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks)
