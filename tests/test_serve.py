@@ -149,6 +149,10 @@ def test_models_list_adapters_with_the_base_as_parent_and_stop_strings_and_seeds
     (json.dumps({"model": "a", "prompt": "x", "max_tokens": 0}).encode(), 400, "max_tokens must be at least 1"),
     (json.dumps({"model": "a", "prompt": "x" * 300, "max_tokens": 400}).encode(), 400, "exceeds the model's context"),
     (json.dumps({"model": "a", "prompt": ""}).encode(), 400, "the prompt is empty"),
+    (json.dumps({"model": "a", "prompt": "x", "n": 3}).encode(), 400, "n: not supported by this server"),
+    (json.dumps({"model": "a", "prompt": "x", "logprobs": 0}).encode(), 400, "logprobs: not supported"),
+    (json.dumps({"model": "a", "prompt": "x", "presence_penalty": 0.5}).encode(), 400, "presence_penalty: not"),
+    (json.dumps({"model": "a", "prompt": "x", "echo": True}).encode(), 400, "echo: not supported"),
 ])
 def test_bad_requests_get_openai_error_json_and_the_server_keeps_serving(server, body, status, fragment):
     reply = httpx.post(server["url"] + "/v1/completions", content=body, timeout=30,
@@ -157,6 +161,23 @@ def test_bad_requests_get_openai_error_json_and_the_server_keeps_serving(server,
     error = reply.json()["error"]
     assert fragment in error["message"] and set(error) == {"message", "type", "param", "code"}
     assert client(server).completions.create(model="a", prompt="ok", max_tokens=2, temperature=0).choices
+
+
+def test_openai_parameters_at_their_defaults_are_accepted_and_others_refused_by_name(server):
+    """n, penalties, logprobs, tools...: the server does not implement them; a request that sets one
+    to a value asking for more than the default is refused (400 naming it), never answered as if
+    the parameter were not there."""
+    plain = {"n": 1, "best_of": 1, "logprobs": None, "echo": False, "presence_penalty": 0.0, "frequency_penalty": 0,
+             "logit_bias": {}, "suffix": None, "user": "someone", "stream_options": None}
+    reply = client(server).completions.create(model="a", prompt="ok", max_tokens=2, temperature=0, **plain)
+    assert reply.choices
+    chat = dict(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0)
+    assert client(server).chat.completions.create(**chat, logprobs=False, response_format={"type": "text"}).choices
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(server).chat.completions.create(**chat, logprobs=True)
+    assert refused.value.body["param"] == "logprobs" and refused.value.body["code"] == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError, match="tools: not supported"):
+        client(server).chat.completions.create(**chat, tools=[{"type": "function", "function": {"name": "f"}}])
 
 
 def test_a_wrong_api_key_is_401(server):

@@ -24,8 +24,19 @@ from .engine import Engine, QueueFull, Request
 from .registry import AdapterRegistry, ServeError
 
 
+# OpenAI parameters this server does not implement, with the values that ask for nothing beyond it.
+# Any other value is refused by name (400), so that no client gets a silently different result: one
+# choice for n=3, no penalty for presence_penalty=1. Other unknown keys are ignored, as vLLM does.
+_NOT_IMPLEMENTED = {
+    "n": (None, 1), "best_of": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "echo": (None, False), "suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+}
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: int | None = Field(default=16)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -34,6 +45,12 @@ class _Body(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2 ** 63 - 1)
     stream: bool = False
     ignore_eos: bool = False  # vLLM's extension (benchmarks: every request generates max_tokens)
+
+    def not_implemented(self) -> str | None:
+        """The first parameter set to something this server does not do, or None."""
+        extra = self.model_extra or {}
+        return next((key for key, plain in _NOT_IMPLEMENTED.items()
+                     if key in extra and not any(_same(extra[key], value) for value in plain)), None)
 
 
 class CompletionBody(_Body):
@@ -129,6 +146,10 @@ def create_app(engine: Engine, adapters: AdapterRegistry, api_key: str | None = 
         return {"object": "adapter", "id": body.lora_name, "status": "unloaded"}
 
     async def _serve(body: _Body, prompt: str, kind: str, http: HttpRequest, fill_context: bool = False) -> Any:
+        refused = body.not_implemented()
+        if refused is not None:
+            return error(400, f"{refused}: not supported by this server (leave it out, or send its default "
+                              f"{_NOT_IMPLEMENTED[refused][1]!r})", param=refused, code="unsupported_parameter")
         try:
             request = adapters.request(body.model, prompt, body.max_tokens, body.temperature, body.top_p,
                                        _stops(body.stop), body.seed, fill_context)
@@ -150,6 +171,13 @@ def create_app(engine: Engine, adapters: AdapterRegistry, api_key: str | None = 
         return _response(ident, kind, body.model, text, reason, request)
 
     return app
+
+
+def _same(given: Any, plain: Any) -> bool:
+    """JSON equality (0 == 0.0) without Python's True == 1 and False == 0 (logprobs: 0 asks for some)."""
+    if isinstance(given, bool) or isinstance(plain, bool):
+        return given is plain
+    return given == plain
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
