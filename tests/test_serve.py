@@ -180,6 +180,17 @@ def test_openai_parameters_at_their_defaults_are_accepted_and_others_refused_by_
         client(server).chat.completions.create(**chat, tools=[{"type": "function", "function": {"name": "f"}}])
 
 
+def test_chat_content_as_text_parts_equals_plain_text_and_other_parts_are_refused(server):
+    chat = dict(model="a", max_tokens=4, temperature=0)
+    plain = client(server).chat.completions.create(**chat, messages=[{"role": "user", "content": "say hi"}])
+    parts = client(server).chat.completions.create(**chat, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "say "}, {"type": "text", "text": "hi"}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="messages.0.content: only text is supported .* 'image_url'"):
+        client(server).chat.completions.create(**chat, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+
+
 def test_a_wrong_api_key_is_401(server):
     reply = httpx.get(server["url"] + "/v1/models", headers={"Authorization": "Bearer wrong"}, timeout=30)
     assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, QueueFull, Request
@@ -60,7 +60,21 @@ class CompletionBody(_Body):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | list[dict[str, Any]]
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, content: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+        for part in [] if isinstance(content, str) else content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"only text is supported (a string, or parts of type 'text' with a 'text' "
+                                 f"string); got a part of type {part.get('type')!r}")
+        return content
+
+    def as_template_input(self) -> dict[str, str]:
+        """The message for the chat template; a list of text parts joins into one text, as OpenAI reads it."""
+        text = self.content if isinstance(self.content, str) else "".join(part["text"] for part in self.content)
+        return {"role": self.role, "content": text}
 
 
 class ChatBody(_Body):
@@ -93,7 +107,8 @@ def create_app(engine: Engine, adapters: AdapterRegistry, api_key: str | None = 
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         if first.get("type") == "json_invalid":
             return error(400, "the request body is not valid JSON", code="invalid_json")
-        return error(400, f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where or None)
+        message = first.get("msg", "invalid value").removeprefix("Value error, ")
+        return error(400, f"{where or 'body'}: {message}", param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: HttpRequest, err: StarletteHTTPException) -> JSONResponse:
@@ -122,7 +137,7 @@ def create_app(engine: Engine, adapters: AdapterRegistry, api_key: str | None = 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: HttpRequest) -> Any:
         try:
-            prompt = adapters.chat_prompt([m.model_dump() for m in body.messages])
+            prompt = adapters.chat_prompt([m.as_template_input() for m in body.messages])
         except ServeError as err:
             return error(err.status, str(err), param=err.param)
         if body.max_completion_tokens is not None:
