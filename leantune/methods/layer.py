@@ -280,7 +280,7 @@ def _first_running(module: nn.Module) -> nn.Module:
 
     A switched-off adapter layer with the default forward and no hooks only calls the module it
     wraps; with one adapter of many selected (`lt.use`), every targeted module would otherwise call
-    through each of the others' wrappers (16 attached: a decode step 15% slower than one adapter's)."""
+    through each of the others' wrappers (16 attached: 16 module calls per projection instead of 2)."""
     if _global_hooks():
         return module
     while (isinstance(module, AdapterLayer) and module.router.rows is None and module.disabled
