@@ -160,7 +160,8 @@ def peft_model(paths: list[Path]):
     return model.eval()
 
 
-def peft_one_at_a_time(model, tokenizer, jobs: list[tuple[str, str]], raw: bool = False):
+def peft_one_at_a_time(model, tokenizer, jobs: list[tuple[str, str]]) -> tuple[list[dict], float]:
+    """Each job alone through PEFT's generate: the per-request results and the seconds in all."""
     results = []
     started = time.perf_counter()
     for name, prompt in jobs:
@@ -171,11 +172,7 @@ def peft_one_at_a_time(model, tokenizer, jobs: list[tuple[str, str]], raw: bool 
                                  do_sample=False)
         end = time.perf_counter()
         results.append({"latency": end - begin, "ttft": float("nan"), "tokens": out.shape[1] - ids["input_ids"].shape[1]})
-    if raw:
-        return results, time.perf_counter() - started
-    summary = summarize(results, time.perf_counter() - started)
-    summary.pop("ttft_p50"), summary.pop("ttft_p95")
-    return summary
+    return results, time.perf_counter() - started
 
 
 def compare_rounds(url: str, theirs, tokenizer, rounds: int, requests: int) -> dict:
@@ -189,7 +186,7 @@ def compare_rounds(url: str, theirs, tokenizer, rounds: int, requests: int) -> d
     for _ in range(rounds):
         found["mixed"].append(run_load(url, jobs, 8, raw=True))
         found["same"].append(run_load(url, [("a0", p) for _, p in jobs], 8, raw=True))
-        found["peft"].append(peft_one_at_a_time(theirs, tokenizer, jobs, raw=True))
+        found["peft"].append(peft_one_at_a_time(theirs, tokenizer, jobs))
         print(json.dumps({f"{k}_tokens_per_s": round(_tokens_per_s(v[-1]), 1) for k, v in found.items()}), flush=True)
     per_round = [{"vs_peft": _tokens_per_s(m) / _tokens_per_s(p), "mixed_over_same": _tokens_per_s(m) / _tokens_per_s(s)}
                  for m, s, p in zip(found["mixed"], found["same"], found["peft"])]
