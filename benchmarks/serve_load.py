@@ -154,7 +154,9 @@ def summarize(results: list[dict], seconds: float) -> dict:
 def peft_model(paths: list[Path]):
     import peft  # the baseline's own library
 
-    model = peft.PeftModel.from_pretrained(lt.load_model(MODEL), str(paths[0]), adapter_name="a0")
+    # the model as transformers builds it (torch's own GEMMs), as PEFT's users run it
+    model = peft.PeftModel.from_pretrained(lt.load_model(MODEL, fast_linears=False), str(paths[0]),
+                                           adapter_name="a0")
     for i, path in enumerate(paths[1:], start=1):
         model.load_adapter(str(path), adapter_name=f"a{i}")
     return model.eval()

@@ -66,7 +66,8 @@ def usual_stack(out: Path, precision: str = "fp32") -> dict:
             ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
-    model = peft.get_peft_model(lt.load_model("smollm2-135m"),
+    # the model as transformers builds it (torch's own GEMMs), as the stack's users run it
+    model = peft.get_peft_model(lt.load_model("smollm2-135m", fast_linears=False),
                                 peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
     args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=4, learning_rate=3e-3,
                              num_train_epochs=1, lr_scheduler_type="cosine", warmup_steps=0.1, seed=0,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .errors import LeantuneError
 
 IGNORE_INDEX = -100  # the label of a token without loss (Hugging Face's convention); data/ writes it
@@ -122,7 +123,7 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | N
     if not callable(get_head) or not callable(get_decoder):
         return None, None
     head, decoder = get_head(), get_decoder()
-    if type(head) is not nn.Linear or not isinstance(decoder, nn.Module) or decoder is model:
+    if not kernels.is_plain_linear(head) or not isinstance(decoder, nn.Module) or decoder is model:
         return None, None
     config = getattr(model, "config", None)
     # Architectures that post-process the logits (soft-capping, scaling) go through the model itself.
@@ -166,7 +167,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_tokens):
                 stop = start + chunk_tokens
                 h = hidden[start:stop].to(compute_dtype)
-                logits = F.linear(h, w, b).to(stats_dtype)
+                logits = kernels.linear(h, w, b).to(stats_dtype)
                 chunk_lse = torch.logsumexp(logits, dim=-1)
                 chunk_targets = targets[start:stop, None]
                 total += (chunk_lse - logits.gather(1, chunk_targets).squeeze(1)).sum()
@@ -197,6 +198,6 @@ def _accumulate_chunk_gradients(logits: torch.Tensor, lse: torch.Tensor, targets
         grad_bias += grad_logits.sum(0)
     grad_logits = grad_logits.to(compute_dtype)
     if grad_hidden is not None:
-        grad_hidden[start:stop] = (grad_logits @ w).to(grad_hidden.dtype)
+        grad_hidden[start:stop] = kernels.matmul(grad_logits, w).to(grad_hidden.dtype)
     if grad_weight is not None:
         grad_weight.addmm_(grad_logits.t().to(grad_weight.dtype), h.to(grad_weight.dtype))

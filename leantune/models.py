@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
+from . import kernels
 from .byte_tokenizer import byte_tokenizer
 from .errors import LeantuneError
 from .files import atomic_directory
@@ -117,8 +118,13 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def load_model(name_or_path: str = EMBEDDED_DEFAULT, dtype: torch.dtype = torch.float32,
-               device: str | torch.device | None = None, vocab_size: int | None = None) -> nn.Module:
-    """A causal LM in eval mode: the embedded default, a tiny test model, a local folder or a hub id."""
+               device: str | torch.device | None = None, vocab_size: int | None = None,
+               fast_linears: bool = True) -> nn.Module:
+    """A causal LM in eval mode: the embedded default, a tiny test model, a local folder or a hub id.
+
+    With `fast_linears` (the default) its nn.Linear modules compute through `kernels.FastLinear`
+    (oneDNN float32 GEMMs on CPU; the same parameters and state dict); without, the model is exactly
+    what `transformers` builds (the benchmarks' baselines load it so)."""
     if name_or_path in TINY_MODELS:
         model = _tiny_model(name_or_path, vocab_size).to(dtype)
     else:
@@ -129,6 +135,8 @@ def load_model(name_or_path: str = EMBEDDED_DEFAULT, dtype: torch.dtype = torch.
             raise LeantuneError(f"cannot load model '{name_or_path}': {str(err).splitlines()[0]}") from None
         model.config._name_or_path = name_or_path
         model.eval()
+    if fast_linears:
+        kernels.use_fast_linears(model)
     return model.to(device) if device is not None else model
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .errors import LeantuneError
 
 QUANTIZE_CHOICES = (None, "nf4")
@@ -175,7 +176,7 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
         if not needs_grad:
-            return F.linear(x, self.dequantize_weight().to(x.dtype), _cast(self.bias, x.dtype))
+            return kernels.linear(x, self.dequantize_weight().to(x.dtype), _cast(self.bias, x.dtype))
         return _NF4Matmul.apply(x, self.bias, self)
 
     def extra_repr(self) -> str:
@@ -206,7 +207,7 @@ class _NF4Matmul(torch.autograd.Function):
     def forward(ctx, x, bias, module):
         ctx.module = module
         ctx.version = module.weight._version
-        return F.linear(x, module.dequantize_weight().to(x.dtype), _cast(bias, x.dtype))
+        return kernels.linear(x, module.dequantize_weight().to(x.dtype), _cast(bias, x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -215,7 +216,7 @@ class _NF4Matmul(torch.autograd.Function):
             raise RuntimeError("an NF4 weight was requantized (merged) between forward and backward")
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ module.dequantize_weight().to(grad_out.dtype)
+            grad_x = kernels.matmul(grad_out, module.dequantize_weight().to(grad_out.dtype))
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(module.bias.dtype)
         return grad_x, grad_bias, None
@@ -237,6 +238,6 @@ def quantize_base(name: str, module: nn.Module, quantize: str | None) -> nn.Modu
         return module  # already quantized by an adapter attached earlier
     if inner is not module:
         raise LeantuneError(f"cannot quantize '{name}': an adapter attached earlier wraps it at full precision")
-    if type(module) is not nn.Linear:
+    if not kernels.is_plain_linear(module):
         raise LeantuneError(f"quantize='nf4' applies to nn.Linear modules; '{name}' is a {type(module).__name__}")
     return NF4Linear(module)

@@ -13,6 +13,7 @@ REPO_ROOT = PACKAGE_DIR.parent
 # module's layer. Inside methods/: the adapter layer, the targets, the base config, then the methods.
 LAYERS = [
     "leantune.errors",
+    "leantune.kernels",  # float32 CPU products through oneDNN (torch only)
     "leantune.builtin_datasets",  # names only, no torch: the commands' help texts show them
     "leantune.files",  # the leaf for atomic writes, safetensors and JSON documents
     "leantune.loss",

@@ -66,7 +66,9 @@ class WorkerSpec:
 # -- building the row's model --------------------------------------------------------------
 
 def build_model(spec: WorkerSpec):
-    model = load_model(spec.model, dtype=getattr(torch, spec.dtype), device=spec.device)
+    # the floor and PEFT rows run the model as transformers builds it (torch's GEMMs), as their users do
+    model = load_model(spec.model, dtype=getattr(torch, spec.dtype), device=spec.device,
+                       fast_linears=spec.kind == "leantune")
     if spec.kind == "floor":
         model.requires_grad_(False)
         # Backward must still run through the whole model, as it does for any adapter: make the

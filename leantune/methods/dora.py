@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .base import register
 from .layer import AdapterLayer, dense_weight
 from .rows import RowForm
@@ -56,7 +57,7 @@ class _FusedDoRA(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         xd2 = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1])
         xa_t = lora_a @ xd2.t()  # r × tokens: the fast layout for skinny products (see lora.py)
-        z = x2 @ weight.t()
+        z = kernels.linear(x2, weight)
         z.addmm_(xa_t.t(), lora_b.t(), alpha=scale)
         norm = row_norms(weight, base_sq_norm, lora_a, lora_b, scale)
         factor = magnitude / norm
@@ -88,7 +89,7 @@ class _FusedDoRA(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_xd = (gb_t.t() @ lora_a).mul_(scale).view(ctx.x_shape)
         if ctx.needs_input_grad[0]:
-            grad_x = gc @ ctx.get_weight().to(gc.dtype)
+            grad_x = kernels.matmul(gc, ctx.get_weight().to(gc.dtype))
             if grad_xd is None:
                 grad_x.addmm_(gb_t.t(), lora_a, alpha=scale)
             grad_x = grad_x.view(ctx.x_shape)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..errors import LeantuneError
 from .base import ModuleMethod, register
 from .layer import AdapterLayer, adapter_dtype, add_to_weight, autocast_active, runs_default_off_path
@@ -85,7 +86,7 @@ class _FusedLoRA(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         xd2 = x2 if x_dropped is None else x_dropped.reshape(-1, x.shape[-1])
         xa_t = lora_a @ xd2.t()
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        out = kernels.linear(x2, weight, bias)
         out.addmm_(xa_t.t(), lora_b.t(), alpha=scale)
         ctx.save_for_backward(xd2 if ctx.needs_input_grad[4] else None, xa_t, weight, lora_a, lora_b)
         ctx.scale = scale
@@ -101,7 +102,7 @@ class _FusedLoRA(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_xd = (gb_t.t() @ lora_a).mul_(ctx.scale).view(ctx.x_shape)
         if ctx.needs_input_grad[0]:
-            grad_x = g2 @ weight
+            grad_x = kernels.matmul(g2, weight)
             if grad_xd is None:
                 grad_x.addmm_(gb_t.t(), lora_a, alpha=ctx.scale)
             grad_x = grad_x.view(ctx.x_shape)
@@ -195,7 +196,7 @@ class LoRALayer(AdapterLayer):
     # -- forward / merge --------------------------------------------------------------------
     def _can_fuse(self) -> bool:
         base = self.base_layer
-        return (type(base) is nn.Linear and not base.weight.requires_grad
+        return (kernels.is_plain_linear(base) and not base.weight.requires_grad
                 and (base.bias is None or not base.bias.requires_grad))
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:

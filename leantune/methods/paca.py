@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..errors import LeantuneError
 from ..quant import QUANTIZE_CHOICES
 from .base import ModuleMethod, register
@@ -135,7 +136,7 @@ class PaCALayer(AdapterLayer):
         bias = self._ledger.base.bias
         trainable = any(d.requires_grad for d in plan.deltas)
         if not torch.is_grad_enabled() or not (trainable or x.requires_grad or (bias is not None and bias.requires_grad)):
-            return F.linear(x, plan.weight(), bias)  # autocast, when on, casts as for any linear
+            return kernels.linear(x, plan.weight(), bias)  # autocast, when on, casts as for any linear
         # Under autocast the GEMMs run in its dtype, as nn.Linear's would (bfloat16 GEMMs are several
         # times the float32 rate on CPUs with AVX512-BF16); Δ's gradient is summed in float32.
         autocast_dtype = torch.get_autocast_dtype(x.device.type) if autocast_active(x) else None
@@ -208,7 +209,7 @@ class _PaCAMatmul(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         weight = plan.weight()  # dequantized once per forward for an NF4 base
         compute_dtype = None if torch.float64 in (x.dtype, weight.dtype) else autocast_dtype
-        out = F.linear(*_cast(compute_dtype, x2, weight, bias))
+        out = kernels.linear(*_cast(compute_dtype, x2, weight, bias))
         ctx.plan, ctx.compute_dtype = plan, compute_dtype
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -224,7 +225,7 @@ class _PaCAMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             plan.ensure()
             grad, weight = _cast(ctx.compute_dtype, g2, plan.weight())
-            grad_x = (grad @ weight).to(ctx.x_dtype).view(ctx.x_shape)
+            grad_x = kernels.matmul(grad, weight).to(ctx.x_dtype).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             grad_bias = g2.sum(0, dtype=torch.promote_types(g2.dtype, torch.float32)).to(ctx.bias_dtype)
         grad_deltas = []
@@ -250,5 +251,5 @@ def _accumulate_grad(g2: torch.Tensor, x_cols: torch.Tensor, scale: float, dtype
 
     Computed as (X_Iᵀ G)ᵀ: with r rows the product runs several times faster in that layout."""
     acc = torch.promote_types(dtype, torch.float32)
-    grad = torch.mm(x_cols.to(acc).t(), g2.to(acc)).mul_(scale)
+    grad = kernels.matmul(x_cols.to(acc).t(), g2.to(acc)).mul_(scale)
     return grad.t().contiguous().to(dtype)

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..errors import LeantuneError
 
 
@@ -222,7 +222,7 @@ def routed_forward(outer: nn.Module, x: torch.Tensor, rows: Sequence[str | None]
     shape = x.shape
     h = x.reshape(shape[0], -1, shape[-1]).to(forms.weight.dtype)
     inputs = h * forms.pre[index][:, None, :] if forms.pre is not None else h
-    y = F.linear(inputs, forms.weight)
+    y = kernels.linear(inputs, forms.weight)
     if forms.groups.gather is not None:
         y = _add_grouped_update(y, forms.groups, h)
     if forms.post is not None:

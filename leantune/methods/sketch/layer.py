@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ... import kernels
 from ...quant import dense_linear
 from ..layer import AdapterLayer
 from .pack import LayerSketch, rebuild_weight, unpack_codes
@@ -23,7 +24,7 @@ class SketchLinearFunction(torch.autograd.Function):
     def forward(ctx, x, packed_codes, tables, bias):
         x2 = x.reshape(-1, x.shape[-1])
         weight = rebuild_weight(unpack_codes(packed_codes).long(), tables).to(x.dtype)
-        out = torch.addmm(bias.to(x.dtype), x2, weight.t()) if bias is not None else x2 @ weight.t()
+        out = kernels.linear(x2, weight, None if bias is None else bias.to(x.dtype))
         ctx.save_for_backward(x2 if ctx.needs_input_grad[2] else None, packed_codes, tables)
         ctx.x_shape = x.shape
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -35,10 +36,10 @@ class SketchLinearFunction(torch.autograd.Function):
         codes = unpack_codes(packed_codes).long()
         grad_x = grad_tables = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g2 @ rebuild_weight(codes, tables).to(g2.dtype)).view(ctx.x_shape)
+            grad_x = kernels.matmul(g2, rebuild_weight(codes, tables).to(g2.dtype)).view(ctx.x_shape)
         if ctx.needs_input_grad[2]:
             out_features, groups, _ = tables.shape
-            grad_weight = (g2.t() @ x2.to(g2.dtype)).to(tables.dtype)
+            grad_weight = kernels.matmul(g2.t(), x2.to(g2.dtype)).to(tables.dtype)
             grad_tables = torch.zeros_like(tables).scatter_add_(
                 2, codes.view(out_features, groups, -1), grad_weight.view(out_features, groups, -1))
         if ctx.needs_input_grad[3]:

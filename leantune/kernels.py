@@ -1,0 +1,130 @@
+"""Float32 matrix products on CPU through oneDNN: the same products as torch's, faster here.
+
+PyTorch sends a CPU float32 `mm`/`linear` to MKL. On the AMD EPYC (AVX-512) this project is
+measured on, that ran at 190-200 GFLOP/s on the model's shapes, while oneDNN's matmul primitive
+(the one behind PyTorch's own `mkldnn` linear, shipped in every x86 build) ran the same products
+at 430-460 GFLOP/s, and the 8-row products of a decode step 2.2x faster
+(`benchmarks/results/2026-12-07-cpu-gemm/`). Results agree with float64 to float32 rounding.
+
+`linear` and `matmul` take that path for float32 CPU tensors outside autocast when the product is
+large enough to repay oneDNN's call (about 15 µs), else torch's own; `FastLinear` is an nn.Linear
+whose forward (and backward) does the same, and `use_fast_linears(model)` turns a model's plain
+nn.Linear modules into it (`lt.load_model` does). `LEANTUNE_GEMM=torch` turns all of it off.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Products of fewer multiply-adds than this run through torch: measured here, oneDNN's fixed call
+# cost made a 1 x 576 x 576 product 1.08x slower, and an 8 x 576 x 576 one 0.67x the time.
+MIN_MACS = 1 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_op():
+    """oneDNN's linear (x Wᵀ + b) where this PyTorch build has it and the user has not opted out."""
+    if os.environ.get("LEANTUNE_GEMM", "onednn").strip().lower() == "torch":
+        return None
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def available() -> bool:
+    """Whether float32 CPU products may go through oneDNN in this process."""
+    return _onednn_op() is not None and torch.backends.mkldnn.enabled
+
+
+def _plain(t: torch.Tensor) -> bool:
+    # tensor subclasses (DTensor, quantized or fake tensors) keep torch's own dispatch
+    return type(t) in (torch.Tensor, nn.Parameter) and t.dtype == torch.float32 and t.device.type == "cpu"
+
+
+def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether x Wᵀ + b goes through oneDNN (W: out × in)."""
+    if not (_plain(x) and _plain(weight) and (bias is None or _plain(bias))):
+        return False
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1] or x.numel() == 0:
+        return False
+    if torch.is_autocast_enabled("cpu") or not available():
+        return False
+    return x.numel() * weight.shape[0] >= MIN_MACS
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ + b without autograd: oneDNN where it takes it, else torch."""
+    if _takes(x, weight, bias):
+        return _onednn_op()(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class _Linear(torch.autograd.Function):
+    """y = x Wᵀ + b with both GEMMs of backward through `_product` too (oneDNN has no autograd).
+
+    Saved: x only when W needs a gradient, W only when x does (W is the parameter itself, no copy);
+    what F.linear keeps."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(x if needs_w else None, weight if needs_x else None)
+        return _product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = matmul(g2, weight).view(*grad.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_w = _product(g2.t(), x.reshape(-1, x.shape[-1]).t(), None)  # Gᵀ X as (Gᵀ)(Xᵀ)ᵀ
+        if ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through oneDNN where it applies; differentiable either way."""
+    if not _takes(x, weight, bias):
+        return F.linear(x, weight, bias)
+    grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return _Linear.apply(x, weight, bias) if grads else _product(x, weight, bias)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for a 2-D `b` (a: [..., k], b: [k, n]), through oneDNN where it applies."""
+    return linear(a, b.t())
+
+
+class FastLinear(nn.Linear):
+    """An nn.Linear (same parameters, state dict and isinstance) whose products go through `linear`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return linear(input, self.weight, self.bias)
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear that computes nothing but x Wᵀ + b: the class itself or FastLinear."""
+    return type(module) in (nn.Linear, FastLinear)
+
+
+def use_fast_linears(model: nn.Module) -> int:
+    """Turn every module of class exactly nn.Linear into a FastLinear (in place); how many.
+
+    Subclasses with a forward of their own are left alone: only the class changes, so weights,
+    hooks, state-dict keys and parameter identities stay what they were."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = FastLinear
+            count += 1
+    return count
