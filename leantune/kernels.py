@@ -1,10 +1,12 @@
 """Float32 matrix products on CPU through oneDNN: the same products as torch's, faster here.
 
 PyTorch sends a CPU float32 `mm`/`linear` to MKL. On the AMD EPYC (AVX-512) this project is
-measured on, that ran at 190-200 GFLOP/s on the model's shapes, while oneDNN's matmul primitive
-(the one behind PyTorch's own `mkldnn` linear, shipped in every x86 build) ran the same products
-at 430-460 GFLOP/s, and the 8-row products of a decode step 2.2x faster
-(`benchmarks/results/2026-12-07-cpu-gemm/`). Results agree with float64 to float32 rounding.
+measured on, that ran SmolLM2-135M's projections at 175-200 GFLOP/s for 207 to 2048 rows, while
+oneDNN's matmul primitive (behind PyTorch's own `mkldnn` ops, in every x86 build) ran them at
+380-450 GFLOP/s, and the 8-row products of a decode step 1.9x faster
+(`benchmarks/gemm_rate.py`, `benchmarks/results/2026-12-07-cpu-gemm/`). Results agree with float64
+to float32 rounding. PyTorch has no switch that sends strict float32 matmuls to oneDNN (its
+`mkldnn` precision settings allow lower-precision math), so the op is called here.
 
 `linear` and `matmul` take that path for float32 CPU tensors outside autocast when the product is
 large enough to repay oneDNN's call (about 15 µs), else torch's own; `FastLinear` is an nn.Linear
@@ -13,8 +15,10 @@ nn.Linear modules into it (`lt.load_model` does). `LEANTUNE_GEMM=torch` turns al
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +42,23 @@ def _onednn_op():
         return None
 
 
+_held_off = 0  # depth of `torch_products` blocks
+
+
 def available() -> bool:
     """Whether float32 CPU products may go through oneDNN in this process."""
-    return _onednn_op() is not None and torch.backends.mkldnn.enabled
+    return _onednn_op() is not None and torch.backends.mkldnn.enabled and not _held_off
+
+
+@contextlib.contextmanager
+def torch_products() -> Iterator[None]:
+    """Every product through torch's own ops inside the block (PyTorch's FLOP counter sees only those)."""
+    global _held_off
+    _held_off += 1
+    try:
+        yield
+    finally:
+        _held_off -= 1
 
 
 def _plain(t: torch.Tensor) -> bool:

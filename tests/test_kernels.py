@@ -60,6 +60,9 @@ def test_torch_runs_wherever_onednn_must_not():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not kernels._takes(x, weight, None)
         assert kernels.linear(x, weight).dtype == torch.bfloat16  # autocast's cast, as nn.Linear's
+    with kernels.torch_products():  # what the FLOP counter's runs use: it sees torch's ops only
+        assert not kernels._takes(x, weight, None)
+    assert kernels._takes(x, weight, None)
     for key in ("torch", "TORCH "):
         script = "from leantune import kernels; print(kernels.available())"
         out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "LEANTUNE_GEMM": key},

@@ -21,11 +21,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .. import kernels
+
 
 def counted_flops(run: Callable[[], None], model: nn.Module, lengths: Iterable[int]) -> float:
     """FLOPs of `run` (one forward and backward over sequences of these lengths) as the counter
-    sees them, with attention added when the counter saw no attention kernel."""
-    with FlopCounterMode(display=False) as counter:
+    sees them, with attention added when the counter saw no attention kernel. Products run through
+    torch's own ops here: the counter does not see oneDNN's (`kernels`), which compute the same."""
+    with kernels.torch_products(), FlopCounterMode(display=False) as counter:
         run()
     total = float(counter.get_total_flops())
     ops = {str(op) for op in counter.get_flop_counts().get("Global", {})}
@@ -57,21 +60,29 @@ def _largest_linear(model: nn.Module) -> tuple[int, int]:
 
 def gemm_rate(model: nn.Module, tokens: int, repeats: int = 10) -> float:
     """FLOP/s of this process on the model's largest linear shape with `tokens` rows, in the model's
-    compute dtype and on its device: the median of `repeats` timed products after two untimed, each
-    into the same output buffer (a fresh one per product would time its page faults too)."""
+    compute dtype and on its device: the faster of torch's `mm` and, where it runs, oneDNN's product
+    (`kernels`), each the median of `repeats` timed products after two untimed. The bound is what
+    the machine reaches, whichever library reaches it."""
     like = model.get_input_embeddings().weight
     in_features, out_features = _largest_linear(model)
     x = torch.randn(tokens, in_features, dtype=like.dtype, device=like.device)
-    w = torch.randn(in_features, out_features, dtype=like.dtype, device=like.device)
+    w = torch.randn(out_features, in_features, dtype=like.dtype, device=like.device)
     out = torch.empty(tokens, out_features, dtype=like.dtype, device=like.device)
+    runs = [lambda: torch.mm(x, w.t(), out=out)]  # into one buffer: a fresh one would time page faults too
+    if kernels._takes(x, w, None):
+        runs.append(lambda: kernels.linear(x, w))
+    return max(2.0 * tokens * in_features * out_features / _median_seconds(run, repeats, like.device) for run in runs)
+
+
+def _median_seconds(run: Callable[[], object], repeats: int, device: torch.device) -> float:
     times = []
     for attempt in range(repeats + 2):
-        if like.device.type == "cuda":
-            torch.cuda.synchronize(like.device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         started = time.perf_counter()
-        torch.mm(x, w, out=out)
-        if like.device.type == "cuda":
-            torch.cuda.synchronize(like.device)
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         if attempt >= 2:
             times.append(time.perf_counter() - started)
-    return 2.0 * tokens * in_features * out_features / statistics.median(times)
+    return statistics.median(times)
