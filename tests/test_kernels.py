@@ -70,6 +70,17 @@ def test_torch_runs_wherever_onednn_must_not():
         assert out.strip() == "False"
 
 
+def test_onednn_caches_are_capped_unless_the_user_set_them():
+    """Uncapped, oneDNN's caches grew the demo job's peak by 570 MiB (batches of many lengths)."""
+    script = "import os, leantune.kernels; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'], os.environ['LRU_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["64", "64"]
+    env["LRU_CACHE_CAPACITY"] = "512"
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["64", "512"]
+
+
 def test_fast_linears_keep_parameters_keys_and_subclasses():
     class Custom(nn.Linear):
         def forward(self, x):

@@ -11,6 +11,7 @@ written as JSON to RESULT.json.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import kernels
 from ..api import attach, base_weight_bytes
 from ..loss import causal_lm_loss
 from ..methods import LoRA, config_from_dict
@@ -152,14 +154,17 @@ def describe_model(model, kind: str) -> dict[str, Any]:
 
 # -- the step ------------------------------------------------------------------------------
 
-def make_step(model, input_ids, optimizer, loss: str) -> Callable[[], None]:
+def make_step(model, input_ids, optimizer, loss: str, stock: bool = False) -> Callable[[], None]:
+    """One training step; `stock`: every product through torch's own ops (the floor and PEFT rows,
+    whose users run torch's GEMMs; the chunked loss's head would otherwise go through oneDNN)."""
     loss_fn = partial(causal_lm_loss, chunked=(loss == "chunked"))
     record = torch.profiler.record_function
+    products = kernels.torch_products if stock else contextlib.nullcontext
 
     def step() -> None:
-        with record("bench/forward+loss"):
+        with products(), record("bench/forward+loss"):
             value = loss_fn(model, input_ids, input_ids)
-        with record("bench/backward"):
+        with products(), record("bench/backward"):
             value.backward()
         if optimizer is not None:
             with record("bench/optimizer"):
@@ -181,7 +186,7 @@ def run_measurement(spec: WorkerSpec, result: dict[str, Any]) -> None:
     optimizer = make_optimizer(model, spec)
     generator = torch.Generator().manual_seed(spec.seed)
     input_ids = torch.randint(0, model.config.vocab_size, (spec.batch, spec.seq), generator=generator).to(device)
-    step = make_step(model, input_ids, optimizer, spec.loss)
+    step = make_step(model, input_ids, optimizer, spec.loss, stock=spec.kind != "leantune")
     result.update(describe_model(model, spec.kind))
 
     m.touch_parameters(model)
