@@ -2,7 +2,7 @@
 
 PyTorch sends a CPU float32 `mm`/`linear` to MKL. On the AMD EPYC (AVX-512) this project is
 measured on, that ran SmolLM2-135M's projections at 175-200 GFLOP/s for 207 to 2048 rows, while
-oneDNN's matmul primitive (behind PyTorch's own `mkldnn` ops, in every x86 build) ran them at
+oneDNN's inner-product primitive (as PyTorch's ideep layer runs it, in every x86 build) ran them at
 380-450 GFLOP/s, and the 8-row products of a decode step 1.9x faster
 (`benchmarks/gemm_rate.py`, `benchmarks/results/2026-12-07-cpu-gemm/`). Results agree with float64
 to float32 rounding. PyTorch has no switch that sends strict float32 matmuls to oneDNN (its
@@ -11,7 +11,10 @@ to float32 rounding. PyTorch has no switch that sends strict float32 matmuls to 
 `linear` and `matmul` take that path for float32 CPU tensors outside autocast when the product is
 large enough to repay oneDNN's call (about 15 µs), else torch's own; `FastLinear` is an nn.Linear
 whose forward (and backward) does the same, and `use_fast_linears(model)` turns a model's plain
-nn.Linear modules into it (`lt.load_model` does). `LEANTUNE_GEMM=torch` turns all of it off.
+nn.Linear modules into it (`lt.load_model` does). `LEANTUNE_GEMM=torch` (or `off`, `0`) turns all
+of it off. Tools that look for torch's own ops (`FlopCounterMode`; `quantize_dynamic`, which
+matches the exact nn.Linear class) do not see these products: run them under `torch_products()`
+or on a model loaded with `fast_linears=False`.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 # oneDNN caches up to 1024 primitives, and PyTorch's layer over it (ideep) 1024 more, each keeping
 # buffers sized by its row count: with the demo job's batches all of different lengths, they grew
@@ -39,7 +43,7 @@ MIN_MACS = 1 << 20
 @functools.lru_cache(maxsize=None)
 def _onednn_op():
     """oneDNN's linear (x Wᵀ + b) where this PyTorch build has it and the user has not opted out."""
-    if os.environ.get("LEANTUNE_GEMM", "onednn").strip().lower() == "torch":
+    if os.environ.get("LEANTUNE_GEMM", "onednn").strip().lower() in ("torch", "off", "0"):
         return None
     if not torch.backends.mkldnn.is_available():
         return None
@@ -73,11 +77,19 @@ def _plain(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter) and t.dtype == torch.float32 and t.device.type == "cpu"
 
 
+def _dense(t: torch.Tensor) -> bool:
+    # row-major, or a transposed row-major matrix (what backward passes): oneDNN takes either as it
+    # is; other strides (expanded, sliced) are not handed to it
+    return t.is_contiguous() or (t.dim() == 2 and t.t().is_contiguous())
+
+
 def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether x Wᵀ + b goes through oneDNN (W: out × in)."""
     if not (_plain(x) and _plain(weight) and (bias is None or _plain(bias))):
         return False
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1] or x.numel() == 0:
+        return False
+    if not (_dense(x) and _dense(weight)) or (bias is not None and bias.shape != weight.shape[:1]):
         return False
     if torch.is_autocast_enabled("cpu") or not available():
         return False
@@ -95,7 +107,8 @@ class _Linear(torch.autograd.Function):
     """y = x Wᵀ + b with both GEMMs of backward through `_product` too (oneDNN has no autograd).
 
     Saved: x only when W needs a gradient, W only when x does (W is the parameter itself, no copy);
-    what F.linear keeps."""
+    what F.linear keeps. Backward is not itself differentiable (oneDNN's op has no autograd): a
+    second derivative through it raises instead of silently missing terms."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -104,6 +117,7 @@ class _Linear(torch.autograd.Function):
         return _product(x, weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])

@@ -52,6 +52,14 @@ def test_gradients_equal_float64_autograd():
         assert _relative(got, want.grad) < 1e-5
 
 
+def test_a_second_derivative_raises_rather_than_missing_terms():
+    x = torch.randn(64, 256, requires_grad=True)
+    weight = torch.randn(512, 256, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(kernels.linear(x, weight).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad_x.sum().backward()
+
+
 def test_torch_runs_wherever_onednn_must_not():
     x, weight = torch.randn(64, 256), torch.randn(512, 256)
     assert kernels._takes(x, weight, None)
@@ -60,6 +68,8 @@ def test_torch_runs_wherever_onednn_must_not():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not kernels._takes(x, weight, None)
         assert kernels.linear(x, weight).dtype == torch.bfloat16  # autocast's cast, as nn.Linear's
+    assert not kernels._takes(x, weight[:, :1].expand(512, 256), None)  # strides oneDNN is not handed
+    assert not kernels._takes(x, weight, torch.randn(1))  # a bias F.linear would broadcast
     with kernels.torch_products():  # what the FLOP counter's runs use: it sees torch's ops only
         assert not kernels._takes(x, weight, None)
     assert kernels._takes(x, weight, None)

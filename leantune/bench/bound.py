@@ -66,11 +66,11 @@ def gemm_rate(model: nn.Module, tokens: int, repeats: int = 10) -> float:
     like = model.get_input_embeddings().weight
     in_features, out_features = _largest_linear(model)
     x = torch.randn(tokens, in_features, dtype=like.dtype, device=like.device)
-    w = torch.randn(out_features, in_features, dtype=like.dtype, device=like.device)
+    w = torch.randn(in_features, out_features, dtype=like.dtype, device=like.device)
     out = torch.empty(tokens, out_features, dtype=like.dtype, device=like.device)
-    runs = [lambda: torch.mm(x, w.t(), out=out)]  # into one buffer: a fresh one would time page faults too
-    if kernels._takes(x, w, None):
-        runs.append(lambda: kernels.linear(x, w))
+    runs = [lambda: torch.mm(x, w, out=out)]  # into one buffer: a fresh one would time page faults too
+    if kernels._takes(x, w.t(), None):
+        runs.append(lambda: kernels.matmul(x, w))  # allocates its output: if anything, a lower rate
     return max(2.0 * tokens * in_features * out_features / _median_seconds(run, repeats, like.device) for run in runs)
 
 

@@ -17,7 +17,7 @@ GROUPS = ("matmul", "attention", "elementwise", "reduction/norm/loss", "memory/l
 PHASES = ("bench/forward+loss", "bench/backward", "bench/optimizer")
 
 _MATMUL = {"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "dot", "mv", "addmv",
-           "_addmm_activation", "addmm_", "mm_"}
+           "_addmm_activation", "addmm_", "mm_", "_linear_pointwise"}  # the last: oneDNN's (leantune/kernels.py)
 _ELEMENTWISE = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "silu", "silu_", "silu_backward",
                 "sigmoid", "sigmoid_backward", "exp", "exp_", "neg", "pow", "pow_", "rsqrt", "sqrt", "sqrt_",
                 "tanh", "where", "clamp", "clamp_", "fill_", "zero_", "zeros_like", "masked_fill", "masked_fill_",

@@ -1,7 +1,8 @@
 """What each benchmark row runs: the floor, leantune methods by name, and Hugging Face PEFT's.
 
-A row is a name on the command line. `floor` is the frozen model (forward plus input gradients
-only: the lower bound of every PEFT method). `peft-*` rows are Hugging Face PEFT under the same
+A row is a name on the command line. `floor` is the frozen model as `transformers` runs it
+(forward plus input gradients only, torch's products: no method is lighter, and with the same
+products none is faster; leantune's rows compute theirs through oneDNN, `leantune/kernels.py`). `peft-*` rows are Hugging Face PEFT under the same
 loss, data and optimizer. Every other name is a leantune method, built with
 `leantune.methods.config_from_dict` from the preset below (or `{"name": row}` for any other
 registered method); a preset whose method is not registered yet fails as a row error, not a crash.
