@@ -91,6 +91,8 @@ def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         return False
     if not (_dense(x) and _dense(weight)) or (bias is not None and bias.shape != weight.shape[:1]):
         return False
+    if torch.compiler.is_compiling():  # inductor failed to lower this call (args[5]): compiled code gets torch's
+        return False
     if torch.is_autocast_enabled("cpu") or not available():
         return False
     return x.numel() * weight.shape[0] >= MIN_MACS

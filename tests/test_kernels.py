@@ -52,6 +52,23 @@ def test_gradients_equal_float64_autograd():
         assert _relative(got, want.grad) < 1e-5
 
 
+def test_compiled_code_gets_torchs_products_and_the_same_numbers(monkeypatch):
+    """Inductor cannot lower oneDNN's call: under torch.compile the products are torch's own."""
+    monkeypatch.setattr(kernels, "MIN_MACS", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(kernels.FastLinear(64, 128), nn.SiLU(), kernels.FastLinear(128, 64))
+    x = torch.randn(8, 64, requires_grad=True)
+    runs = []
+    for run in (model, torch.compile(model)):
+        model.zero_grad()
+        x.grad = None
+        y = run(x)
+        y.square().sum().backward()
+        runs.append([y.detach(), x.grad.clone(), model[0].weight.grad.clone(), model[2].bias.grad.clone()])
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_second_derivative_raises_rather_than_missing_terms():
     x = torch.randn(64, 256, requires_grad=True)
     weight = torch.randn(512, 256, requires_grad=True)
