@@ -126,12 +126,13 @@ def test_fast_linears_keep_parameters_keys_and_subclasses():
     torch.testing.assert_close(model[0](x), F.linear(x, model[0].weight, model[0].bias), rtol=1e-5, atol=1e-5)
 
 
-def _loss_and_grads(method, force_onednn: bool, monkeypatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _loss_and_grads(method, force_onednn: bool, monkeypatch, model_name: str = "tiny-llama"
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     monkeypatch.setattr(kernels, "MIN_MACS", 0 if force_onednn else kernels.MIN_MACS)
     if not force_onednn:
         monkeypatch.setattr(kernels, "_onednn_op", lambda: None)
     torch.manual_seed(0)
-    model = lt.load_model("tiny-llama")
+    model = lt.load_model(model_name)
     lt.attach(model, method)
     with torch.no_grad():  # every trainable tensor random (a zero B would hide half of LoRA)
         for name, p in model.named_parameters():
@@ -155,6 +156,16 @@ def test_methods_train_the_same_through_onednn(method, monkeypatch):
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == want_grads.keys() and grads
     for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_biased_projections_train_the_same_through_onednn(monkeypatch):
+    """Qwen2's q/k/v carry biases: LoRA's fused path hands them to oneDNN's product."""
+    method = lt.LoRA(r=4, targets="all-linear")
+    loss, grads = _loss_and_grads(method, True, monkeypatch, "tiny-qwen2")
+    want_loss, want_grads = _loss_and_grads(method, False, monkeypatch, "tiny-qwen2")
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name in want_grads:
         torch.testing.assert_close(grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
