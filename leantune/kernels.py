@@ -98,11 +98,14 @@ def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return x.numel() * weight.shape[0] >= MIN_MACS
 
 
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ + b through oneDNN, no autograd; for operands `_takes` accepted."""
+    return _onednn_op()(x, weight, bias, "none", [], "")
+
+
 def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x Wᵀ + b without autograd: oneDNN where it takes it, else torch."""
-    if _takes(x, weight, bias):
-        return _onednn_op()(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+    return _onednn(x, weight, bias) if _takes(x, weight, bias) else F.linear(x, weight, bias)
 
 
 class _Linear(torch.autograd.Function):
@@ -116,7 +119,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         needs_x, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.save_for_backward(x if needs_w else None, weight if needs_x else None)
-        return _product(x, weight, bias)
+        return _onednn(x, weight, bias)  # `linear` checked the operands
 
     @staticmethod
     @once_differentiable
@@ -138,7 +141,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not _takes(x, weight, bias):
         return F.linear(x, weight, bias)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    return _Linear.apply(x, weight, bias) if grads else _product(x, weight, bias)
+    return _Linear.apply(x, weight, bias) if grads else _onednn(x, weight, bias)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

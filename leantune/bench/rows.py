@@ -1,9 +1,10 @@
 """What each benchmark row runs: the floor, leantune methods by name, and Hugging Face PEFT's.
 
-A row is a name on the command line. `floor` is the frozen model as `transformers` runs it
-(forward plus input gradients only, torch's products: no method is lighter, and with the same
-products none is faster; leantune's rows compute theirs through oneDNN, `leantune/kernels.py`). `peft-*` rows are Hugging Face PEFT under the same
-loss, data and optimizer. Every other name is a leantune method, built with
+A row is a name on the command line. `floor` is the frozen model (forward plus input gradients
+only) with torch's own products, as `transformers` runs it: no method is lighter, and with the
+same products none is faster; leantune's rows compute theirs through oneDNN (`leantune/kernels.py`,
+the worker's `make_step`). `peft-*` rows are Hugging Face PEFT under the same loss, data and
+optimizer, with torch's products too. Every other name is a leantune method, built with
 `leantune.methods.config_from_dict` from the preset below (or `{"name": row}` for any other
 registered method); a preset whose method is not registered yet fails as a row error, not a crash.
 """

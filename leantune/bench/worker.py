@@ -68,9 +68,7 @@ class WorkerSpec:
 # -- building the row's model --------------------------------------------------------------
 
 def build_model(spec: WorkerSpec):
-    # the floor and PEFT rows run the model as transformers builds it (torch's GEMMs), as their users do
-    model = load_model(spec.model, dtype=getattr(torch, spec.dtype), device=spec.device,
-                       fast_linears=spec.kind == "leantune")
+    model = load_model(spec.model, dtype=getattr(torch, spec.dtype), device=spec.device)
     if spec.kind == "floor":
         model.requires_grad_(False)
         # Backward must still run through the whole model, as it does for any adapter: make the
@@ -156,7 +154,8 @@ def describe_model(model, kind: str) -> dict[str, Any]:
 
 def make_step(model, input_ids, optimizer, loss: str, stock: bool = False) -> Callable[[], None]:
     """One training step; `stock`: every product through torch's own ops (the floor and PEFT rows,
-    whose users run torch's GEMMs; the chunked loss's head would otherwise go through oneDNN)."""
+    whose users run torch's GEMMs; the loaded model's linears and the chunked loss's head would
+    otherwise go through oneDNN)."""
     loss_fn = partial(causal_lm_loss, chunked=(loss == "chunked"))
     record = torch.profiler.record_function
     products = kernels.torch_products if stock else contextlib.nullcontext
