@@ -159,14 +159,23 @@ class AdapterLayer(nn.Module):
         """Called by `detach` (after unmerge) before the layer is unwrapped: undo in-place base edits."""
 
     # -- adapter tensors ------------------------------------------------------------------
+    # Neither walks into base_layer: under N stacked adapters that made every layer walk the N-1
+    # below it, and a routed forward reads every layer's tensors (`rows._sources`).
+    def _adapter_children(self) -> Iterator[tuple[str, nn.Module]]:
+        return ((name, child) for name, child in self._modules.items() if name != "base_layer" and child is not None)
+
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
-        for name, param in self.named_parameters():
-            if not name.startswith("base_layer."):
-                yield param
+        yield from self.parameters(recurse=False)
+        for _, child in self._adapter_children():
+            yield from child.parameters()
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Own parameters and persistent buffers (never the base layer's)."""
-        return {k: v for k, v in self.state_dict(keep_vars=True).items() if not k.startswith("base_layer.")}
+        state: dict[str, torch.Tensor] = {}
+        self._save_to_state_dict(state, "", keep_vars=True)
+        for name, child in self._adapter_children():
+            child.state_dict(destination=state, prefix=f"{name}.", keep_vars=True)
+        return state
 
     def adapter_state_loaded(self) -> None:
         """Hook after `load_state_dict` (e.g. PaCA re-places its columns)."""

@@ -86,8 +86,9 @@ def layer_stack(outer: nn.Module) -> list[nn.Module]:
 
 
 def _sources(stack: Sequence[nn.Module]) -> list[torch.Tensor]:
-    """Every tensor the stacked forms are computed from (the base layer's excluded: it is frozen)."""
-    return [t for layer in stack for t in [*layer.adapter_parameters(), *layer.adapter_state_dict().values()]]
+    """Every tensor the stacked forms are computed from (the base layer's excluded: it is frozen;
+    parameters are in the state dict, so each tensor is read once)."""
+    return [t for layer in stack for t in layer.adapter_state_dict().values()]
 
 
 def _unchanged(snapshot: list[torch.Tensor], live: list[torch.Tensor]) -> bool:
