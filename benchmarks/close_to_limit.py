@@ -10,6 +10,11 @@
 3. The epoch's matmul work: every batch of the job, in the job's order and shapes, run forward and
    backward once more under PyTorch's FLOP counter, attention added (`bound.counted_flops`).
 
+4. Where the rest goes: every k-th batch of the epoch (`--profile-batches`, spread over its
+   lengths) run forward and backward once more under torch.profiler, self time grouped by kind of
+   work (`leantune/bench/profile.py`), with the rate the linear products and attention reach on
+   their counted FLOPs. The profiler adds overhead: read its shares, not its seconds.
+
 Share of the bound = work ÷ training time ÷ GEMM rate (the mean of the two). The benchmark step's
 share is `leantune bench`'s "of matmul bound" column. `--set` passes overrides to both the job and
 the count (e.g. `--set method.name=lora --set method.r=8`).
@@ -25,9 +30,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import leantune as lt
-from leantune.bench.bound import counted_flops, gemm_rate
+from leantune.bench.bound import attention_flops, counted_flops, gemm_rate
+from leantune.bench.profile import summarize_events
 from leantune.data import prepare_dataset
 from leantune.data.batching import BatchStream
 from leantune.loss import causal_lm_loss, count_loss_tokens
@@ -43,8 +50,8 @@ def run_job(out: Path, overrides: list[str]) -> dict:
     return json.loads((out / "job" / "summary.json").read_text())
 
 
-def epoch_work(overrides: list[str]) -> dict:
-    """The matmul FLOPs of the job's first epoch, batch by batch, as the counter sees them."""
+def job_batches(overrides: list[str]):
+    """The demo job's config, its model with the adapter attached (train mode), and its batch stream."""
     config = load_config(None, ["unit_test_table=false", *overrides])
     tokenizer = lt.load_tokenizer(config.model)
     model = lt.load_model(config.model)
@@ -53,27 +60,57 @@ def epoch_work(overrides: list[str]) -> dict:
     examples, _ = prepare_dataset(config.data.train, tokenizer, config.max_length, config.overlong, config.packing)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stream = BatchStream(examples, config.batch_size, config.seed, pad, group_by_length=config.group_by_length)
+    return config, model, stream
+
+
+def forward_backward(config, model, batch) -> None:
+    """One of the job's steps without the optimizer: its loss, forward and backward."""
     chunked = None if config.chunked_loss == "auto" else bool(config.chunked_loss)
+    causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                   chunk_tokens=config.loss_chunk_tokens, chunked=chunked,
+                   num_items=count_loss_tokens(batch["labels"])).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def epoch_work(config, model, stream) -> dict:
+    """The matmul FLOPs of the job's first epoch, batch by batch, as the counter sees them."""
     flops, tokens = 0.0, 0
     for position in range(stream.batches_per_epoch):
         batch = stream.batch_at(position)
         lengths = batch["attention_mask"].sum(-1).tolist()
-        loss_tokens = count_loss_tokens(batch["labels"])
-
-        def step() -> None:
-            causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                           chunk_tokens=config.loss_chunk_tokens, chunked=chunked, num_items=loss_tokens).backward()
-            model.zero_grad(set_to_none=True)
-
-        flops += counted_flops(step, model, lengths)
+        flops += counted_flops(lambda: forward_backward(config, model, batch), model, lengths)
         tokens += int(batch["attention_mask"].sum())
     return {"flops": flops, "tokens": tokens, "batches": stream.batches_per_epoch}
+
+
+def where_time_goes(config, model, stream, count: int, rate: float) -> dict:
+    """Profiled self time by group over `count` of the epoch's batches, and the rates reached."""
+    positions = list(range(0, stream.batches_per_epoch, max(1, stream.batches_per_epoch // count)))[:count]
+    batches = [stream.batch_at(p) for p in positions]
+    forward_backward(config, model, batches[0])  # untimed: first-call costs stay out
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for batch in batches:
+            forward_backward(config, model, batch)
+    groups = summarize_events(profiler.events())["groups_ms"]
+    flops = attention = 0.0
+    for batch in batches:
+        lengths = batch["attention_mask"].sum(-1).tolist()
+        flops += counted_flops(lambda: forward_backward(config, model, batch), model, lengths)
+        attention += attention_flops(model, lengths)
+    total_s = sum(groups.values()) / 1e3
+    return {"batches": positions, "groups_ms": groups, "flops": flops, "attention_flops": attention,
+            "linear_flops_per_s": (flops - attention) / (groups["matmul"] / 1e3),
+            "attention_flops_per_s": attention / (groups["attention"] / 1e3),
+            "share_of_bound": flops / total_s / rate,
+            "share_if_only_linear_products": flops / (groups["matmul"] / 1e3) / rate}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+    parser.add_argument("--profile-batches", type=int, default=8, metavar="N",
+                        help="batches of the epoch to profile for where the time goes (0: none; default 8)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +121,8 @@ def main() -> None:
     wall = time.time() - started
     after = gemm_rate(probe, GEMM_ROWS)
     del probe
-    work = epoch_work(args.overrides)
+    config, model, stream = job_batches(args.overrides)
+    work = epoch_work(config, model, stream)
     rate = statistics.mean([before, after])
     result = {
         "command": " ".join(["python", *sys.argv]), "threads": torch.get_num_threads(),
@@ -95,13 +133,15 @@ def main() -> None:
         "flops_per_token": work["flops"] / work["tokens"],
         "share_of_bound": work["flops"] / summary["time_s"] / rate,
     }
+    if args.profile_batches:
+        result["profile"] = where_time_goes(config, model, stream, args.profile_batches, rate)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "results.md").write_text(report(result))
     print(report(result))
 
 
 def report(r: dict) -> str:
-    return "\n".join([
+    lines = [
         "# The demo job against this machine's matmul rate", "",
         f"Command: `{r['command']}` ({r['threads']} torch threads)", "",
         "| | |", "|---|---|",
@@ -112,7 +152,21 @@ def report(r: dict) -> str:
         f"| matmul work of the epoch (counted) | {r['epoch_flops'] / 1e12:.2f} TFLOP, "
         f"{r['flops_per_token'] / 1e9:.3f} GFLOP per token |",
         f"| **share of the matmul bound** | **{r['share_of_bound']:.0%}** |",
-        f"| eval loss after | {r['eval_loss_after']} |", ""])
+        f"| eval loss after | {r['eval_loss_after']} |", ""]
+    return "\n".join(lines + (profile_report(r["profile"]) if "profile" in r else []))
+
+
+def profile_report(p: dict) -> list[str]:
+    total = sum(p["groups_ms"].values())
+    lines = [f"## Where the time goes ({len(p['batches'])} of the epoch's batches, forward and backward, "
+             "under torch.profiler)", "", "| work | share of the time |", "|---|---|"]
+    lines += [f"| {group} | {ms / total:.1%} |" for group, ms in p["groups_ms"].items() if ms]
+    lines += ["", f"Linear products run at {p['linear_flops_per_s'] / 1e9:.0f} GFLOP/s on their counted FLOPs, "
+              f"attention (SDPA's kernel) at {p['attention_flops_per_s'] / 1e9:.0f} GFLOP/s "
+              f"({p['attention_flops'] / p['flops']:.0%} of the FLOPs). Share of the bound over these batches: "
+              f"{p['share_of_bound']:.0%}; if nothing but the linear products took time, "
+              f"{p['share_if_only_linear_products']:.0%}.", ""]
+    return lines
 
 
 if __name__ == "__main__":

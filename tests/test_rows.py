@@ -68,6 +68,7 @@ def test_greedy_generation_per_row_equals_each_adapter_alone(mixed):
     ["ia3", "rs", "ia3"],  # an adapter without factors beside one with them
     ["dora", "rs", "lora", "paca"],  # every row its own adapter: the groups are the rows, in order
     ["rs", "rs", "rs"],  # one adapter for all rows
+    ["dora", "dora", "ia3", "paca"],  # consecutive entries of the stack, not from its first: a view of it
 ])
 def test_rows_grouped_unevenly_still_equal_each_adapter_alone(mixed, names):
     tokens = torch.randint(0, 256, (len(names), 6), generator=torch.Generator().manual_seed(len(names)))

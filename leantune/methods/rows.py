@@ -60,10 +60,10 @@ class _Stacked:
 class _Groups:
     """How one batch's rows meet the stacked factors: group g holds rows `gather[g]` (a short
     group padded with row 0, whose output there is never read) and runs the factors `a[g]`,
-    `b[g]` (views of the stack when every adapter has one group in stack order; else gathered
-    once for these rows, which stay the same through a generation's decode steps). Row
-    `targets[k]`'s update is slot `slots[k]` of the groups' output flattened. `in_order`: the
-    groups hold every row once, in order, so no copy of the activations is needed."""
+    `b[g]` (views of the stack when the groups' adapters are consecutive entries of it, as one
+    adapter is; else gathered once for these rows, which stay the same through a generation's
+    decode steps). Row `targets[k]`'s update is slot `slots[k]` of the groups' output flattened.
+    `in_order`: the groups hold every row once, in order, so no copy of the activations is needed."""
 
     rows: tuple[str | None, ...]
     index: torch.Tensor  # [rows]: each row's entry in the stack (the last one: the base)
@@ -186,8 +186,9 @@ def _group(rows: tuple[str | None, ...], forms: _Stacked, device: torch.device) 
             slots += range(len(gather) * size, len(gather) * size + len(chunk))
             gather.append(chunk + [0] * (size - len(chunk)))
             adapters.append(entry)
-    if adapters == list(range(len(names))):
-        a, b = forms.a[:-1], forms.b[:-1]
+    first = adapters[0]
+    if adapters == list(range(first, first + len(adapters))):  # consecutive entries (one adapter, or all in order)
+        a, b = forms.a[first:first + len(adapters)], forms.b[first:first + len(adapters)]
     else:
         chosen = torch.tensor(adapters, device=forms.a.device)
         a, b = forms.a[chosen], forms.b[chosen]
