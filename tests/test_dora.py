@@ -232,3 +232,44 @@ def test_quantized_base_matches_reference_on_the_dequantized_weight():
     torch.testing.assert_close(layer.magnitude.grad, m.grad)
     torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-4, atol=1e-5)
     assert (48, 64) not in shapes
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_base_weight_loaded_after_forwards_reaches_the_norms(grad):
+    """‖W0‖² is taken again when the base weight changes (here a load_state_dict into it after a
+    forward, plain and routed), not kept from attach time."""
+    model = _dora_linear(bias=True).eval()
+    layer = model[0]
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        model(x), model(x, adapter_names=["default", "default"])  # norms and stacked forms now cached
+        new_weight = torch.randn_like(layer.base_layer.weight)
+        model.load_state_dict({"0.base_layer.weight": new_weight}, strict=False)
+        expected = reference_dora(x, new_weight, layer.base_layer.bias.detach(), layer.lora_A.detach(),
+                                  layer.lora_B.detach(), layer.magnitude.detach(), layer.scale)
+        torch.testing.assert_close(model(x), expected)
+        torch.testing.assert_close(model(x, adapter_names=["default", "default"]), expected)
+
+
+def test_stacked_over_paca_is_dora_over_the_weight_paca_makes():
+    """DoRA on top of PaCA normalises W0 + PaCA's columns + s B A: PaCA writes its columns into the
+    base weight, which the norm must follow (a norm of W0 alone gave NaN once both moved)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24).double())
+    lt.attach(model, lt.PaCA(r=4, alpha=8, targets=["0"]), adapter_name="paca")
+    lt.attach(model, lt.DoRA(r=4, alpha=8, targets=["0"]), adapter_name="dora")
+    lt.use(model, ["paca", "dora"])
+    randomize_adapter(model, scale=0.5)
+    dora = model[0]
+    paca = dora.base_layer
+    x = torch.randn(3, 16, dtype=torch.float64)
+    for _ in range(2):  # the second time with both adapters moved since the first forward
+        out = model(x)
+        below = paca.clean_weight().detach().clone()  # W0: cleaning takes PaCA's columns back out
+        below[:, paca.paca_index] += paca.scale * paca.paca_delta.detach()
+        expected = reference_dora(x, below, paca.base_layer.bias.detach(), dora.lora_A.detach(), dora.lora_B.detach(),
+                                  dora.magnitude.detach(), dora.scale)
+        torch.testing.assert_close(out, expected)
+        with torch.no_grad():
+            for p in (paca.paca_delta, dora.lora_B, dora.magnitude):
+                p.add_(0.3 * torch.randn_like(p))

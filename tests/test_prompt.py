@@ -58,8 +58,12 @@ def padded_batch():
 
 def reference_logits(base, prompt, ids, mask=None, positions=None):
     """The plain model on cat(P, E[ids]), with ones for P in the mask and positions 0..V-1 before the given
-    ones moved up by V; the logits at the real positions."""
+    ones moved up by V (none given and a row left-padded: every row counted from its first real token,
+    so no padding sits between P and the text); the logits at the real positions."""
     count, batch = prompt.shape[0], ids.shape[0]
+    leading_pads = None if mask is None else (mask.cumsum(-1) == 0).sum(-1)
+    if positions is None and leading_pads is not None and bool(leading_pads.any()):
+        positions = (torch.arange(ids.shape[1])[None] - leading_pads[:, None]).clamp(min=0)
     embeds = torch.cat([prompt.expand(batch, -1, -1), base.get_input_embeddings()(ids)], dim=1)
     if mask is not None:
         mask = torch.cat([torch.ones(batch, count, dtype=mask.dtype), mask], dim=1)
@@ -153,6 +157,21 @@ def test_given_position_ids_move_up_behind_the_virtual_tokens():
         # positions 0..T-1 are what the model counts without them
         torch.testing.assert_close(model(ids, position_ids=torch.arange(10).expand(3, -1)).logits,
                                    model(ids).logits, **ATOL)
+
+
+def test_a_left_padded_row_without_position_ids_equals_the_row_alone():
+    """Pads must not sit between the virtual tokens and the text: a forward given only a padded mask
+    counts each row's positions over its real tokens, with one adapter selected and with rows routed."""
+    model = prompted(lt.load_model("tiny-llama"))
+    lt.attach(model, lt.LoRA(r=4), adapter_name="lora")
+    lt.use(model, "default")
+    ids, mask, _ = padded_batch()
+    with torch.no_grad():
+        alone = model(ids[2:, 4:]).logits[0]  # row 2 without its 4 pads
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[2, 4:], alone, **ATOL)
+        lt.use(model, None)
+        routed = model(ids, attention_mask=mask, adapter_names=["lora", None, "default"]).logits
+        torch.testing.assert_close(routed[2, 4:], alone, **ATOL)
 
 
 def test_chunked_loss_equals_full_logits_loss_equals_the_hand_computed_one():
@@ -352,7 +371,9 @@ def test_export_writes_what_peft_writes_and_peft_loads_it(tmp_path):
     with torch.no_grad():
         theirs_logits = loaded(input_ids=ids, attention_mask=mask).logits
         assert theirs_logits.shape == (3, V + 10, 512)
-        torch.testing.assert_close(theirs_logits[:, V:], model(ids, attention_mask=mask).logits, **ATOL)
+        # rows 0-1 (unpadded, right-padded); PEFT's forward counts positions through row 2's left
+        # padding, so its logits there depend on the padding (its generate passes positions: equal)
+        torch.testing.assert_close(theirs_logits[:2, V:], model(ids, attention_mask=mask).logits[:2], **ATOL)
 
 
 def test_peft_loss_scores_one_token_more_the_first_real_one():
@@ -395,8 +416,8 @@ def test_import_matches_peft_logits(tmp_path, peft_init, init):
     assert lt.attached(model)["default"] == lt.PromptTuning(num_virtual_tokens=4, init=init)
     ids, mask, _ = padded_batch()
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, attention_mask=mask).logits,
-                                   theirs.eval()(input_ids=ids, attention_mask=mask).logits[:, 4:], **ATOL)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits[:2],  # rows without left padding
+                                   theirs.eval()(input_ids=ids, attention_mask=mask).logits[:2, 4:], **ATOL)
     lt.export_peft(model, tmp_path / "again")  # and back: the same tensor
     assert torch.equal(load_tensors(tmp_path / "again" / "adapter_model.safetensors")["prompt_embeddings"],
                        load_tensors(tmp_path / "peft" / "adapter_model.safetensors")["prompt_embeddings"])

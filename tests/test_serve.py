@@ -153,6 +153,8 @@ def test_models_list_adapters_with_the_base_as_parent_and_stop_strings_and_seeds
     (json.dumps({"model": "a", "prompt": "x", "logprobs": 0}).encode(), 400, "logprobs: not supported"),
     (json.dumps({"model": "a", "prompt": "x", "presence_penalty": 0.5}).encode(), 400, "presence_penalty: not"),
     (json.dumps({"model": "a", "prompt": "x", "echo": True}).encode(), 400, "echo: not supported"),
+    (json.dumps({"model": "a", "prompt": "x", "max_tokens": True}).encode(), 400, "max_tokens"),  # not 1
+    (json.dumps({"model": "a", "prompt": "x", "temperature": "0"}).encode(), 400, "temperature"),
 ])
 def test_bad_requests_get_openai_error_json_and_the_server_keeps_serving(server, body, status, fragment):
     reply = httpx.post(server["url"] + "/v1/completions", content=body, timeout=30,

@@ -1,8 +1,13 @@
 """DoRA: W' = m · (W0 + s B A) / ‖W0 + s B A‖_row, a LoRA update plus a trainable per-row magnitude.
 
 The output is y = (m / n) ⊙ (x W0ᵀ + s (x Aᵀ) Bᵀ) + b with n the row norms of W0 + s B A.
-The norm never forms the dense update: ‖W0 + sBA‖²_row = ‖W0‖²_row (a constant kept per layer)
-+ 2s·rowsum((W0 Aᵀ) ⊙ B) + s²·rowsum((B A Aᵀ) ⊙ B), which needs only out×r and r×r products.
+The norm never forms the dense update: ‖W0 + sBA‖²_row = ‖W0‖²_row + 2s·rowsum((W0 Aᵀ) ⊙ B)
++ s²·rowsum((B A Aᵀ) ⊙ B), which needs only out×r and r×r products. ‖W0‖²_row is kept per layer
+and taken again whenever the base weight's storage or version changed (a load_state_dict into the
+base, PaCA's columns written into it from below, a `.data =` swap) and at every forward that autograd
+records, where it is a pass over W0 next to the step's products; only an in-place write through
+`.data` to the base weight between two no-grad forwards goes unseen (a decode step would otherwise
+read every weight twice).
 
 Gradient convention: n is treated as a constant in backward (detached), as the DoRA paper
 (section 4.3) suggests and as Hugging Face PEFT does, so A and B receive no gradient through n.
@@ -110,25 +115,37 @@ class DoRALayer(LoRALayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DoRA):
         super().__init__(base_layer, adapter_name, config)
+        self._norm_key: tuple | None = None  # the base weight's state base_sq_norm was taken at
         self.register_buffer("base_sq_norm", self._base_sq_norm(), persistent=False)
         self.magnitude = nn.Parameter(self.current_norms().detach().clone())
 
     def _base_weight(self) -> torch.Tensor:
         return dense_weight(self.base_module())
 
-    def _base_sq_norm(self) -> torch.Tensor:
+    def _stored_weight_key(self) -> tuple:
+        stored = self.base_module().weight  # the stored tensor: a quantized base's packed codes
+        return id(stored), stored.data_ptr(), stored._version, stored.shape, stored.dtype
+
+    def _base_sq_norm(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """‖W0‖²_row of the (possibly PiSSA-residual) base weight, in the adapter dtype."""
         with torch.no_grad():
-            return self._base_weight().to(self.lora_A.dtype).pow(2).sum(1)
+            self._norm_key = self._stored_weight_key()
+            weight = self._base_weight() if weight is None else weight
+            return torch.linalg.vector_norm(weight.to(self.lora_A.dtype), dim=1).pow_(2)
+
+    def fresh_base_sq_norm(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """‖W0‖²_row for the base weight as it is now (when it is taken again: the module docstring);
+        `weight`: the dense base weight, where the caller has it already (a quantized one dequantized)."""
+        if torch.is_grad_enabled() or self._norm_key != self._stored_weight_key():
+            self.base_sq_norm = self._base_sq_norm(weight)
+        return self.base_sq_norm
 
     def current_norms(self) -> torch.Tensor:
         """‖W0 + s B A‖_row for the current factors (no gradient flows through it)."""
+        weight = self._base_weight()
+        base_sq_norm = self.fresh_base_sq_norm(weight)
         with torch.no_grad():
-            return row_norms(self._base_weight(), self.base_sq_norm, self.lora_A, self.lora_B, self.scale)
-
-    def adapter_state_loaded(self) -> None:
-        super().adapter_state_loaded()  # PiSSA rebuilds the residual base weight first
-        self.base_sq_norm = self._base_sq_norm()
+            return row_norms(weight, base_sq_norm, self.lora_A, self.lora_B, self.scale)
 
     def row_form(self) -> RowForm:
         """m / ‖W0 + s B A‖_row scales the base output and the update; the bias stays as it is."""
@@ -149,7 +166,7 @@ class DoRALayer(LoRALayer):
         weight = self._base_weight()  # quantized bases dequantize once here, and again in backward
         if self._can_fuse(x, weight):
             return _FusedDoRA.apply(x, x_dropped, weight, self.base_module().bias, self.lora_A, self.lora_B,
-                                    self.magnitude, self._base_weight, self.base_sq_norm, self.scale)
+                                    self.magnitude, self._base_weight, self.fresh_base_sq_norm(weight), self.scale)
         return self._plain_forward(x, x if x_dropped is None else x_dropped)
 
     def _plain_forward(self, x: torch.Tensor, x_dropped: torch.Tensor) -> torch.Tensor:

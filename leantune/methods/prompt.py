@@ -7,7 +7,9 @@ run it the same way:
 
 - a forward pre-hook turns `input_ids` into `inputs_embeds` with P in front, extends a 2-D
   attention mask with ones and, when position ids are given, gives the virtual tokens 0..V-1 and
-  moves the real ones up by V (without them the model counts 0..V+T-1, the same thing unpadded);
+  moves the real ones up by V (without them the model counts 0..V+T-1, the same thing unpadded;
+  rows that start with padding are counted from their first real token, so no pad sits between
+  the virtual tokens and the text);
 - a forward hook cuts the virtual positions off `last_hidden_state` (and `hidden_states`), so the
   head, the logits, the labels and every loss cover exactly the real tokens.
 
@@ -208,8 +210,8 @@ class VirtualTokens(nn.Module, _DecoderHooks):
         prompt = self.prompt_embeddings.to(embeds.dtype)[None].expand(embeds.shape[0], -1, -1)
         kwargs["input_ids"] = None
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+        positions = _positions_of_padded(kwargs, embeds.shape[1])
         self._extend_mask(kwargs)
-        positions = kwargs.get("position_ids")
         if positions is not None:
             virtual = torch.arange(self.count, dtype=positions.dtype, device=positions.device)
             kwargs["position_ids"] = torch.cat([virtual.expand(*positions.shape[:-1], -1), positions + self.count],
@@ -221,9 +223,10 @@ class VirtualTokens(nn.Module, _DecoderHooks):
         if self.adapter_name not in getattr(cache, _CACHE_MARK, {}):
             raise LeantuneError(f"prompt adapter '{self.adapter_name}': the KV cache given to this forward was "
                                 "filled without its virtual tokens (e.g. inside lt.disabled); start from an empty cache")
+        positions = _positions_of_padded(kwargs, _new_tokens(kwargs))
         self._extend_mask(kwargs)
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + self.count
+        if positions is not None:
+            kwargs["position_ids"] = positions + self.count
         return kwargs
 
     def _extend_mask(self, kwargs: dict) -> None:
@@ -286,7 +289,7 @@ class RowPrompts(_DecoderHooks):
             mask = torch.ones(len(counts), past + real, dtype=torch.long, device=given.device)
         block = torch.arange(width, device=given.device)[None] >= (width - virtual)[:, None]
         kwargs["attention_mask"] = torch.cat([block.to(mask.dtype), mask], dim=1)
-        positions = kwargs.get("position_ids")
+        positions = _positions_of_padded({**kwargs, "attention_mask": mask}, real)
         if positions is None:
             positions = torch.arange(past, past + real, device=given.device)[None].expand(len(counts), -1)
         positions = positions + virtual[:, None].to(positions.dtype)
@@ -314,6 +317,28 @@ class RowPrompts(_DecoderHooks):
         if cache is not None:
             setattr(cache, _ROWS_CACHE_MARK, counts)
         return output
+
+
+def _positions_of_padded(kwargs: dict, new_tokens: int) -> torch.Tensor | None:
+    """The position ids of the call's last `new_tokens` columns: the ones given, else, under a 2-D
+    mask whose rows start with padding, each row counted from its first real token (0 on the pads
+    before it), else None (the model counts 0, 1, ... itself, as it does through right padding).
+    Counting through left padding would put the pads between the virtual tokens and the text, a
+    gap the row alone (and `generate`, which passes positions) does not have."""
+    positions, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
+    if positions is not None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return positions
+    leading_pads = (mask.long().cumsum(-1) == 0).sum(-1)
+    if not bool(leading_pads.any()):
+        return None
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    return (columns[None] - leading_pads[:, None]).clamp(min=0)[:, -new_tokens:]
+
+
+def _new_tokens(kwargs: dict) -> int:
+    given = kwargs.get("inputs_embeds")
+    given = kwargs.get("input_ids") if given is None else given
+    return given.shape[1]
 
 
 def _cut_front(output: Any, added: int) -> Any:

@@ -8,12 +8,12 @@ Every routable adapter of a module is written in one row form,
 columns, B = s Δ; PiSSA over the original weight: A = [A; A0], B = [s B, −s B0]). The forms of
 all adapters stacked on the module are stacked once into [N+1, ...] tensors (the last entry is the
 base model: no update), zero-padded to the largest rank, and cached until an adapter tensor
-changes. A forward groups the rows by adapter (`_Groups`: rows of one adapter side by side, a
-heavy adapter split into several groups so no group pads much) and runs two batched products
-(`torch.bmm`) over all groups at once, reading each adapter's factors once rather than copying
-them for every row: no loop over adapters. Groups follow the rows' order, so a batch whose rows
-of one adapter sit together (every row its own adapter, or one adapter for all) needs no copy
-of its activations either.
+or the base weight (by its version) changes. A forward groups the rows by adapter (`_Groups`:
+rows of one adapter side by side, a heavy adapter split into several groups so no group pads
+much) and runs two batched products (`torch.bmm`) over all groups at once, reading each
+adapter's factors once rather than copying them for every row: no loop over adapters. Groups
+follow the rows' order, so a batch whose rows of one adapter sit together (every row its own
+adapter, or one adapter for all) needs no copy of its activations either.
 
 Rows run as in eval mode (no dropout); the module's base weight is its original (`clean_weight`).
 """
@@ -54,6 +54,7 @@ class _Stacked:
     layout: int | None = None  # the router's layout it was last checked at, under trust_versions
     innermost: nn.Module | None = None  # the stack's innermost layer, whose clean_weight() undoes base edits
     groups: "_Groups | None" = None  # the last batch's grouping (the same rows at every decode step)
+    weight_version: int = -1  # the base weight's version at the build (DoRA's norms are taken over it)
 
 
 @dataclass
@@ -158,8 +159,10 @@ def stacked_forms(outer: nn.Module, layout: int | None = None) -> _Stacked:
         layer.check_routable()
     weight = stack[-1].clean_weight()  # PaCA takes its columns back out of the base weight if a forward placed them
     live = _sources(stack)
-    if cached is None or cached.weight is not weight or not _unchanged(cached.snapshot, live):
+    if (cached is None or cached.weight is not weight or cached.weight_version != weight._version
+            or not _unchanged(cached.snapshot, live)):
         cached = _build(outer, stack, [t.detach().clone() for t in live])
+        cached.weight_version = weight._version
         outer.__dict__["_row_forms"] = cached
     cached.layout, cached.innermost = layout, stack[-1]
     return cached

@@ -36,7 +36,8 @@ _NOT_IMPLEMENTED = {
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: JSON's own types only (true is not a max_tokens of 1, "3" not 3); an integer is a float
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str
     max_tokens: int | None = Field(default=16)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -58,7 +59,7 @@ class CompletionBody(_Body):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]]
 
@@ -84,11 +85,13 @@ class ChatBody(_Body):
 
 
 class LoadBody(BaseModel):
+    model_config = ConfigDict(strict=True)
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
 
 
 class UnloadBody(BaseModel):
+    model_config = ConfigDict(strict=True)
     lora_name: str = Field(min_length=1)
 
 
