@@ -111,6 +111,10 @@ def row_names(model: nn.Module, names: Any) -> tuple[str | None, ...]:
         else:
             raise LeantuneError(f"adapter_names names '{name}', which is not attached (attached: "
                                 f"{', '.join(registry) or 'none'}; None or '{BASE_ROW}' for the base model)")
+    off = [name for name in rows if name is not None and name in router(model).switched_off]
+    if off:  # neither silently the base (PEFT's choice) nor silently the adapter the block switched off
+        raise LeantuneError(f"adapter_names names '{off[0]}', which the enclosing lt.disabled block switches off; "
+                            "run the rows outside the block, or name None for the base model")
     return tuple(rows)
 
 

@@ -76,6 +76,19 @@ def test_rows_grouped_unevenly_still_equal_each_adapter_alone(mixed, names):
     torch.testing.assert_close(mixed(tokens, adapter_names=names).logits, expected, **TOL)
 
 
+def test_rows_naming_an_adapter_switched_off_by_disabled_are_refused(mixed):
+    tokens = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(9))
+    expected = torch.cat([alone(mixed, "rs", tokens[:1]), alone(mixed, None, tokens[1:])])
+    lt.use(mixed, ["lora", "rs", "paca"])
+    with lt.disabled(mixed, "lora"):
+        with pytest.raises(LeantuneError, match="'lora', which the enclosing lt.disabled block switches off"):
+            mixed(tokens, adapter_names=["lora", None])
+        torch.testing.assert_close(mixed(tokens, adapter_names=["rs", None]).logits, expected, **TOL)  # others route
+    with lt.disabled(mixed):
+        with pytest.raises(LeantuneError, match="switches off"):
+            mixed.generate(tokens, adapter_names=["rs", "paca"], max_new_tokens=2, do_sample=False)
+
+
 def test_generate_reads_the_adapters_once_so_a_data_write_between_calls_is_seen(mixed):
     tokens = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(8))
     names = ["lora", "rs"]
