@@ -91,8 +91,6 @@ def _takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         return False
     if not (_dense(x) and _dense(weight)) or (bias is not None and bias.shape != weight.shape[:1]):
         return False
-    if torch.compiler.is_compiling():  # inductor failed to lower this call (args[5]): compiled code gets torch's
-        return False
     if torch.is_autocast_enabled("cpu") or not available():
         return False
     return x.numel() * weight.shape[0] >= MIN_MACS
@@ -136,10 +134,47 @@ class _Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+# Compiled code reaches oneDNN through a custom op: inductor cannot lower `_linear_pointwise` itself
+# (its args[5]), but calls a custom op as an opaque kernel and fuses the elementwise work around it.
+@torch.library.custom_op("leantune::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    x = x if x.is_contiguous() else x.contiguous()
+    return _onednn(x, weight if _dense(weight) else weight.contiguous(), bias)
+
+
+@_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_op_setup(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)  # compiled graphs keep only what the traced backward reads
+    ctx.has_bias = bias is not None
+
+
+def _linear_op_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    g2 = grad.reshape(-1, grad.shape[-1])
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _linear_op(g2, weight.t(), None).view(*grad.shape[:-1], weight.shape[1])
+    if ctx.needs_input_grad[1]:
+        grad_w = _linear_op(g2.t(), x.reshape(-1, x.shape[-1]).t(), None)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = g2.sum(0)
+    return grad_x, grad_w, grad_b
+
+
+_linear_op.register_autograd(_linear_op_backward, setup_context=_linear_op_setup)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through oneDNN where it applies; differentiable either way."""
     if not _takes(x, weight, bias):
         return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling():
+        return _linear_op(x, weight, bias)
     grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     return _Linear.apply(x, weight, bias) if grads else _onednn(x, weight, bias)
 

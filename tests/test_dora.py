@@ -273,3 +273,39 @@ def test_stacked_over_paca_is_dora_over_the_weight_paca_makes():
         with torch.no_grad():
             for p in (paca.paca_delta, dora.lora_B, dora.magnitude):
                 p.add_(0.3 * torch.randn_like(p))
+
+
+def _dense_weight_by_hand(layer):
+    """The weight a LoRA, input-scaling IA3 or DoRA layer directly over a linear runs with."""
+    w0 = layer.base_layer.weight.detach()
+    if hasattr(layer, "ia3_l"):
+        return w0 * layer.ia3_l.detach()[None, :]
+    combined = w0 + layer.scale * layer.lora_B.detach() @ layer.lora_A.detach()
+    if hasattr(layer, "magnitude"):
+        return layer.magnitude.detach()[:, None] * combined / combined.norm(dim=1, keepdim=True)
+    return combined
+
+
+@pytest.mark.parametrize("below", ["lora", "ia3", "dora"])
+def test_stacked_on_another_adapter_normalises_the_weight_that_adapter_runs_with(below):
+    """DoRA over LoRA / IA3 / DoRA: W' = m (W_below + s B A) / ‖W_below + s B A‖_row, W_below the
+    lower adapter's dense weight; unmerged, merged and freshly attached (no change) alike."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24).double())
+    lower = {"lora": lt.LoRA(r=4, alpha=8, targets=["0"]), "ia3": lt.IA3(targets=["0"], feedforward=["0"]),
+             "dora": lt.DoRA(r=2, alpha=4, targets=["0"])}[below]
+    lt.attach(model, lower, adapter_name="below")
+    randomize_adapter(model, scale=0.3)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    before = model(x)
+    lt.attach(model, lt.DoRA(r=4, alpha=8, targets=["0"]), adapter_name="top")
+    lt.use(model, ["below", "top"])
+    torch.testing.assert_close(model(x), before)  # a fresh DoRA on top changes nothing
+    randomize_adapter(model, scale=0.3, seed=1)
+    top = model[0]
+    w_below = _dense_weight_by_hand(top.base_layer)
+    expected = reference_dora(x, w_below, top.base_module().bias.detach(), top.lora_A.detach(), top.lora_B.detach(),
+                              top.magnitude.detach(), top.scale)
+    torch.testing.assert_close(model(x), expected)
+    lt.merge(model)
+    torch.testing.assert_close(model(x), expected)

@@ -52,21 +52,26 @@ def test_gradients_equal_float64_autograd():
         assert _relative(got, want.grad) < 1e-5
 
 
-def test_compiled_code_gets_torchs_products_and_the_same_numbers(monkeypatch):
-    """Inductor cannot lower oneDNN's call: under torch.compile the products are torch's own."""
+def test_compiled_code_reaches_onednn_through_the_custom_op_with_the_same_numbers(monkeypatch):
+    """Inductor cannot lower oneDNN's call itself: compiled code calls it as the op leantune::linear."""
     monkeypatch.setattr(kernels, "MIN_MACS", 0)
+    calls = []
+    monkeypatch.setattr(kernels, "_onednn", lambda *args: calls.append(1) or kernels._onednn_op()(*args, "none", [], ""))
     torch.manual_seed(0)
     model = nn.Sequential(kernels.FastLinear(64, 128), nn.SiLU(), kernels.FastLinear(128, 64))
     x = torch.randn(8, 64, requires_grad=True)
-    runs = []
+    runs, counts = [], []
     for run in (model, torch.compile(model)):
         model.zero_grad()
         x.grad = None
+        calls.clear()
         y = run(x)
         y.square().sum().backward()
         runs.append([y.detach(), x.grad.clone(), model[0].weight.grad.clone(), model[2].bias.grad.clone()])
+        counts.append(len(calls))
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert counts == [6, 6]  # two products forward, an input and a weight gradient for each backward
 
 
 def test_a_second_derivative_raises_rather_than_missing_terms():

@@ -196,6 +196,26 @@ def test_qdora_matches_dequantized_reference(tiny_llama, tokens):
     torch.testing.assert_close(tiny_llama(tokens).logits, reference(tokens).logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("config", [lt.LoRA(r=4, alpha=8, quantize="nf4"), lt.PaCA(r=4, quantize="nf4")])
+def test_merging_into_a_4bit_base_needs_requantize_and_unmerge_restores_it(tiny_llama, tokens, config):
+    """Merging rounds the update into 4 bits: refused in one sentence unless asked for; the dense
+    merged export stays exact."""
+    lt.attach(tiny_llama, config)
+    randomize_adapter(tiny_llama)
+    tiny_llama.eval()
+    with torch.no_grad():
+        adapted = tiny_llama(tokens).logits
+        with pytest.raises(lt.LeantuneError, match="4-bit base: merging rounds its update"):
+            lt.merge(tiny_llama)
+        with pytest.raises(lt.LeantuneError, match="requantize=True"):
+            lt.detach(copy.deepcopy(tiny_llama), keep_merged=True)
+        torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=0, atol=0)  # nothing merged
+        lt.merge(tiny_llama, requantize=True)
+        assert (tiny_llama(tokens).logits - adapted).abs().max() > 1e-4  # rounded, as it said
+        lt.unmerge(tiny_llama)
+        torch.testing.assert_close(tiny_llama(tokens).logits, adapted, rtol=0, atol=0)
+
+
 def test_summary_reports_nf4_base_bytes(tiny_llama):
     lt.attach(tiny_llama, lt.PaCA(r=4, quantize="nf4"))
     info = lt.summary(tiny_llama)["base_weight_bytes"]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..errors import LeantuneError
 from .base import register
 from .layer import AdapterLayer, dense_weight
 from .rows import RowForm
@@ -120,7 +121,18 @@ class DoRALayer(LoRALayer):
         self.magnitude = nn.Parameter(self.current_norms().detach().clone())
 
     def _base_weight(self) -> torch.Tensor:
-        return dense_weight(self.base_module())
+        """W0: the base weight, or stacked on another adapter, the weight that adapter runs with."""
+        if not self._stacked():
+            return dense_weight(self.base_module())
+        weight = self.base_layer.effective_weight()
+        if weight is None:
+            raise LeantuneError(f"DoRA adapter '{self.adapter_name}' normalises the weight of what it wraps, but "
+                                f"the {self.base_layer.method_name} adapter below it is no single linear map; "
+                                "attach DoRA first, or under it")
+        return weight
+
+    def _stacked(self) -> bool:
+        return isinstance(self.base_layer, AdapterLayer)
 
     def _stored_weight_key(self) -> tuple:
         stored = self.base_module().weight  # the stored tensor: a quantized base's packed codes
@@ -136,21 +148,28 @@ class DoRALayer(LoRALayer):
     def fresh_base_sq_norm(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """‖W0‖²_row for the base weight as it is now (when it is taken again: the module docstring);
         `weight`: the dense base weight, where the caller has it already (a quantized one dequantized)."""
-        if torch.is_grad_enabled() or self._norm_key != self._stored_weight_key():
+        # stacked on another adapter, W0 moves with that adapter's tensors: taken every time
+        if torch.is_grad_enabled() or self._stacked() or self._norm_key != self._stored_weight_key():
             self.base_sq_norm = self._base_sq_norm(weight)
         return self.base_sq_norm
 
-    def current_norms(self) -> torch.Tensor:
-        """‖W0 + s B A‖_row for the current factors (no gradient flows through it)."""
-        weight = self._base_weight()
-        base_sq_norm = self.fresh_base_sq_norm(weight)
+    def current_norms(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """‖W0 + s B A‖_row for the current factors (no gradient flows through it); `weight`: W0
+        when it is not the one the layer runs over now."""
+        if weight is None:
+            weight = self._base_weight()
+            base_sq_norm = self.fresh_base_sq_norm(weight)
+        else:
+            base_sq_norm = torch.linalg.vector_norm(weight.detach().to(self.lora_A.dtype), dim=1).pow_(2)
         with torch.no_grad():
             return row_norms(weight, base_sq_norm, self.lora_A, self.lora_B, self.scale)
 
     def row_form(self) -> RowForm:
-        """m / ‖W0 + s B A‖_row scales the base output and the update; the bias stays as it is."""
+        """m / ‖W0 + s B A‖_row scales the base output and the update; the bias stays as it is. A row
+        runs this adapter alone, so W0 is the base weight (cleaned of the adapters below by now)."""
         form = super().row_form()
-        form.post = self.magnitude / self.current_norms()
+        form.post = self.magnitude / (self.current_norms(dense_weight(self.base_module())) if self._stacked()
+                                      else self.current_norms())
         return form
 
     # -- forward / merge --------------------------------------------------------------------

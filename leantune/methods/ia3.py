@@ -90,6 +90,10 @@ class IA3Layer(AdapterLayer):
             return RowForm(pre=self.ia3_l)
         return RowForm(post=self.ia3_l, post_scales_bias=True)
 
+    def weight_with_update(self, below: torch.Tensor) -> torch.Tensor | None:
+        vector = self.ia3_l.to(below.dtype)
+        return below * (vector[None, :] if self.feedforward else vector[:, None])
+
     def merge_into_base(self) -> None:
         base = self.base_module()
         vector = self.ia3_l.to(base.weight.dtype)

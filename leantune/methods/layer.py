@@ -144,6 +144,20 @@ class AdapterLayer(nn.Module):
         """The base weight without any adapter's contribution (`weight`: what the layers below gave)."""
         return dense_weight(self.base_module()) if weight is None else weight
 
+    def effective_weight(self) -> torch.Tensor | None:
+        """The dense W with this layer's output = x Wᵀ + b as the layer runs now (its own update
+        applied when it runs and is not merged), or None where it is no single linear map. DoRA
+        stacked on top normalises this weight, as its merge does."""
+        below = (self.base_layer.effective_weight() if isinstance(self.base_layer, AdapterLayer)
+                 else dense_weight(self.base_layer))
+        if below is None or self.disabled or self.merged:
+            return below
+        return self.weight_with_update(below)
+
+    def weight_with_update(self, below: torch.Tensor) -> torch.Tensor | None:
+        """`below` (the dense weight of what this layer wraps) with this layer's update; None: not linear."""
+        return None
+
     def routing_name(self) -> str:
         return owner_name(self.adapter_name)
 

@@ -213,5 +213,13 @@ class LoRALayer(AdapterLayer):
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.lora_B @ self.lora_A)
 
+    def weight_with_update(self, below: torch.Tensor) -> torch.Tensor | None:
+        return below.to(self.lora_A.dtype) + self.delta_weight()
+
+    def effective_weight(self) -> torch.Tensor | None:
+        if self.disabled and self._original_weight is not None:  # switched off, PiSSA runs W0 itself
+            return self._original_weight
+        return super().effective_weight()
+
     def merge_into_base(self) -> None:
         add_to_weight(self.base_module(), self.delta_weight())  # NF4 bases requantize

@@ -116,6 +116,17 @@ class PaCALayer(AdapterLayer):
         a[torch.arange(self.r, device=a.device), self.paca_index] = 1.0
         return RowForm(a=a, b=self.scale * self.paca_delta)
 
+    def effective_weight(self) -> torch.Tensor | None:
+        if self._ledger is None:  # on top of another method: below + s Δ in its columns
+            return super().effective_weight()
+        # its forward writes its columns into the base weight: the weight as placed is what it runs
+        return self._ledger.effective_weight()
+
+    def weight_with_update(self, below: torch.Tensor) -> torch.Tensor | None:
+        weight = below.to(self.paca_delta.dtype, copy=True)
+        weight.index_add_(1, self.paca_index, self.scale * self.paca_delta)
+        return weight
+
     def clean_weight(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self._ledger is not None and weight is None:
             self._ledger.sync_base()  # unmerged columns out of the base weight
