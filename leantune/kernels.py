@@ -9,7 +9,8 @@ to float32 rounding. PyTorch has no switch that sends strict float32 matmuls to 
 `mkldnn` precision settings allow lower-precision math), so the op is called here.
 
 `linear` and `matmul` take that path for float32 CPU tensors outside autocast when the product is
-large enough to repay oneDNN's call (about 15 µs), else torch's own; `FastLinear` is an nn.Linear
+large enough to repay oneDNN's call (about 15 µs), else torch's own (compiled code reaches it as
+the custom op `leantune::linear`); `FastLinear` is an nn.Linear
 whose forward (and backward) does the same, and `use_fast_linears(model)` turns a model's plain
 nn.Linear modules into it (`lt.load_model` does). `LEANTUNE_GEMM=torch` (or `off`, `0`) turns all
 of it off. Tools that look for torch's own ops (`FlopCounterMode`; `quantize_dynamic`, which

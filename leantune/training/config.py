@@ -86,8 +86,8 @@ class TrainConfig:
     fused_ops: bool = _doc(True, "RMSNorm and gated-SiLU MLPs through fused autograd functions in float32: the same "
                                  "function with one tensor less kept per MLP; false: the model's own forwards")
     compile: bool = _doc(False, "torch.compile each decoder block (adapter layers stay eager); the first steps "
-                                "pay the compile time, reported apart as compile_s; products inside compiled code are torch's, "
-                                "not oneDNN's (kernels.py)")
+                                "pay the compile time, reported apart as compile_s; measured no faster than eager "
+                                "on CPU (README)")
     max_grad_norm: float | None = _doc(1.0, "clip the gradient norm to this value; null: no clipping")
     chunked_loss: Any = _doc("auto", "compute head + cross-entropy in token chunks (no full logits): auto (large vocabularies), true, false")
     loss_chunk_tokens: int = _doc(256, "tokens per chunk of the chunked loss")
