@@ -262,7 +262,10 @@ def test_merge_unmerge_disabled_detach(case, dtype, make_config, tokens):
     torch.testing.assert_close(logits(model, tokens), adapted, **EXACT)
 
     if case.mergeable:
-        lt.merge(model)
+        if case.merge == "quantized":  # rounding into 4 bits only when asked for
+            with pytest.raises(lt.LeantuneError, match="requantize=True"):
+                lt.merge(model)
+        lt.merge(model, requantize=case.merge == "quantized")
         merged = logits(model, tokens)
         assert_merged_output(case, dtype, merged, adapted, base)
         with lt.disabled(model):
@@ -302,7 +305,7 @@ def test_detach_keep_merged_keeps_the_merged_output(case, make_config, tokens, t
         assert not (tmp_path / "merged").exists()
         return
     adapted_names = [name for name, _ in named_adapter_layers(model)]
-    lt.detach(model, keep_merged=True)
+    lt.detach(model, keep_merged=True, requantize=case.merge == "quantized")
     assert lt.attached(model) == {} and not any(isinstance(m, AdapterLayer) for m in model.modules())
     if case.detach == "dense-sketch":
         assert_dense_linears(model, adapted_names)  # holding the trained tables' Ŵ, for export
