@@ -1,6 +1,8 @@
 """leantune under the real `transformers.Trainer` and TRL `SFTTrainer`: training, saving, resuming."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from datasets import Dataset
@@ -103,12 +105,14 @@ def test_a_trainer_step_equals_a_plain_adamw_step(tmp_path, method, checkpointin
     torch.testing.assert_close(trained.eval()(probe).logits, reference.eval()(probe).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_save_model_writes_the_adapter_only_and_a_resumed_trainer_equals_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("method", [lt.PaCA(r=4, alpha=8), lt.PrefixTuning(num_virtual_tokens=4, reparam_hidden=8)],
+                         ids=["paca", "prefix-reparam"])  # the second saves its adapter folded
+def test_save_model_writes_the_adapter_only_and_a_resumed_trainer_equals_an_uninterrupted_one(tmp_path, method):
     tokenizer = lt.load_tokenizer("tiny-llama")
     data = dataset(tokenizer)
 
     def trainer(folder, max_steps):
-        model = lt.attach(lt.load_model("tiny-llama"), lt.PaCA(r=4, alpha=8))
+        model = lt.attach(lt.load_model("tiny-llama"), copy.deepcopy(method))
         return LeantuneTrainer(model=model, args=arguments(folder, max_steps=max_steps, save_steps=2),
                                train_dataset=data, data_collator=collate, processing_class=tokenizer)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -207,6 +208,16 @@ def test_adapters_load_and_unload_under_the_root_only(server, adapters):
     (adapters["root"] / "link").symlink_to(outside)
     assert post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": "link"}).status_code == 403
     assert post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": str(outside)}).status_code == 403
+    # a real folder inside the root whose files link to an adapter outside it
+    shutil.copytree(adapters["c"], outside / "c", dirs_exist_ok=True)
+    (adapters["root"] / "links").mkdir(exist_ok=True)
+    for file in (outside / "c").iterdir():
+        (adapters["root"] / "links" / file.name).symlink_to(file)
+    linked = post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": "links"})
+    assert linked.status_code == 403 and "a link that points outside the adapter root" in linked.json()["error"]["message"]
+    for unusable in ("a\u0000b", "x" * 5000):
+        assert post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": unusable}).status_code == 400
+    assert post("/v1/load_lora_adapter", {"lora_name": "c ", "lora_path": "sub/c"}).status_code == 400
     refused = post("/v1/load_lora_adapter", {"lora_name": "p", "lora_path": "sub/prompt"})
     assert refused.status_code == 400 and "run it per row with model.generate" in refused.json()["error"]["message"]
     assert post("/v1/load_lora_adapter", {"lora_name": "c", "lora_path": "sub/c"}).status_code == 200

@@ -2,6 +2,7 @@ import copy
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -167,6 +168,31 @@ def test_a_non_empty_out_dir_is_refused_unless_resume_or_overwrite(tmp_path):
     lt.train(config, overwrite=True)
     assert (out / "adapter").is_dir() and (out / "notes.txt").read_text() == "mine"
     lt.train(config, overwrite=True)  # replacing an earlier run
+
+
+def test_a_reparameterised_prefix_run_resumes_exactly(tmp_path):
+    """Its adapter is saved folded (the prefixes the MLP makes); the checkpoint keeps the MLP itself."""
+    method = {"name": "prefix", "num_virtual_tokens": 4, "reparam_hidden": 8}
+    lt.train(tiny_config(tmp_path, max_steps=4, save_every=2, data_eval=None, method=method))
+    expected = adapter_tensors(tmp_path / "out")
+    # back to step 2, as if the run had stopped there
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert (checkpoints / "step-2" / "training_state.safetensors").is_file()
+    shutil.rmtree(checkpoints / "step-4")
+    shutil.rmtree(tmp_path / "out" / "adapter")
+    (tmp_path / "out" / "summary.json").unlink()
+    (checkpoints / "latest").write_text("step-2\n")
+    lt.train(tiny_config(tmp_path, max_steps=4, save_every=2, data_eval=None, method=method), resume=True)
+    resumed = adapter_tensors(tmp_path / "out")
+    assert set(resumed) == set(expected) and all(torch.equal(resumed[k], expected[k]) for k in expected)
+
+
+def test_an_out_dir_under_a_file_is_named_in_one_sentence(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    config = tiny_config(tmp_path, max_steps=1, data_eval=None, out_dir=str(tmp_path / "afile" / "sub"))
+    with pytest.raises(LeantuneError, match="out_dir '.*sub' lies under '.*afile', which is a file"):
+        lt.train(config)
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 def test_resume_of_a_finished_run_does_nothing(tmp_path, capsys):

@@ -38,6 +38,32 @@ def adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> dict[s
     return api.attached(model)[name].state_dict(model, name)
 
 
+TRAINING_STATE_FILE = "training_state.safetensors"
+
+
+def training_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint needs besides the saved adapters to continue training exactly: the tensors
+    being trained of every adapter whose saved form is folded (keyed 'ADAPTER::NAME'); often none."""
+    tensors = {}
+    for name, config in api.attached(model).items():
+        for key, tensor in (config.training_state_dict(model, name) or {}).items():
+            tensors[f"{name}::{key}"] = tensor.detach()
+    return tensors
+
+
+def load_training_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load what `training_tensors` wrote into the freshly attached adapters of `model`."""
+    registry = api.attached(model)
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, inner = key.partition("::")
+        if name not in registry:
+            raise LeantuneError(f"'{source}' holds training tensors of adapter '{name}', which is not attached")
+        grouped.setdefault(name, {})[inner] = tensor
+    for name, state in grouped.items():
+        registry[name].load_training_state_dict(model, name, state)
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
                  extra: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write one adapter (config JSON + safetensors) atomically to directory `path`.

@@ -23,9 +23,9 @@ from transformers import Trainer, TrainerCallback
 
 from .. import api
 from ..adapters import read_adapter_config, save_adapter
-from ..adapters.native import TENSOR_FILE
+from ..adapters.native import TENSOR_FILE, TRAINING_STATE_FILE, load_training_tensors, training_tensors
 from ..errors import LeantuneError
-from ..files import load_tensors
+from ..files import load_tensors, save_tensors
 
 ADAPTER_DIR = "adapter"
 
@@ -47,7 +47,18 @@ def load_trainer_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
     if name not in registry:
         raise LeantuneError(f"checkpoint '{folder}' holds adapter '{name}', but the model has "
                             f"{', '.join(registry) or 'none'}; attach the same config before resuming")
-    registry[name].load_state_dict(model, name, load_tensors(path / TENSOR_FILE))
+    training_state = Path(folder) / TRAINING_STATE_FILE
+    if training_state.is_file():  # the adapter is saved folded: the tensors being trained come from here
+        load_training_tensors(model, load_tensors(training_state), str(training_state))
+    else:
+        registry[name].load_state_dict(model, name, load_tensors(path / TENSOR_FILE))
+
+
+def save_training_state(model: nn.Module, folder: Path) -> None:
+    """Beside a checkpoint's adapter, the tensors being trained where the adapter is saved folded."""
+    tensors = training_tensors(model)
+    if tensors:
+        save_tensors(tensors, folder / TRAINING_STATE_FILE)
 
 
 class LeantuneCallback(TrainerCallback):
@@ -57,6 +68,7 @@ class LeantuneCallback(TrainerCallback):
         if model is not None and state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             save_adapter(_unwrapped(model), folder / ADAPTER_DIR)
+            save_training_state(_unwrapped(model), folder)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is not None and state.is_world_process_zero:
@@ -72,6 +84,7 @@ class AdapterSaving:
             return
         folder.mkdir(parents=True, exist_ok=True)
         save_adapter(_unwrapped(self.model), folder / ADAPTER_DIR)
+        save_training_state(_unwrapped(self.model), folder)  # a checkpoint resumes exactly from it
         if self.processing_class is not None:
             self.processing_class.save_pretrained(str(folder))
 

@@ -136,6 +136,19 @@ class MethodConfig:
             for key, target in expected.items():
                 target.copy_(state[key].to(target.dtype))
 
+    def training_state_dict(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor] | None:
+        """The tensors being trained, where `state_dict` saves something else (a folded form), so a
+        checkpoint can continue training exactly; None: the saved adapter is what trains."""
+        return None
+
+    def load_training_state_dict(self, model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+        """Load tensors written by `training_state_dict` into a freshly attached adapter."""
+        expected = self.training_state_dict(model, adapter_name) or {}
+        _check_state_keys(expected, state)
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(state[key].to(target.dtype))
+
 
 @dataclass(kw_only=True)
 class ModuleMethod(MethodConfig):

@@ -134,6 +134,11 @@ class PrefixTuning(ModelMethod):
         encoder_of(model).fold()  # the saved prefixes are what runs from now on
         super().load_state_dict(model, adapter_name, state)
 
+    def training_state_dict(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor] | None:
+        """With reparam_hidden: the embedding and MLP that make the prefixes (the adapter saves their output)."""
+        encoder = encoder_of(model)
+        return dict(encoder.named_parameters()) if encoder.reparameterised else None
+
 
 def encoder_of(model: nn.Module) -> "PrefixEncoder":
     return model._modules[ENCODER_ATTR]

@@ -118,6 +118,11 @@ def create_app(engine: Engine, adapters: AdapterRegistry, api_key: str | None = 
         return error(err.status_code, str(err.detail), kind="not_found_error" if err.status_code == 404 else
                      "invalid_request_error")
 
+    @app.exception_handler(Exception)
+    async def unexpected(_request: HttpRequest, err: Exception) -> JSONResponse:
+        # a bug or an environment failure: still OpenAI's error JSON, and the server goes on serving
+        return error(500, f"internal error: {type(err).__name__}: {err}", kind="server_error")
+
     @app.middleware("http")
     async def authenticate(request: HttpRequest, call_next: Any) -> Any:
         given = request.headers.get("authorization", "")
@@ -201,7 +206,7 @@ def _same(given: Any, plain: Any) -> bool:
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
-    return (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
+    return tuple(s for s in ([stop] if isinstance(stop, str) else stop) if s)  # "" stops nothing, alone or listed
 
 
 def listen(request: Request) -> "asyncio.Queue[tuple[str, Any]]":

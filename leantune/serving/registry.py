@@ -9,8 +9,9 @@ loading over HTTP is off.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -105,12 +106,22 @@ class AdapterRegistry:
         if self.root is None:
             raise ServeError(403, "loading adapters over HTTP is off; start the server with --adapter-root DIR",
                              param="lora_path")
-        path = (self.root / lora_path).resolve()
-        if not path.is_relative_to(self.root):
+        try:
+            path = (self.root / lora_path).resolve()
+            inside = path.is_relative_to(self.root)
+            folder = inside and path.is_dir()
+            outside = next((entry for entry in _entries(path) if not entry.resolve().is_relative_to(self.root)),
+                           None) if folder else None
+        except (OSError, ValueError):  # a NUL byte, a name longer than the filesystem takes
+            raise ServeError(400, "lora_path is not a path this server can open", param="lora_path") from None
+        if not inside:
             raise ServeError(403, f"lora_path '{lora_path}' lies outside the adapter root", param="lora_path")
-        if not path.is_dir():
+        if not folder:
             raise ServeError(404, f"lora_path '{lora_path}' is not an adapter directory under the adapter root",
                              param="lora_path")
+        if outside is not None:  # the folder is inside, but a link in it would read from elsewhere
+            raise ServeError(403, f"lora_path '{lora_path}' holds '{outside.relative_to(path)}', a link that points "
+                             "outside the adapter root", param="lora_path")
         return path
 
     def load(self, name: str, lora_path: str) -> None:
@@ -143,6 +154,12 @@ class AdapterRegistry:
         del self.paths[name]
 
 
+def _entries(folder: Path) -> Iterator[Path]:
+    """Every file and folder under `folder`, links listed but not followed."""
+    for parent, folders, files in os.walk(folder, followlinks=False):
+        yield from (Path(parent) / name for name in [*folders, *files])
+
+
 RESERVED_NAMES = (api.BASE_ROW, "base")
 
 
@@ -150,3 +167,6 @@ def check_adapter_name(name: str, base_name: str) -> None:
     """Names a request's `model` could not tell from the base model are refused."""
     if name == base_name or name in RESERVED_NAMES:
         raise ServeError(400, f"'{name}' names the base model; choose another adapter name", param="lora_name")
+    if name != name.strip():
+        raise ServeError(400, f"lora_name '{name}' starts or ends with white space, which a request's model "
+                         "field would not show; choose another adapter name", param="lora_name")

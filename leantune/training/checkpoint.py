@@ -28,7 +28,8 @@ from torch import nn
 from .. import api
 from ..errors import LeantuneError
 from ..adapters import save_adapter
-from ..adapters.native import TENSOR_FILE, adapter_tensors, read_adapter_config
+from ..adapters.native import (TENSOR_FILE, TRAINING_STATE_FILE, adapter_tensors, load_training_tensors,
+                               read_adapter_config, training_tensors)
 from ..files import atomic_directory, atomic_write_text, load_tensors, save_tensors
 
 CHECKPOINTS = "checkpoints"
@@ -112,6 +113,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     step = int(trainer_state["step"])
     target = root / step_dir_name(step)
     adapter_state = None if saved_adapter is not None else gather(adapter_tensors(model))
+    training_state = gather(training_tensors(model))  # the unfolded form of a folded adapter, if any
     opt_tensors, opt_document = flatten_optimizer(optimizer)
     opt_tensors = gather(opt_tensors)
     if not writer:
@@ -122,6 +124,8 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
             save_adapter(model, tmp / "adapter", tensors=adapter_state)
         else:
             _link_tree(saved_adapter, tmp / "adapter")
+        if training_state:
+            save_tensors(training_state, tmp / TRAINING_STATE_FILE)
         save_tensors(opt_tensors, tmp / "optimizer.safetensors")
         (tmp / "optimizer.json").write_text(json.dumps(opt_document))
         save_tensors(rng_tensors, tmp / "rng.safetensors")
@@ -188,13 +192,14 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def load_checkpoint_adapter(path: Path, model: nn.Module) -> None:
-    """Load a checkpoint's adapter tensors into the live model (before any sharding)."""
+    """Load a checkpoint's adapter tensors into the live model (before any sharding); where the
+    adapter is saved folded, the tensors being trained, from the checkpoint's training state."""
     trainable = [id(p) for p in model.parameters() if p.requires_grad]
-    _load_adapter_tensors(path / "adapter", model)
+    _load_adapter_tensors(path / "adapter", model, path / TRAINING_STATE_FILE)
     if trainable != [id(p) for p in model.parameters() if p.requires_grad]:
         raise LeantuneError(f"checkpoint '{path}' cannot resume this run: its adapter was saved in folded form (prefix "
-                            "tuning with reparam_hidden), so loading it replaced the tensors being trained; start a "
-                            "new run from its adapter instead")
+                            "tuning with reparam_hidden) without its training state (written before that was kept), "
+                            "so loading it replaced the tensors being trained; start a new run from its adapter instead")
 
 
 def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer,
@@ -227,10 +232,13 @@ def load_checkpoint(path: Path, optimizer: torch.optim.Optimizer,
     return document
 
 
-def _load_adapter_tensors(adapter_dir: Path, model: nn.Module) -> None:
+def _load_adapter_tensors(adapter_dir: Path, model: nn.Module, training_state: Path) -> None:
     saved = read_adapter_config(adapter_dir)
     registry = api.attached(model)
     name = saved.get("adapter_name", "default")
     if name not in registry or registry[name].to_dict() != saved["method"]:
         raise LeantuneError(f"checkpoint adapter in '{adapter_dir}' was saved for another method configuration")
-    registry[name].load_state_dict(model, name, load_tensors(adapter_dir / TENSOR_FILE))
+    if training_state.is_file():
+        load_training_tensors(model, load_tensors(training_state), str(training_state))
+    else:
+        registry[name].load_state_dict(model, name, load_tensors(adapter_dir / TENSOR_FILE))

@@ -39,6 +39,9 @@ def resolve_out_dir(pattern: str, resume: bool) -> Path:
 def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise LeantuneError(f"out_dir '{out_dir}' is a file")
+    blocking = next((parent for parent in out_dir.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise LeantuneError(f"out_dir '{out_dir}' lies under '{blocking}', which is a file")
     if resume and overwrite:
         raise LeantuneError("--resume and --overwrite contradict each other; pass one of them")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (resume or overwrite):
