@@ -565,7 +565,7 @@ def test_leantune_train_and_eval_with_method_prefix(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("reparam_hidden", [None, 8], ids=["plain", "reparam"])
-def test_a_trained_adapter_reloads_to_the_same_logits_and_only_a_plain_run_resumes(reparam_hidden, tmp_path, tokens):
+def test_a_trained_adapter_reloads_to_the_same_logits_and_the_run_resumes(reparam_hidden, tmp_path, tokens):
     method = {"name": "prefix", "num_virtual_tokens": 4, "reparam_hidden": reparam_hidden}
     config = yaml.safe_load(write_run(tmp_path, method, save_every=1).read_text())
     result = lt.train(config)
@@ -573,11 +573,9 @@ def test_a_trained_adapter_reloads_to_the_same_logits_and_only_a_plain_run_resum
     reloaded = lt.load_adapter(lt.load_model("tiny-llama"), result.adapter_dir)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(tokens).logits, result.model.eval()(tokens).logits, rtol=0, atol=0)
-    if reparam_hidden is None:
-        assert lt.train({**config, "max_steps": 3}, resume=True).steps == 3
-    else:  # the checkpoint holds the folded prefixes only, not the reparameterisation the optimizer trains
-        with pytest.raises(lt.LeantuneError, match=r"cannot resume this run: its adapter was saved in folded form"):
-            lt.train({**config, "max_steps": 3}, resume=True)
+    # reparameterised: the checkpoint keeps the MLP the optimizer trains beside the folded adapter
+    resumed = lt.train({**config, "max_steps": 3}, resume=True)
+    assert resumed.steps == 3 and encoder_of(resumed.model).reparameterised is (reparam_hidden is not None)
 
 
 def test_trainable_parameters_equal_peft_with_and_without_the_reparameterisation():
