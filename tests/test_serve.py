@@ -274,13 +274,16 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(adapters):
                 break
             except httpx.TransportError:
                 time.sleep(0.2)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(httpx.post, f"http://127.0.0.1:{port}/v1/completions", timeout=120,
-                                  json={"model": "a", "prompt": "hello", "max_tokens": 300, "temperature": 0.7})
-            time.sleep(1.0)
+        body = {"model": "a", "prompt": "hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as reply:
+            lines = (line for line in reply.iter_lines() if line.startswith("data: "))
+            next(lines)  # the request is in flight: its first token is out
             process.send_signal(signal.SIGTERM)
-            reply = pending.result()
-        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+            rest = list(lines)
+        assert rest[-1] == "data: [DONE]"
+        usage = [json.loads(line[6:])["usage"] for line in rest[:-1] if json.loads(line[6:]).get("usage")]
+        assert usage[-1]["completion_tokens"] == 200  # finished in full, not cut off by the shutdown
         assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
