@@ -12,6 +12,7 @@ from .methods.base import MethodConfig
 from .methods.hybrid import Hybrid
 from .methods.layer import (PART_SEPARATOR, AdapterLayer, Router, adapter_layers, model_router, named_adapter_layers,
                             owner_name)
+from .methods.rows import layer_stack
 from .methods.targets import LinearFromConv1D, replace_module
 
 _REGISTRY_ATTR = "leantune_adapters"
@@ -205,9 +206,24 @@ def merge(model: nn.Module, adapter_name: str | None = None, requantize: bool = 
         raise LeantuneError(f"adapter '{owner_name(four_bit.adapter_name)}' sits on a 4-bit base: merging rounds its "
                             "update into 4 bits and changes the outputs; lt.save_merged_model merges into a dense copy "
                             "exactly, or pass requantize=True to accept the rounding")
+    _check_columns_below(layers)
     for layer in reversed(layers):
         layer.merge()
     return model
+
+
+def _check_columns_below(merging: list[AdapterLayer]) -> None:
+    """A layer merging into a base weight whose columns an unmerged PaCA layer below manages would
+    see its update overwritten in those columns when PaCA places its own: refused instead."""
+    for layer in merging:
+        below = layer_stack(layer)[1:]
+        if layer.merged or layer.cleans_base_in_place or not below or not below[-1].cleans_base_in_place:
+            continue
+        pending = next((m for m in below if m.cleans_base_in_place and not m.merged and m not in merging), None)
+        if pending is not None:
+            raise LeantuneError(f"adapter '{owner_name(layer.adapter_name)}' would merge into base columns that "
+                                f"PaCA adapter '{owner_name(pending.adapter_name)}' below it manages; merge or "
+                                "detach that one first")
 
 
 def unmerge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:

@@ -309,3 +309,40 @@ def test_stacked_on_another_adapter_normalises_the_weight_that_adapter_runs_with
     torch.testing.assert_close(model(x), expected)
     lt.merge(model)
     torch.testing.assert_close(model(x), expected)
+
+
+def test_routed_rows_over_pissa_below_normalise_the_original_weight_and_inference_mode_works():
+    """A row of the top DoRA runs it alone over W0: PiSSA's original, not its residual."""
+    model = lt.load_model("tiny-llama")
+    lt.attach(model, lt.LoRA(r=4, alpha=8, init="pissa"), adapter_name="pissa")
+    randomize_adapter(model, scale=0.1)
+    lt.attach(model, lt.DoRA(r=4, alpha=8), adapter_name="dora")
+    randomize_adapter(model, scale=0.1, seed=2)
+    model.eval()
+    tokens = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lt.use(model, "dora")
+        alone = model(tokens).logits
+        lt.use(model, None)
+        torch.testing.assert_close(model(tokens, adapter_names=["dora", "dora"]).logits, alone, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # tensors without version counters: no error, the same numbers
+        torch.testing.assert_close(model(tokens, adapter_names=["dora", "dora"]).logits, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_merging_over_an_unmerged_paca_below_is_refused():
+    """PaCA places its columns from the original ones: an update merged on top would be overwritten there."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24).double())
+    lt.attach(model, lt.PaCA(r=4, alpha=8, targets=["0"]), adapter_name="paca")
+    lt.attach(model, lt.DoRA(r=4, alpha=8, targets=["0"]), adapter_name="dora")
+    randomize_adapter(model, scale=0.3)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    model(x)
+    lt.use(model, "dora")
+    alone = model(x)
+    with pytest.raises(lt.LeantuneError, match="'dora' would merge into base columns that PaCA adapter 'paca'"):
+        lt.merge(model)
+    torch.testing.assert_close(model(x), alone)  # nothing merged
+    lt.use(model, ["paca", "dora"])
+    both = model(x)
+    lt.merge(model)  # both, PaCA first: allowed
+    torch.testing.assert_close(model(x), both)

@@ -30,7 +30,7 @@ from .. import kernels
 from ..errors import LeantuneError
 from .base import register
 from .layer import AdapterLayer, dense_weight
-from .rows import RowForm
+from .rows import RowForm, layer_stack, version_of
 from .lora import LoRA, LoRALayer
 
 
@@ -136,7 +136,7 @@ class DoRALayer(LoRALayer):
 
     def _stored_weight_key(self) -> tuple:
         stored = self.base_module().weight  # the stored tensor: a quantized base's packed codes
-        return id(stored), stored.data_ptr(), stored._version, stored.shape, stored.dtype
+        return id(stored), stored.data_ptr(), version_of(stored), stored.shape, stored.dtype
 
     def _base_sq_norm(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """‖W0‖²_row of the (possibly PiSSA-residual) base weight, in the adapter dtype."""
@@ -168,9 +168,17 @@ class DoRALayer(LoRALayer):
         """m / ‖W0 + s B A‖_row scales the base output and the update; the bias stays as it is. A row
         runs this adapter alone, so W0 is the base weight (cleaned of the adapters below by now)."""
         form = super().row_form()
-        form.post = self.magnitude / (self.current_norms(dense_weight(self.base_module())) if self._stacked()
+        form.post = self.magnitude / (self.current_norms(self._clean_weight_below()) if self._stacked()
                                       else self.current_norms())
         return form
+
+    def _clean_weight_below(self) -> torch.Tensor:
+        """The base weight with no adapter of the stack below applied (PiSSA's original, not its residual)."""
+        below = layer_stack(self.base_layer)
+        weight = below[-1].clean_weight()
+        for layer in below[-2::-1]:
+            weight = layer.clean_weight(weight)
+        return weight
 
     # -- forward / merge --------------------------------------------------------------------
     def _can_fuse(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -182,6 +190,8 @@ class DoRALayer(LoRALayer):
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         dropping = self.training and self.dropout > 0
         x_dropped = F.dropout(x, self.dropout, True) if dropping else None
+        if self._stacked():  # the weight below is built once, for the norms
+            return self._plain_forward(x, x if x_dropped is None else x_dropped)
         weight = self._base_weight()  # quantized bases dequantize once here, and again in backward
         if self._can_fuse(x, weight):
             return _FusedDoRA.apply(x, x_dropped, weight, self.base_module().bias, self.lora_A, self.lora_B,

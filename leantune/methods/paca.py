@@ -119,8 +119,8 @@ class PaCALayer(AdapterLayer):
     def effective_weight(self) -> torch.Tensor | None:
         if self._ledger is None:  # on top of another method: below + s Δ in its columns
             return super().effective_weight()
-        # its forward writes its columns into the base weight: the weight as placed is what it runs
-        return self._ledger.effective_weight()
+        # from the original columns, not the current placement (which is the last forward's)
+        return self._ledger.weight_for(self)
 
     def weight_with_update(self, below: torch.Tensor) -> torch.Tensor | None:
         weight = below.to(self.paca_delta.dtype, copy=True)

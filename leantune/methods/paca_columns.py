@@ -223,6 +223,18 @@ class ColumnLedger:
             self.orig = self.orig.to(device=weight.device, dtype=dtype)
             self.index = self.index.to(weight.device)
 
+    def weight_for(self, layer: PaCALayer) -> torch.Tensor:
+        """A copy of the dense weight `layer` runs with as things stand: the merged members, and the
+        running members at or below it, over the original columns."""
+        below = self.members[:self.members.index(layer) + 1]
+        live = [m for m in below if not (m.merged or m.disabled)]
+        merged = [m for m in self.members if m.merged]
+        with torch.no_grad():
+            dense = self._pristine_dense().clone() if self.quantized else self.base.weight.detach().clone()
+            columns = self.compose(live, merged, tuple(m.paca_delta.detach() for m in live))
+            dense.index_copy_(1, self.index.to(dense.device), columns.to(dense.dtype))
+        return dense
+
     def effective_weight(self) -> torch.Tensor:
         """The dense weight of the current placement (a dense base's own weight; a fresh copy for NF4)."""
         if not self.quantized:

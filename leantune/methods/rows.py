@@ -54,7 +54,7 @@ class _Stacked:
     layout: int | None = None  # the router's layout it was last checked at, under trust_versions
     innermost: nn.Module | None = None  # the stack's innermost layer, whose clean_weight() undoes base edits
     groups: "_Groups | None" = None  # the last batch's grouping (the same rows at every decode step)
-    weight_version: int = -1  # the base weight's version at the build (DoRA's norms are taken over it)
+    weight_version: int | None = -1  # the base weight's version at the build (DoRA's norms are taken over it)
 
 
 @dataclass
@@ -74,6 +74,14 @@ class _Groups:
     slots: torch.Tensor | None = None
     a: torch.Tensor | None = None  # [groups, r_max, in]
     b: torch.Tensor | None = None  # [groups, out, r_max]
+
+
+def version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for a tensor made under inference_mode, which has none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def layer_stack(outer: nn.Module) -> list[nn.Module]:
@@ -159,10 +167,10 @@ def stacked_forms(outer: nn.Module, layout: int | None = None) -> _Stacked:
         layer.check_routable()
     weight = stack[-1].clean_weight()  # PaCA takes its columns back out of the base weight if a forward placed them
     live = _sources(stack)
-    if (cached is None or cached.weight is not weight or cached.weight_version != weight._version
+    if (cached is None or cached.weight is not weight or cached.weight_version != version_of(weight)
             or not _unchanged(cached.snapshot, live)):
         cached = _build(outer, stack, [t.detach().clone() for t in live])
-        cached.weight_version = weight._version
+        cached.weight_version = version_of(weight)
         outer.__dict__["_row_forms"] = cached
     cached.layout, cached.innermost = layout, stack[-1]
     return cached
