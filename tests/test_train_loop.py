@@ -170,9 +170,13 @@ def test_a_non_empty_out_dir_is_refused_unless_resume_or_overwrite(tmp_path):
     lt.train(config, overwrite=True)  # replacing an earlier run
 
 
-def test_a_reparameterised_prefix_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("method", [
+    {"name": "prefix", "num_virtual_tokens": 4, "reparam_hidden": 8},
+    {"name": "hybrid", "parts": [{"name": "prefix", "num_virtual_tokens": 4, "reparam_hidden": 8},
+                                 {"name": "lora", "r": 2, "targets": ["down_proj"]}]},
+], ids=["prefix", "hybrid-with-prefix"])
+def test_a_reparameterised_prefix_run_resumes_exactly(tmp_path, method):
     """Its adapter is saved folded (the prefixes the MLP makes); the checkpoint keeps the MLP itself."""
-    method = {"name": "prefix", "num_virtual_tokens": 4, "reparam_hidden": 8}
     lt.train(tiny_config(tmp_path, max_steps=4, save_every=2, data_eval=None, method=method))
     expected = adapter_tensors(tmp_path / "out")
     # back to step 2, as if the run had stopped there

@@ -93,6 +93,25 @@ class Hybrid(ModelMethod):
             part.load_state_dict(model, name, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
+    def training_state_dict(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor] | None:
+        """Where a part saves a folded form: every part's tensors being trained, under its index."""
+        parts = list(zip(self.parts, self.part_names(adapter_name)))
+        training = [part.training_state_dict(model, name) for part, name in parts]
+        if all(state is None for state in training):
+            return None
+        return {f"{i}.{key}": tensor for i, ((part, name), state) in enumerate(zip(parts, training))
+                for key, tensor in (part.state_dict(model, name) if state is None else state).items()}
+
+    def load_training_state_dict(self, model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+        for i, (part, name) in enumerate(zip(self.parts, self.part_names(adapter_name))):
+            prefix = f"{i}."
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if part.training_state_dict(model, name) is None:
+                part.load_state_dict(model, name, own)
+            else:
+                part.load_training_state_dict(model, name, own)
+
+
 def _undo_part(model: nn.Module, part: MethodConfig, name: str) -> None:
     """Remove one attached part again (a later part failed): unwrap its layers, undo the rest."""
     for module_name, layer in reversed(list(named_adapter_layers(model, name))):
