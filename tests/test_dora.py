@@ -346,3 +346,17 @@ def test_merging_over_an_unmerged_paca_below_is_refused():
     both = model(x)
     lt.merge(model)  # both, PaCA first: allowed
     torch.testing.assert_close(model(x), both)
+
+
+
+def test_over_an_output_scaling_ia3_on_a_biased_linear_merged_equals_unmerged():
+    """That IA3 scales the bias too: unmerged, DoRA keeps the scaled bias out of what it normalises."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24).double())
+    lt.attach(model, lt.IA3(targets=["0"], feedforward=[]), adapter_name="ia3")
+    lt.attach(model, lt.DoRA(r=4, alpha=8, targets=["0"]), adapter_name="dora")
+    randomize_adapter(model, scale=0.3)
+    x = torch.randn(3, 16, dtype=torch.float64)
+    unmerged = model(x)
+    lt.merge(model)
+    torch.testing.assert_close(model(x), unmerged)

@@ -203,6 +203,8 @@ class DoRALayer(LoRALayer):
         base = self.base_module()
         result = self.base_layer(x)
         bias = base.bias
+        if bias is not None and self._stacked():  # the bias the layers below give (IA3 may scale it)
+            bias = self.base_layer(x.new_zeros(1, x.shape[-1]))[0]
         z = result - bias if bias is not None else result
         lora_out = F.linear(F.linear(x_dropped.to(self.lora_A.dtype), self.lora_A), self.lora_B)
         factor = self.magnitude / self.current_norms()
