@@ -64,6 +64,15 @@ def load_training_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], so
         registry[name].load_training_state_dict(model, name, state)
 
 
+def load_to_train(model: nn.Module, adapter_name: str, adapter_dir: Path, training_state: Path) -> None:
+    """A checkpoint's tensors into the attached adapter: its training state where one was written
+    (the adapter is saved folded), else the saved adapter itself."""
+    if training_state.is_file():
+        load_training_tensors(model, load_tensors(training_state), str(training_state))
+    else:
+        api.attached(model)[adapter_name].load_state_dict(model, adapter_name, load_tensors(adapter_dir / TENSOR_FILE))
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None,
                  extra: dict[str, Any] | None = None, tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write one adapter (config JSON + safetensors) atomically to directory `path`.

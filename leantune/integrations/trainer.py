@@ -23,9 +23,9 @@ from transformers import Trainer, TrainerCallback
 
 from .. import api
 from ..adapters import read_adapter_config, save_adapter
-from ..adapters.native import TENSOR_FILE, TRAINING_STATE_FILE, load_training_tensors, training_tensors
+from ..adapters.native import TENSOR_FILE, TRAINING_STATE_FILE, load_to_train, training_tensors
 from ..errors import LeantuneError
-from ..files import load_tensors, save_tensors
+from ..files import save_tensors
 
 ADAPTER_DIR = "adapter"
 
@@ -47,11 +47,7 @@ def load_trainer_adapter(model: nn.Module, folder: str | os.PathLike) -> None:
     if name not in registry:
         raise LeantuneError(f"checkpoint '{folder}' holds adapter '{name}', but the model has "
                             f"{', '.join(registry) or 'none'}; attach the same config before resuming")
-    training_state = Path(folder) / TRAINING_STATE_FILE
-    if training_state.is_file():  # the adapter is saved folded: the tensors being trained come from here
-        load_training_tensors(model, load_tensors(training_state), str(training_state))
-    else:
-        registry[name].load_state_dict(model, name, load_tensors(path / TENSOR_FILE))
+    load_to_train(model, name, path, Path(folder) / TRAINING_STATE_FILE)
 
 
 def save_training_state(model: nn.Module, folder: Path) -> None:

@@ -130,11 +130,7 @@ class MethodConfig:
 
     def load_state_dict(self, model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
         """Load tensors written by `state_dict`; every missing, extra or mis-shaped tensor is an error."""
-        expected = self.state_dict(model, adapter_name)
-        _check_state_keys(expected, state)
-        with torch.no_grad():
-            for key, target in expected.items():
-                target.copy_(state[key].to(target.dtype))
+        _copy_checked(self.state_dict(model, adapter_name), state)
 
     def training_state_dict(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor] | None:
         """The tensors being trained, where `state_dict` saves something else (a folded form), so a
@@ -143,11 +139,7 @@ class MethodConfig:
 
     def load_training_state_dict(self, model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
         """Load tensors written by `training_state_dict` into a freshly attached adapter."""
-        expected = self.training_state_dict(model, adapter_name) or {}
-        _check_state_keys(expected, state)
-        with torch.no_grad():
-            for key, target in expected.items():
-                target.copy_(state[key].to(target.dtype))
+        _copy_checked(self.training_state_dict(model, adapter_name) or {}, state)
 
 
 @dataclass(kw_only=True)
@@ -218,6 +210,14 @@ class ModuleMethod(MethodConfig):
 @dataclass
 class ModelMethod(MethodConfig):
     """A method that acts on the model as a whole: its weights, its inputs or its forward."""
+
+
+def _copy_checked(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Copy `state` into the `expected` tensors; every missing, extra or mis-shaped tensor is an error."""
+    _check_state_keys(expected, state)
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key].to(target.dtype))
 
 
 def _check_state_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:

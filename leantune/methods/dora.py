@@ -30,7 +30,7 @@ from .. import kernels
 from ..errors import LeantuneError
 from .base import register
 from .layer import AdapterLayer, dense_weight
-from .rows import RowForm, layer_stack, version_of
+from .rows import RowForm, clean_stack_weight, layer_stack, version_of
 from .lora import LoRA, LoRALayer
 
 
@@ -142,8 +142,10 @@ class DoRALayer(LoRALayer):
         """‖W0‖²_row of the (possibly PiSSA-residual) base weight, in the adapter dtype."""
         with torch.no_grad():
             self._norm_key = self._stored_weight_key()
-            weight = self._base_weight() if weight is None else weight
-            return torch.linalg.vector_norm(weight.to(self.lora_A.dtype), dim=1).pow_(2)
+            return self._squared_row_norms(self._base_weight() if weight is None else weight)
+
+    def _squared_row_norms(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(weight.detach().to(self.lora_A.dtype), dim=1).pow_(2)
 
     def fresh_base_sq_norm(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """‖W0‖²_row for the base weight as it is now (when it is taken again: the module docstring);
@@ -160,7 +162,7 @@ class DoRALayer(LoRALayer):
             weight = self._base_weight()
             base_sq_norm = self.fresh_base_sq_norm(weight)
         else:
-            base_sq_norm = torch.linalg.vector_norm(weight.detach().to(self.lora_A.dtype), dim=1).pow_(2)
+            base_sq_norm = self._squared_row_norms(weight)
         with torch.no_grad():
             return row_norms(weight, base_sq_norm, self.lora_A, self.lora_B, self.scale)
 
@@ -168,17 +170,9 @@ class DoRALayer(LoRALayer):
         """m / ‖W0 + s B A‖_row scales the base output and the update; the bias stays as it is. A row
         runs this adapter alone, so W0 is the base weight (cleaned of the adapters below by now)."""
         form = super().row_form()
-        form.post = self.magnitude / (self.current_norms(self._clean_weight_below()) if self._stacked()
-                                      else self.current_norms())
+        form.post = self.magnitude / (self.current_norms(clean_stack_weight(layer_stack(self.base_layer)))
+                                      if self._stacked() else self.current_norms())
         return form
-
-    def _clean_weight_below(self) -> torch.Tensor:
-        """The base weight with no adapter of the stack below applied (PiSSA's original, not its residual)."""
-        below = layer_stack(self.base_layer)
-        weight = below[-1].clean_weight()
-        for layer in below[-2::-1]:
-            weight = layer.clean_weight(weight)
-        return weight
 
     # -- forward / merge --------------------------------------------------------------------
     def _can_fuse(self, x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -89,8 +89,7 @@ class Hybrid(ModelMethod):
         if unknown:
             raise LeantuneError(f"adapter file has tensor '{unknown[0]}' that this hybrid adapter has no part for")
         for i, (part, name) in enumerate(zip(self.parts, self.part_names(adapter_name))):
-            prefix = f"{i}."
-            part.load_state_dict(model, name, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            part.load_state_dict(model, name, _part_state(state, i))
 
 
     def training_state_dict(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor] | None:
@@ -104,12 +103,17 @@ class Hybrid(ModelMethod):
 
     def load_training_state_dict(self, model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
         for i, (part, name) in enumerate(zip(self.parts, self.part_names(adapter_name))):
-            prefix = f"{i}."
-            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            own = _part_state(state, i)
             if part.training_state_dict(model, name) is None:
                 part.load_state_dict(model, name, own)
             else:
                 part.load_training_state_dict(model, name, own)
+
+
+def _part_state(state: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """Part `index`'s tensors of a hybrid's state, without their "index." prefix."""
+    prefix = f"{index}."
+    return {key[len(prefix):]: tensor for key, tensor in state.items() if key.startswith(prefix)}
 
 
 def _undo_part(model: nn.Module, part: MethodConfig, name: str) -> None:

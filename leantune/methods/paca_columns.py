@@ -156,9 +156,7 @@ class ColumnLedger:
         Δ's values are compared with the placed copy at every forward (O(out × r), next to the
         matmul's O(tokens × in × out)): writes through `.data`, `copy_` under no_grad or a whole
         new tensor all bypass what a version counter or an optimizer hook would see."""
-        below = self.members[:self.members.index(layer) + 1]
-        live = [m for m in below if not (m.merged or m.disabled)]
-        merged = [m for m in self.members if m.merged]
+        live, merged = self.running(layer)
         key = self.state_key(live, merged)
         if self.placed_key != key or not _same_values(self.placed_values, live):
             self.place(live, merged, key, tuple(m.paca_delta.detach().clone() for m in live))
@@ -223,12 +221,16 @@ class ColumnLedger:
             self.orig = self.orig.to(device=weight.device, dtype=dtype)
             self.index = self.index.to(weight.device)
 
+    def running(self, layer: PaCALayer) -> tuple[list[PaCALayer], list[PaCALayer]]:
+        """What `layer`'s forward runs: the live (not merged, not disabled) members at or below it,
+        and every merged member."""
+        below = self.members[:self.members.index(layer) + 1]
+        return [m for m in below if not (m.merged or m.disabled)], [m for m in self.members if m.merged]
+
     def weight_for(self, layer: PaCALayer) -> torch.Tensor:
         """A copy of the dense weight `layer` runs with as things stand: the merged members, and the
         running members at or below it, over the original columns."""
-        below = self.members[:self.members.index(layer) + 1]
-        live = [m for m in below if not (m.merged or m.disabled)]
-        merged = [m for m in self.members if m.merged]
+        live, merged = self.running(layer)
         with torch.no_grad():
             dense = self._pristine_dense().clone() if self.quantized else self.base.weight.detach().clone()
             columns = self.compose(live, merged, tuple(m.paca_delta.detach() for m in live))

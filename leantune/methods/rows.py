@@ -94,6 +94,15 @@ def layer_stack(outer: nn.Module) -> list[nn.Module]:
     return stack
 
 
+def clean_stack_weight(stack: Sequence[nn.Module]) -> torch.Tensor:
+    """The base weight under `stack` (outermost first) with none of its adapters applied (PiSSA's
+    original weight, not its residual; PaCA's columns taken back out)."""
+    weight = stack[-1].clean_weight()
+    for layer in stack[:-1]:
+        weight = layer.clean_weight(weight)
+    return weight
+
+
 def _sources(stack: Sequence[nn.Module]) -> list[torch.Tensor]:
     """Every tensor the stacked forms are computed from (the base layer's excluded: it is frozen;
     parameters are in the state dict, so each tensor is read once)."""
@@ -134,9 +143,7 @@ def _stack_factors(forms: list[RowForm], out_features: int, in_features: int, li
 @torch.no_grad()
 def _build(outer: nn.Module, stack: list[nn.Module], snapshot: list[torch.Tensor]) -> _Stacked:
     base = stack[-1].base_layer
-    weight = stack[-1].clean_weight()
-    for layer in stack[:-1]:
-        weight = layer.clean_weight(weight)
+    weight = clean_stack_weight(stack)
     forms = [layer.row_form() for layer in stack]
     out_features, in_features = weight.shape
     like = weight if weight.is_floating_point() else torch.empty(0)

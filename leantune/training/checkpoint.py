@@ -28,8 +28,8 @@ from torch import nn
 from .. import api
 from ..errors import LeantuneError
 from ..adapters import save_adapter
-from ..adapters.native import (TENSOR_FILE, TRAINING_STATE_FILE, adapter_tensors, load_training_tensors,
-                               read_adapter_config, training_tensors)
+from ..adapters.native import (TRAINING_STATE_FILE, adapter_tensors, load_to_train, read_adapter_config,
+                               training_tensors)
 from ..files import atomic_directory, atomic_write_text, load_tensors, save_tensors
 
 CHECKPOINTS = "checkpoints"
@@ -238,7 +238,4 @@ def _load_adapter_tensors(adapter_dir: Path, model: nn.Module, training_state: P
     name = saved.get("adapter_name", "default")
     if name not in registry or registry[name].to_dict() != saved["method"]:
         raise LeantuneError(f"checkpoint adapter in '{adapter_dir}' was saved for another method configuration")
-    if training_state.is_file():
-        load_training_tensors(model, load_tensors(training_state), str(training_state))
-    else:
-        registry[name].load_state_dict(model, name, load_tensors(adapter_dir / TENSOR_FILE))
+    load_to_train(model, name, adapter_dir, training_state)
