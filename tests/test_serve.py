@@ -331,3 +331,22 @@ def test_the_running_batch_equals_each_row_alone_across_joins_leaves_and_cache_g
             running = [running[i] for i in kept]
             assert batch.mask.shape[1] == width - (len(rows[2]["ids"]) - max(len(r["ids"]) for r in running)) < width
     assert isinstance(batch.cache.layers[0], GrowingLayer)
+
+
+def test_an_unexpected_failure_answers_without_its_internals_and_the_server_goes_on(server, monkeypatch, caplog):
+    batch = server["engine"].batch
+    real_decode = batch.decode
+
+    def failing_decode(tokens):
+        raise RuntimeError("/home/someone/secret/path.bin is gone")
+
+    monkeypatch.setattr(batch, "decode", failing_decode)
+    with caplog.at_level("ERROR", logger="leantune.serve"):
+        reply = httpx.post(server["url"] + "/v1/completions", timeout=60, headers={"Authorization": f"Bearer {KEY}"},
+                           json={"model": "a", "prompt": "hello", "max_tokens": 5, "temperature": 0})
+    monkeypatch.setattr(batch, "decode", real_decode)
+    assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
+    assert "secret" not in reply.text and "RuntimeError" in reply.json()["error"]["message"]
+    assert any("secret/path.bin" in str(record.exc_info[1]) for record in caplog.records if record.exc_info)
+    answer = client(server).completions.create(model="a", prompt="hello", max_tokens=3, temperature=0)
+    assert answer.choices[0].finish_reason in ("length", "stop")

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, QueueFull, Request
+from .engine import Engine, QueueFull, Request, client_message
 from .registry import AdapterRegistry, ServeError
 
 
@@ -121,7 +121,7 @@ def create_app(engine: Engine, adapters: AdapterRegistry, api_key: str | None = 
     @app.exception_handler(Exception)
     async def unexpected(_request: HttpRequest, err: Exception) -> JSONResponse:
         # a bug or an environment failure: still OpenAI's error JSON, and the server goes on serving
-        return error(500, f"internal error: {type(err).__name__}: {err}", kind="server_error")
+        return error(500, client_message(err), kind="server_error")
 
     @app.middleware("http")
     async def authenticate(request: HttpRequest, call_next: Any) -> Any:

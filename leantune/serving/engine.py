@@ -12,6 +12,7 @@ which turns them into responses or SSE chunks.
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -22,8 +23,21 @@ import torch
 from torch import nn
 
 from .. import api
+from ..errors import LeantuneError
 from ..eval.generation import end_token_ids
 from .batch import RunningBatch, sample
+
+log = logging.getLogger("leantune.serve")
+
+
+def client_message(err: Exception) -> str:
+    """What a client may read of an error: the sentence of one it caused (LeantuneError), and for any
+    other, a pointer to the server's log, which gets the traceback. An unexpected exception's text
+    can carry paths and internals that are not the client's business."""
+    if isinstance(err, LeantuneError):
+        return str(err)
+    log.error("request failed", exc_info=err)
+    return f"internal error ({type(err).__name__}; details in the server's log)"
 
 
 class QueueFull(Exception):
@@ -158,8 +172,9 @@ class Engine:
         try:
             logits = self.batch.decode([r.generated[-1] for r in self.running])
         except Exception as err:  # the batch cannot go on: its requests fail, the server keeps serving
+            message = client_message(err)
             for request in self.running:
-                request.emit("error", str(err))
+                request.emit("error", message)
             self.batch.keep([])
             self.running = []
             return
@@ -176,7 +191,7 @@ class Engine:
                 self._append(request, token)
             except Exception as err:  # this request fails; the others and the engine go on
                 request.finish_reason = "error"
-                request.emit("error", str(err))
+                request.emit("error", client_message(err))
         kept = [i for i, r in enumerate(self.running) if r.finish_reason is None]
         if len(kept) != len(self.running):
             self.batch.keep(kept)
