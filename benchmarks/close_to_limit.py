@@ -39,6 +39,7 @@ from leantune.data import prepare_dataset
 from leantune.data.batching import BatchStream
 from leantune.loss import causal_lm_loss, count_loss_tokens
 from leantune.training.config import build_method, load_config
+from leantune.training.runtime import apply_model_options
 
 GEMM_ROWS = 2048
 
@@ -51,11 +52,13 @@ def run_job(out: Path, overrides: list[str]) -> dict:
 
 
 def job_batches(overrides: list[str]):
-    """The demo job's config, its model with the adapter attached (train mode), and its batch stream."""
+    """The demo job's config, its model as the job trains it (adapter attached, the config's model
+    options applied, train mode), and its batch stream."""
     config = load_config(None, ["unit_test_table=false", *overrides])
     tokenizer = lt.load_tokenizer(config.model)
     model = lt.load_model(config.model)
     lt.attach(model, build_method(config))
+    apply_model_options(model, config)  # as the job runs it: fused norms and MLPs, compile if asked
     model.train()
     examples, _ = prepare_dataset(config.data.train, tokenizer, config.max_length, config.overlong, config.packing)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

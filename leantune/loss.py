@@ -12,6 +12,10 @@ mean over the remaining tokens (or sum / `num_items` for gradient accumulation).
 """
 from __future__ import annotations
 
+import weakref
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,7 +43,7 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     """
     if labels.shape != input_ids.shape:
         raise LeantuneError(f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}")
-    if position_ids is None and not _bidirectional(model):
+    if not _bidirectional(model):
         attention_mask = decoder_attention_mask(attention_mask, labels)
     decoder, head = _decoder_and_head(model)
     if chunked is None:
@@ -71,9 +75,10 @@ def decoder_attention_mask(attention_mask: torch.Tensor | None, labels: torch.Te
     calls SDPA with is_causal, whose kernel skips the blocks above the diagonal instead of applying
     a full mask to them (the demo job with and without this: benchmarks/results/2026-12-07-cpu-whole-job
     against -whole-job-2).
-    Any other mask (left or inner padding, labels on masked tokens, 4-D masks) is passed on as given,
-    and so is every mask of a call with its own position_ids (transformers reads restarting
-    positions without a mask as packed documents) or of a model set to attend both ways."""
+    Any other mask (left or inner padding, labels on masked tokens, 4-D masks) is passed on as given.
+    With position_ids that restart within a row and no mask, transformers reads the row as packed
+    documents, each attending only to itself: what packed rows (data/batching.py) rely on, their
+    padding counting from 0 as a document of its own."""
     if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape != labels.shape:
         return attention_mask
     real = attention_mask != 0
@@ -130,7 +135,68 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Linear | N
     for attribute in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         if getattr(config, attribute, None) not in (None, 1, 1.0):
             return None, None
+    if not _head_gives_the_logits(model, decoder, head):  # a transform under a name not listed above
+        return None, None
     return decoder, head
+
+
+def plain_output_head(model: nn.Module) -> bool:
+    """Whether the chunked loss can stand in for the model's logits (see _decoder_and_head)."""
+    return _decoder_and_head(model)[1] is not None
+
+
+_PLAIN_HEAD: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _head_gives_the_logits(model: nn.Module, decoder: nn.Module, head: nn.Linear) -> bool:
+    """Whether the model's logits are its head applied to its decoder's output, checked once per
+    model on a few tokens: any scaling or capping of the logits (under whatever config name)
+    shows as a difference, since both sides run the same float operations otherwise."""
+    if model not in _PLAIN_HEAD:
+        ids = _probe_ids(head.out_features, 8, head.weight.device)
+        with _quiet_forward(model):
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            rebuilt = head(decoder(input_ids=ids, use_cache=False).last_hidden_state).float()
+        scale = float(logits.abs().max()) or 1.0
+        _PLAIN_HEAD[model] = bool(torch.allclose(logits, rebuilt, rtol=0.0, atol=1e-6 * scale))
+    return _PLAIN_HEAD[model]
+
+
+def check_packed_rows_stay_apart(model: nn.Module) -> None:
+    """Refuse packing for a model (and its adapter) under which a packed example does not compute
+    as it does alone: transformers before packed-document masks, a model that builds its own mask,
+    prompt or prefix tuning (their virtual tokens stand before a row's first example only)."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 16)
+    device = next(model.parameters()).device
+    first, second = _probe_ids(vocab, 6, device, offset=1), _probe_ids(vocab, 5, device, offset=7)
+    positions = torch.cat([torch.arange(6), torch.arange(5)]).to(device)[None]
+    with _quiet_forward(model):
+        packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions, use_cache=False).logits
+        alone = model(input_ids=second, use_cache=False).logits
+    packed, alone = packed[:, 6:].float(), alone.float()
+    scale = float(alone.abs().max()) or 1.0
+    if not torch.allclose(packed, alone, rtol=0.0, atol=1e-4 * scale):
+        name = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+        raise LeantuneError(
+            f"config key 'packing': with this model ({name}) and method a packed example does not compute as it "
+            f"does alone (its logits differ by {float((packed - alone).abs().max()):.3g}); set packing: false")
+
+
+def _probe_ids(vocab: int, count: int, device: torch.device, offset: int = 0) -> torch.Tensor:
+    return ((torch.arange(count) * 7 + offset) % vocab).to(device)[None]
+
+
+@contextmanager
+def _quiet_forward(model: nn.Module) -> Iterator[None]:
+    """No gradients, no autocast, dropout off; the model's train/eval modes restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(next(model.parameters()).device.type, enabled=False):
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:

@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 import leantune as lt
 from conftest import randomize_adapter
-from leantune.loss import causal_lm_loss
+from leantune.loss import causal_lm_loss, check_packed_rows_stay_apart, count_loss_tokens
 from leantune.methods.layer import named_adapter_layers
 from leantune.methods.targets import LinearFromConv1D
 
@@ -206,3 +206,49 @@ def test_ia3_defaults_on_fused_names_name_the_architecture_and_the_keys():
     with pytest.raises(lt.LeantuneError, match=r"which Phi3ForCausalLM does not have; set targets=\[...\] and "
                                                r"feedforward=\[...\], the config keys method.targets"):
         lt.attach(build("phi3"), lt.IA3())
+
+
+def packed_batch(lengths_per_row, vocab=512, seed=0):
+    """Collated packed rows of random examples (every token labelled), and the examples per row."""
+    from leantune.data import Example, collate, pack
+
+    generator = torch.Generator().manual_seed(seed)
+    rows, examples = [], []
+    for lengths in lengths_per_row:
+        these = [Example(ids, list(ids)) for ids in
+                 (torch.randint(vocab, (n,), generator=generator).tolist() for n in lengths)]
+        (row,) = pack(these, sum(lengths))
+        rows.append(row)
+        examples.append(these)
+    return collate(rows, pad_id=0), examples
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+@pytest.mark.parametrize("chunked", [False, True])
+def test_packed_examples_compute_as_each_alone(arch, chunked):
+    """A packed row's loss and gradients equal those of its examples run one by one (sum of their
+    token losses over the same count), padding included: no packed example sees another."""
+    model = attached(arch, "lora")
+    if chunked and arch == "gemma2":
+        chunked = None  # soft-capped logits: the chunked loss is refused there, auto falls back
+    check_packed_rows_stay_apart(model)
+    batch, examples = packed_batch([[5, 7, 4], [9, 3]])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    count = count_loss_tokens(batch["labels"]) + 0.0
+    packed = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"], chunked=chunked,
+                            num_items=count, position_ids=batch["position_ids"])
+    packed_grads = torch.autograd.grad(packed, trainable)
+    alone = sum(causal_lm_loss(model, torch.tensor([e.input_ids]), torch.tensor([e.labels]), chunked=chunked,
+                               num_items=count) for row in examples for e in row)
+    alone_grads = torch.autograd.grad(alone, trainable)
+    torch.testing.assert_close(packed, alone, **CLOSE)
+    for got, want in zip(packed_grads, alone_grads):
+        torch.testing.assert_close(got, want, **CLOSE)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_packing_is_refused_where_virtual_tokens_stand_before_a_row_only(method):
+    model = build("llama")
+    lt.attach(model, OTHER_METHODS[method]("llama"))
+    with pytest.raises(lt.LeantuneError, match="config key 'packing'.*set packing: false"):
+        check_packed_rows_stay_apart(model)

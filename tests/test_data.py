@@ -135,7 +135,7 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted():
     prompt_only_after_cut = Example(list(range(10)), [-100] * 9 + [9])
     short = Example([1, 2, 3], [-100, 2, 3])
     kept, report = fit_to_length([long, prompt_only_after_cut, short], 8, "truncate")
-    assert (report.kept, report.truncated, report.dropped) == (2, 2, 1)
+    assert (report.kept, report.truncated, report.dropped) == (2, 1, 1)  # each example counted once
     assert kept[0].input_ids == list(range(8)) and kept[0].labels == [-100] * 6 + [6, 7]
     kept, report = fit_to_length([long, prompt_only_after_cut, short], 8, "drop")
     assert (report.kept, report.truncated, report.dropped) == (1, 0, 2)

@@ -243,13 +243,44 @@ def test_padded_batches_match_the_reference_with_their_mask(tiny_llama, padding,
 @pytest.mark.parametrize("case", ["plain", "position_ids", "bidirectional"])
 def test_the_decoder_gets_the_mask_unless_dropping_it_is_exact(tiny_llama, case):
     seen = []
-    tiny_llama.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["attention_mask"]),
+    tiny_llama.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("attention_mask")),
                                                with_kwargs=True)
     input_ids, labels, mask = random_batch()
     positions = None
-    if case == "position_ids":  # restarting positions: transformers would read them as packed documents
+    if case == "position_ids":  # restarting positions, no mask: transformers reads packed documents
         positions = torch.cat([torch.arange(10), torch.arange(10)]).expand(3, -1)
     if case == "bidirectional":
         tiny_llama.config.use_bidirectional_attention = True
     causal_lm_loss(tiny_llama, input_ids, labels, mask, chunked=True, position_ids=positions)
-    assert (seen[0] is None) == (case == "plain")
+    assert (seen[-1] is None) == (case != "bidirectional")  # the last call is the loss's
+
+
+@pytest.mark.parametrize("transform", ["recurrent-gemma-cap", "scaled-subclass"])
+def test_logits_transformed_under_an_unlisted_name_leave_the_chunked_path(transform):
+    """The chunked loss applies the head to the decoder's output; a model that changes its logits
+    after the head under a config name the loss does not list (RecurrentGemma's logits_soft_cap, a
+    subclass that scales them) must get its own logits' loss: auto falls back, chunked=True refuses."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if transform == "recurrent-gemma-cap":
+        model = tf.RecurrentGemmaForCausalLM(tf.RecurrentGemmaConfig(
+            vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=1, lru_width=64, attention_window_size=16, logits_soft_cap=2.0))
+    else:
+        class ScaledLogits(tf.LlamaForCausalLM):
+            def forward(self, *args, **kwargs):
+                output = super().forward(*args, **kwargs)
+                output.logits = output.logits * 0.25
+                return output
+
+        model = ScaledLogits(tf.LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40)  # confident logits, as a trained head gives
+    model.eval()
+    input_ids, labels, mask = random_batch(vocab=8192)
+    expected = full_logits_loss(model, input_ids, labels, mask)
+    torch.testing.assert_close(causal_lm_loss(model, input_ids, labels, mask), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(LeantuneError, match="plain linear layer"):
+        causal_lm_loss(model, input_ids, labels, mask, chunked=True)

@@ -124,7 +124,9 @@ def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
     for folder, checkpointing in (("a", False), ("b", True)):
         model = lt.load_model("tiny-llama")
         count = [0]
-        model.model.layers[0].self_attn.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        # forwards that build a graph: the loss's one-off check of the output head runs without
+        model.model.layers[0].self_attn.register_forward_pre_hook(
+            lambda *_: count.__setitem__(0, count[0] + torch.is_grad_enabled()))
         lt.train(tiny_config(tmp_path / folder, max_steps=2, data_eval=None, gradient_checkpointing=checkpointing),
                  model=model)
         calls.append(count[0])
@@ -231,18 +233,10 @@ def hand_rows(kind, tmp_path, tokenizer):
     """(data file, rows) for one data kind: the file the trainer reads and the token ids and labels
     it should turn into, both written out by hand (rows are the sequences of one batch)."""
     eos = tokenizer.eos_token_id
-    if kind in ("pairs", "packing"):
+    if kind in ("pairs", "packing"):  # packed examples see only themselves: the same loss as unpacked
         path = write_mixed_pairs(tmp_path / "hand.jsonl")  # not train.jsonl: tiny_config writes that one
         records = [json.loads(line) for line in open(path)]
         rows = [pair_example(r["prompt"], r["completion"], eos) for r in records]
-        if kind == "packing":  # greedy rows of at most 64 tokens; no loss on the first token of each example
-            packed, ids, labels = [], [], []
-            for example_ids, example_labels in rows:
-                if ids and len(ids) + len(example_ids) > 64:
-                    packed.append((ids, labels))
-                    ids, labels = [], []
-                ids, labels = ids + example_ids, labels + [IGNORE] + example_labels[1:]
-            rows = packed + [(ids, labels)]
         return path, rows
     if kind == "chat":
         path = tmp_path / "chat.jsonl"
@@ -292,10 +286,10 @@ def per_token_losses(model, ids, labels):
     return F.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=IGNORE, reduction="none")
 
 
-def test_packing_keeps_every_target_and_the_first_example_of_a_row_scores_as_if_alone(tmp_path):
-    """Packed rows carry exactly the unpacked examples' targets. Packing has no block-diagonal mask (a
-    packed example attends to the ones before it in its row), so only the first example of each row
-    sees exactly what it sees alone: its per-token losses must equal the unpacked ones."""
+def test_packing_keeps_every_target_and_every_example_scores_as_if_alone(tmp_path):
+    """Packed rows carry exactly the unpacked examples' targets, and with the positions packing
+    gives them, each packed example's per-token losses equal its losses alone: no example of a
+    row sees the ones before it."""
     from leantune.data import prepare_dataset
 
     tokenizer = lt.load_tokenizer("tiny-llama")
@@ -314,10 +308,17 @@ def test_packing_keeps_every_target_and_the_first_example_of_a_row_scores_as_if_
     model = lt.load_model("tiny-llama")
     for row, begin, end in zip(packed, starts, [*starts[1:], len(alone)]):
         assert row.input_ids == [t for e in alone[begin:end] for t in e.input_ids]
-        first = alone[begin]
-        got = per_token_losses(model, row.input_ids, row.labels)[:len(first) - 1]
-        want = per_token_losses(model, first.input_ids, first.labels)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert row.position_ids == [p for e in alone[begin:end] for p in range(len(e))]
+        with torch.no_grad():
+            logits = model(torch.tensor([row.input_ids]), position_ids=torch.tensor([row.position_ids]),
+                           use_cache=False).logits[0]  # transformers reads packing only without a cache
+        offset = 0
+        for example in alone[begin:end]:
+            got = F.cross_entropy(logits[offset:offset + len(example) - 1].double(),
+                                  torch.tensor(example.labels[1:]), ignore_index=IGNORE, reduction="none")
+            torch.testing.assert_close(got, per_token_losses(model, example.input_ids, example.labels),
+                                       rtol=1e-5, atol=1e-6)
+            offset += len(example)
 
 
 def test_bf16_autocast_training_follows_float32_within_bf16_precision(tmp_path):

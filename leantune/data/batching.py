@@ -35,15 +35,16 @@ def fit_to_length(examples: list[Example], max_length: int, overlong: str) -> tu
         raise LeantuneError(f"overlong must be one of {', '.join(OVERLONG_CHOICES)}, got {overlong!r}")
     kept, truncated, dropped = [], 0, 0
     for example in examples:
-        if len(example) > max_length:
-            if overlong == "drop":
-                dropped += 1
-                continue
-            example = Example(example.input_ids[:max_length], example.labels[:max_length])
-            truncated += 1
-        if example.loss_tokens() == 0:
+        cut = len(example) > max_length
+        if cut and overlong == "drop":
             dropped += 1
             continue
+        if cut:
+            example = Example(example.input_ids[:max_length], example.labels[:max_length])
+        if example.loss_tokens() == 0:
+            dropped += 1  # a cut example left without loss tokens counts as dropped only
+            continue
+        truncated += cut
         kept.append(example)
     return kept, FitReport(len(kept), truncated, dropped)
 
@@ -51,35 +52,49 @@ def fit_to_length(examples: list[Example], max_length: int, overlong: str) -> tu
 def pack(examples: list[Example], max_length: int) -> list[Example]:
     """Concatenate consecutive examples into rows of at most `max_length` tokens.
 
-    Packed examples attend to the earlier examples in their row (no block-diagonal mask); the first
-    token of each example carries no loss, so no example learns to predict across a boundary.
+    Each packed example keeps its own positions (counted from 0) and sees only itself: the loss
+    passes the restarting positions to transformers without a mask, which it reads as packed
+    documents (a block-diagonal causal mask); `check_packed_rows_stay_apart` (loss.py) confirms
+    that a model does so before a packed run starts. The first token of each example carries no
+    loss, as in an unpacked row.
     """
     rows: list[Example] = []
     ids: list[int] = []
     labels: list[int] = []
+    positions: list[int] = []
     for example in examples:
         if ids and len(ids) + len(example) > max_length:
-            rows.append(Example(ids, labels))
-            ids, labels = [], []
+            rows.append(Example(ids, labels, positions))
+            ids, labels, positions = [], [], []
         ids = ids + example.input_ids
         labels = labels + [IGNORE_INDEX] + example.labels[1:]
+        positions = positions + list(range(len(example)))
     if ids:
-        rows.append(Example(ids, labels))
+        rows.append(Example(ids, labels, positions))
     return rows
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded `input_ids`, `labels` (-100 on padding) and `attention_mask`."""
+    """Right-padded `input_ids`, `labels` (-100 on padding) and `attention_mask`; with packed rows
+    also `position_ids`, where a row's padding counts from 0 as a document of its own."""
     width = max(len(e) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    packed = any(e.position_ids is not None for e in examples)
+    position_ids = torch.zeros((len(examples), width), dtype=torch.long) if packed else None
     for row, example in enumerate(examples):
         n = len(example)
         input_ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if position_ids is not None:
+            own = example.position_ids if example.position_ids is not None else list(range(n))
+            position_ids[row] = torch.tensor(own + list(range(width - n)), dtype=torch.long)
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if position_ids is not None:
+        batch["position_ids"] = position_ids
+    return batch
 
 
 class BatchStream:

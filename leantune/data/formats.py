@@ -26,10 +26,14 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 @dataclass
 class Example:
-    """One training sequence: `labels[i]` is the token expected at i (-100: no loss there)."""
+    """One training sequence: `labels[i]` is the token expected at i (-100: no loss there).
+
+    `position_ids` is set on packed rows only: each packed example counts its positions from 0,
+    which is also what keeps packed examples from attending to each other (loss.py)."""
 
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

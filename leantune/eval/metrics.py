@@ -49,7 +49,7 @@ def loss_and_perplexity(model: nn.Module, examples: Sequence[Any], pad_id: int, 
             batch = collate([examples[i] for i in order[first:first + batch_size]], pad_id)
             batch = {key: value.to(device) for key, value in batch.items()}
             loss = float(causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                        num_items=1))
+                                        num_items=1, position_ids=batch.get("position_ids")))
             if call < len(mine):
                 total += loss
                 tokens += count_loss_tokens(batch["labels"])

@@ -64,7 +64,8 @@ class TrainConfig:
     data: DataConfig = _doc(DataConfig, "data sources: data.train and data.eval")
     max_length: int = _doc(512, "longest sequence in tokens (prompt + completion)")
     overlong: str = _doc("truncate", "examples longer than max_length: truncate or drop (the count is reported)")
-    packing: bool = _doc(False, "concatenate short examples into rows of up to max_length tokens")
+    packing: bool = _doc(False, "concatenate short examples into rows of up to max_length tokens; each attends only "
+                                "to itself (positions restart per example), checked on the model before training")
     group_by_length: bool = _doc(True, "batch examples of similar length together (less padding), order still shuffled")
     batch_size: int = _doc(4, "examples per micro-batch")
     grad_accum: int = _doc(1, "micro-batches per optimizer step")

@@ -280,7 +280,8 @@ class Trainer(CtrlCStops):
                 with self.env.autocast():
                     loss = self.parallel.run(causal_lm_loss, self.model, batch["input_ids"], batch["labels"],
                                              batch["attention_mask"], chunk_tokens=cfg.loss_chunk_tokens,
-                                             chunked=self.chunked, num_items=loss_tokens)
+                                             chunked=self.chunked, num_items=loss_tokens,
+                                             position_ids=batch.get("position_ids"))
                 value = loss.item()
                 if not math.isfinite(value):
                     raise self._diverged(state, f"the loss is {value}")

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import LeantuneError
 from ..fused_ops import fuse_norms_and_mlps, unfuse
+from ..loss import check_packed_rows_stay_apart, plain_output_head
 from .distributed import Parallel, launched_world
 
 
@@ -123,7 +124,14 @@ def autocast(precision: str, device: torch.device):
 
 def apply_model_options(model: torch.nn.Module, config: Any) -> None:
     """The config's options that change how the model computes, not what: recomputation, the fused
-    norms and MLPs, and compiling (last: a compiled block traces the fused forwards)."""
+    norms and MLPs, and compiling (last: a compiled block traces the fused forwards). First, on the
+    model as it is, the checks that run a forward: packing is refused where packed examples would
+    see each other, and whether the chunked loss may use the output head is settled before compiling
+    (a later eval-mode check would compile the blocks once more)."""
+    if config.packing:
+        check_packed_rows_stay_apart(model)
+    if config.chunked_loss is not False:
+        plain_output_head(model)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if config.fused_ops:
