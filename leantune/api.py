@@ -48,7 +48,27 @@ def attach(model: nn.Module, config: MethodConfig | list[MethodConfig], adapter_
         router(model).select([*chosen, adapter_name])
     refreeze(model)
     _install_row_routing(model)
+    writers = [layer for layer in adapter_layers(model, adapter_name) if layer.cleans_base_in_place]
+    holder = next(filter(None, (_shared_weight_holder(model, layer) for layer in writers)), None)
+    if holder is not None:  # checked once the layers exist; detach is attach's exact inverse
+        detach(model, adapter_name)
+        raise LeantuneError(f"{config.method_name} writes its columns into the weight of a layer that '{holder}' "
+                            "shares (tied input and output embeddings): it would change that module too; leave "
+                            "the output head out of the targets")
     return model
+
+
+def _shared_weight_holder(model: nn.Module, layer: AdapterLayer) -> str | None:
+    """The name of another module that holds the weight under `layer` (tied embeddings), if any."""
+    base = layer.base_module()
+    weight = getattr(base, "weight", None)
+    if weight is None:
+        return None
+    for name, module in model.named_modules():
+        if module is not base and not isinstance(module, AdapterLayer) and any(
+                p is weight for p in module.parameters(recurse=False)):
+            return name
+    return None
 
 
 def _refuse_stacking_with_full(registry: dict[str, MethodConfig], config: MethodConfig) -> None:
@@ -179,12 +199,19 @@ def _layers_of(model: nn.Module, names: list[str]) -> list[AdapterLayer]:
 
 
 def check_mergeable(model: nn.Module, names: list[str]) -> None:
-    """Refuse, before anything merges, an adapter whose update no change of the base weights expresses."""
+    """Refuse, before anything merges, an adapter whose update no change of the base weights expresses,
+    and one on a weight another module shares (tied embeddings: merging would change that one too)."""
     for name in names:
         config = attached(model)[name]
         if not config.mergeable:
             raise LeantuneError(f"adapter '{name}' ({config.method_name}) cannot be merged into the base weights: "
                                 "its update is not a change of weights, so it stays an adapter (lt.save_adapter, lt.load_adapter)")
+    for layer in _layers_of(model, names):
+        holder = None if layer.merged else _shared_weight_holder(model, layer)
+        if holder is not None:
+            raise LeantuneError(f"adapter '{owner_name(layer.adapter_name)}' sits on a weight that '{holder}' shares "
+                                "(tied input and output embeddings): merging would change that module too; keep the "
+                                "adapter unmerged (lt.save_adapter), or leave the output head out of its targets")
 
 
 def merge(model: nn.Module, adapter_name: str | None = None, requantize: bool = False) -> nn.Module:

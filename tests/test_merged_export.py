@@ -103,3 +103,39 @@ def test_the_merged_folder_holds_only_the_adapters_a_plain_forward_runs(tokens, 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     torch.testing.assert_close(_logits(loaded, tokens), expected, rtol=1e-5, atol=1e-5)
     assert set(lt.attached(model)) == {"a", "b"}  # the caller's model keeps both
+
+
+@pytest.mark.parametrize("config", [lt.LoRA(r=4, alpha=8, targets=["q_proj", "lm_head"]),
+                                    lt.IA3(targets=["k_proj", "lm_head"], feedforward=[])])
+def test_an_adapter_on_a_tied_output_head_trains_unmerged_and_refuses_to_merge(tmp_path, config):
+    """tiny-llama ties its output head to the input embedding: merging into that weight would change
+    the embedding too (the logits moved by 11.6). Unmerged, the adapter changes the head alone."""
+    model = lt.load_model("tiny-llama")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    lt.attach(model, config)
+    randomize_adapter(model, scale=0.1)
+    ids = torch.randint(3, 250, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before = model(ids).logits
+    for merging in (lambda: lt.merge(model), lambda: lt.save_merged_model(model, tmp_path / "merged"),
+                    lambda: lt.detach(model, keep_merged=True)):
+        with pytest.raises(lt.LeantuneError, match="'model.embed_tokens' shares .*tied input and output embeddings"):
+            merging()
+    assert not (tmp_path / "merged").exists()
+    torch.testing.assert_close(model.model.embed_tokens.weight, embedding, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+
+
+def test_paca_on_a_tied_output_head_is_refused_and_leaves_the_model_as_it_was():
+    """PaCA writes its columns into the weight it adapts: into the embedding too when tied (two identical
+    forwards differed by 30). Refused at attach, with nothing left attached."""
+    model = lt.load_model("tiny-llama")
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lt.LeantuneError, match="paca writes its columns .* 'model.embed_tokens' shares"):
+        lt.attach(model, lt.PaCA(r=4, targets=["q_proj", "lm_head"]))
+    assert lt.attached(model) == {} and isinstance(model.lm_head, torch.nn.Linear)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0)
+    lt.attach(model, lt.PaCA(r=4, targets=["q_proj"]))  # the same model takes it on other targets
