@@ -416,3 +416,16 @@ def test_compile_with_distributed_is_refused_before_anything_is_written(tmp_path
                                             "got distributed: ddp"):
         lt.train(tiny_config(tmp_path, compile=True, distributed="ddp"))
     assert not (tmp_path / "out").exists()
+
+
+def test_epochs_end_where_the_data_ends_when_grad_accum_does_not_divide_them(tmp_path):
+    """20 examples in batches of 4 are 5 micro-batches per epoch; with grad_accum 2 each epoch is 3
+    steps (2, 2, 1 micro-batches), so epochs: 2 trains exactly 10 micro-batches, every example twice,
+    and no step mixes two epochs (before: 5 steps of 2, the third one reaching across the boundary;
+    with 2 epochs of 13 micro-batches and grad_accum 3 that spilled into a third epoch)."""
+    result = lt.train(tiny_config(tmp_path, max_steps=None, epochs=2, grad_accum=2, data_train=write_pairs(
+        tmp_path / "twenty.jsonl", 20), data_eval=None, group_by_length=False))
+    assert result.summary["steps"] == 6 and result.summary["epochs"] == 2.0
+    tokens = sum(len(e.input_ids) for e in lt.data.prepare_dataset(str(tmp_path / "twenty.jsonl"),
+                                                                    lt.load_tokenizer("tiny-llama"), 64)[0])
+    assert result.summary["tokens"] == 2 * tokens

@@ -143,6 +143,17 @@ class BatchStream:
         indices = self.epoch_order(epoch)[index]
         return collate([self.examples[i] for i in indices], self.pad_id)
 
+    def step_batches(self, position: int, accumulate: int) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of one optimizer step from `position`: up to `accumulate` of them, never
+        reaching into the next epoch (an epoch's last step may be shorter, as in transformers.Trainer)."""
+        count = min(accumulate, self.batches_per_epoch - position % self.batches_per_epoch)
+        return [self.batch_at(position + i) for i in range(count)]
+
+    def steps_for(self, epochs: float, accumulate: int) -> int:
+        """Optimizer steps in `epochs` epochs of steps as `step_batches` makes them."""
+        whole, rest = divmod(round(epochs * self.batches_per_epoch), self.batches_per_epoch)
+        return max(1, whole * -(-self.batches_per_epoch // accumulate) + -(-rest // accumulate))
+
     def iterate(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         position = start
         while True:

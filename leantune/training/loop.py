@@ -123,7 +123,7 @@ class Trainer(CtrlCStops):
         cfg = self.config
         if cfg.max_steps is not None:
             return cfg.max_steps
-        return max(1, math.ceil(cfg.epochs * self.train_stream.batches_per_epoch / cfg.grad_accum))
+        return self.train_stream.steps_for(cfg.epochs, cfg.grad_accum)
 
     def run(self) -> TrainResult:
         self.env = RunEnvironment.from_config(self.config)  # resolved once: device, precision check, threads
@@ -266,11 +266,12 @@ class Trainer(CtrlCStops):
         return False
 
     def _step(self, state: dict[str, Any]) -> tuple[float, int, int, float, float]:
-        """One optimizer step over grad_accum micro-batches; the loss is the mean over all their loss tokens."""
+        """One optimizer step over up to grad_accum micro-batches (not past the epoch's end); the loss is
+        the mean over all their loss tokens."""
         cfg = self.config
         lr = cfg.lr * lr_factor(state["step"], self.total_steps, self.warmup, cfg.schedule)
         set_lr(self.optimizer, lr)
-        batches = [self.train_stream.batch_at(state["position"] + i) for i in range(cfg.grad_accum)]
+        batches = self.train_stream.step_batches(state["position"], cfg.grad_accum)
         loss_tokens = sum(count_loss_tokens(b["labels"]) for b in batches)  # of the global batch
         self.env.seed_step(cfg.seed, state["step"])
         total = 0.0
@@ -301,7 +302,7 @@ class Trainer(CtrlCStops):
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        state["position"] += cfg.grad_accum
+        state["position"] += len(batches)
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         return total, tokens, loss_tokens, grad_norm, lr
 
