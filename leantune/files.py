@@ -25,8 +25,7 @@ from .errors import LeantuneError
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory that replaces `path` only if the block finishes without error."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise LeantuneError(f"cannot write directory '{path}': a file with that name exists")
+    check_output_path(path, directory=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes it private; the result should not be
@@ -44,6 +43,19 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_path(path: str | os.PathLike, directory: bool) -> None:
+    """Refuse an output path that cannot be written: a file where a directory goes or the reverse, or a
+    path under a file. Commands call it before their work, so a typo costs no training or generation."""
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise LeantuneError(f"cannot write directory '{path}': a file with that name exists")
+    if not directory and path.is_dir():
+        raise LeantuneError(f"cannot write file '{path}': it is a directory; name a file in it instead")
+    blocker = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocker is not None:
+        raise LeantuneError(f"cannot write '{path}': '{blocker}' is a file, not a directory")
 
 
 def _current_umask() -> int:
@@ -74,6 +86,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def _atomic_write(path: str | os.PathLike, content: str | bytes, mode: str) -> None:
     """Write to a temporary sibling, then rename it over `path`: readers see the old file or the new one."""
     path = Path(path)
+    check_output_path(path, directory=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
@@ -124,6 +137,8 @@ def read_format_document(path: str | os.PathLike, file_name: str, fmt: str, vers
     """The JSON document `file_name` of a leantune `kind` directory (adapter, sketch), format-checked."""
     path = Path(path)
     config_path = path / file_name
+    if path.exists() and not path.is_dir():
+        raise LeantuneError(f"{kind} '{path}' is a file, not a directory; pass the {kind} directory")
     if not path.is_dir():
         raise LeantuneError(f"{kind} directory '{path}' does not exist")
     if not config_path.is_file():

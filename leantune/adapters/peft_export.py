@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .. import api
 from ..convert import paca_to_lora
@@ -65,7 +66,7 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
         document, tensors = _lora_export(model, config, layers)
     document.update({
         "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None),
-        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
+        "task_type": _peft_task_type(model),
         "inference_mode": True,
         "modules_to_save": None,
     })
@@ -73,6 +74,15 @@ def export_peft(model: nn.Module, path: str | os.PathLike, adapter_name: str | N
         save_tensors(tensors, tmp / PEFT_TENSOR_FILE, metadata={"format": "pt"})
         (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
     return Path(path)
+
+
+def _peft_task_type(model: nn.Module) -> str | None:
+    """CAUSAL_LM for a causal LM: without it PEFT wraps no forward, and prompt and prefix tuning load as no-ops.
+    transformers' causal-LM classes go by several names (GPT2LMHeadModel, LlamaForCausalLM); its own table
+    lists them, and the two suffixes cover remote-code models outside it."""
+    name = type(model).__name__
+    causal = name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith(("ForCausalLM", "LMHeadModel"))
+    return "CAUSAL_LM" if causal else None
 
 
 def lora_factors(layer: AdapterLayer) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -26,9 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # imported here, not at module level: `leantune --help` must not load torch
     from ..adapters import export_peft, load_adapter, read_adapter_config, save_merged_model
+    from ..files import check_output_path
     from ..models import load_model, load_tokenizer
 
     out = Path(args.out)
+    _check_apart(args.out, args.adapter)
+    check_output_path(out, directory=True)
     if out.exists() and not args.force:
         raise LeantuneError(f"output '{out}' already exists; choose another --out or pass --force")
     document = read_adapter_config(args.adapter)
@@ -44,3 +47,12 @@ def run(args: argparse.Namespace) -> int:
     export_peft(model, out)
     print(f"wrote a Hugging Face PEFT adapter ({method}) to {out}")
     return 0
+
+
+def _check_apart(out: str, adapter: str) -> None:
+    """--out must not overlap --adapter: replacing --out (with --force) would delete the adapter being read."""
+    out_path, adapter_path = Path(out).resolve(), Path(adapter).resolve()
+    relation = ("is" if out_path == adapter_path else "contains" if out_path in adapter_path.parents
+                else "lies inside" if adapter_path in out_path.parents else None)
+    if relation is not None:
+        raise LeantuneError(f"--out '{out}' {relation} --adapter '{adapter}'; choose an --out outside the adapter")

@@ -65,19 +65,21 @@ def read_prompts(path: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # imported here, not at module level: `leantune --help` must not load torch
+    from ..eval.generation import generate
+    from ..eval.loading import load_for_inference
+    from ..files import atomic_write_text, check_output_path
+
     if args.output and not args.prompts:
         raise LeantuneError("--output goes with --prompts FILE.jsonl")
+    if args.output:  # now, not after generating, which can take minutes
+        check_output_path(args.output, directory=False)
     if args.prompt == "":
         raise LeantuneError("--prompt is empty; give the model some text to continue")
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     stop = [decode_escapes(s) for s in args.stop]
     if any(not s for s in stop):
         raise LeantuneError("--stop needs a non-empty string")
-    # imported here, not at module level: `leantune --help` must not load torch
-    from ..eval.generation import generate
-    from ..eval.loading import load_for_inference
-    from ..files import atomic_write_text
-
     model, tokenizer = load_for_inference(args.adapter, args.model)
     texts = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_p=args.top_p, stop=stop, batch_size=args.batch_size, seed=args.seed)

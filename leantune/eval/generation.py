@@ -7,6 +7,7 @@ Returned texts are cut before the first stop string.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -15,6 +16,7 @@ from torch import nn
 from transformers import GenerationConfig, StoppingCriteriaList
 
 from ..errors import LeantuneError
+from ..models import check_fits_positions
 from .progress import progress_bar
 
 END_TOKENS = ("<|endoftext|>", "<|im_end|>")
@@ -95,9 +97,9 @@ def _check_options(prompts: Sequence[str], max_new_tokens: int, temperature: flo
         raise LeantuneError("generate expects a list of prompts, got a single string")
     if max_new_tokens < 1:
         raise LeantuneError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise LeantuneError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not 0 < top_p <= 1:
+    if not math.isfinite(temperature) or temperature < 0:  # nan passes `< 0`: every comparison with it is false
+        raise LeantuneError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:  # also refuses nan
         raise LeantuneError(f"top_p must be in (0, 1], got {top_p}")
     if batch_size < 1:
         raise LeantuneError(f"batch_size must be at least 1, got {batch_size}")
@@ -160,6 +162,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
             for first in range(0, len(order), batch_size):
                 rows = order[first:first + batch_size]
                 batch = _encode_batch(tokenizer, [prompts[i] for i in rows], max_prompt_tokens)
+                check_fits_positions(model, batch["input_ids"].shape[1] + max_new_tokens,
+                                     "a prompt with max_new_tokens", "shorten the prompt or lower max_new_tokens")
                 results = _generate_batch(model, tokenizer, batch, config, stop, end_ids, device, counts, bar.update)
                 for row, (text, hit_budget) in zip(rows, results):
                     texts[row] = text

@@ -16,6 +16,7 @@ from torch import nn
 from ..data import collate
 from ..errors import LeantuneError
 from ..loss import causal_lm_loss, count_loss_tokens
+from ..models import check_fits_positions
 from .progress import progress_bar
 
 
@@ -32,6 +33,8 @@ def loss_and_perplexity(model: nn.Module, examples: Sequence[Any], pad_id: int, 
         raise LeantuneError("cannot evaluate on an empty dataset")
     if batch_size < 1:
         raise LeantuneError(f"batch_size must be at least 1, got {batch_size}")
+    check_fits_positions(model, max(len(e.input_ids) for e in examples), "the longest example",
+                         "lower max_length (over-long examples are then cut or dropped)")
     rank, processes = share
     device = next(model.parameters()).device
     # Similar lengths share a batch: less padding, same result (the loss is a token-weighted sum).

@@ -25,7 +25,7 @@ from ..errors import LeantuneError
 from ..eval.metrics import loss_and_perplexity
 from ..files import atomic_write_text
 from ..loss import causal_lm_loss, count_loss_tokens
-from ..models import load_model, load_tokenizer
+from ..models import check_fits_positions, load_model, load_tokenizer
 from . import checkpoint as ckpt
 from .config import TrainConfig, resolved_dict, to_yaml
 from .optim import build_optimizer, lr_factor, set_lr, warmup_steps
@@ -54,15 +54,14 @@ class TrainResult:
 def run_training(config: TrainConfig, resume: bool = False, overwrite: bool = False, model: Any = None,
                  tokenizer: Any = None, command: list[str] | None = None) -> TrainResult:
     """The training loop alone (`lt.train` is the job: this, then the study its config asks for)."""
-    trainer = Trainer(config, resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer)
-    trainer.command = command
-    return trainer.run()
+    return Trainer(config, resume=resume, overwrite=overwrite, model=model, tokenizer=tokenizer, command=command).run()
 
 
 # -- the job ----------------------------------------------------------------------------------------
 
 class Trainer(CtrlCStops):
-    def __init__(self, config: TrainConfig, resume: bool, overwrite: bool, model: Any = None, tokenizer: Any = None):
+    def __init__(self, config: TrainConfig, resume: bool, overwrite: bool, model: Any = None, tokenizer: Any = None,
+                 command: list[str] | None = None):
         self.config = config
         self.resume = resume
         self.overwrite = overwrite
@@ -71,7 +70,7 @@ class Trainer(CtrlCStops):
         self.interrupts = 0  # Ctrl-C presses during training
         self.writing_checkpoint = False  # a checkpoint is being written: a second Ctrl-C waits for it
         self.stopping = False  # the run is saving its way out after the first Ctrl-C
-        self.command: list[str] | None = None
+        self.command = command  # how the run was started, for the resume hint
 
     # Preparation: nothing is written until every input has been checked.
     def prepare(self) -> None:
@@ -101,6 +100,8 @@ class Trainer(CtrlCStops):
             self.model = load_model(cfg.model)
         self.model.to(self.device)
         self.env.seed(cfg.seed)  # adapter initialisation depends on it
+        longest = max(len(e) for e in [*train_examples, *(self.eval_examples or [])])
+        check_fits_positions(self.model, longest, "the longest example", "lower max_length (longer ones are cut or dropped)")
         api.attach(self.model, method)
         apply_model_options(self.model, cfg)
         self.total_steps = self._total_steps()
@@ -121,9 +122,7 @@ class Trainer(CtrlCStops):
 
     def _total_steps(self) -> int:
         cfg = self.config
-        if cfg.max_steps is not None:
-            return cfg.max_steps
-        return self.train_stream.steps_for(cfg.epochs, cfg.grad_accum)
+        return cfg.max_steps if cfg.max_steps is not None else self.train_stream.steps_for(cfg.epochs, cfg.grad_accum)
 
     def run(self) -> TrainResult:
         self.env = RunEnvironment.from_config(self.config)  # resolved once: device, precision check, threads
