@@ -13,7 +13,7 @@ from .methods.hybrid import Hybrid
 from .methods.layer import (PART_SEPARATOR, AdapterLayer, Router, adapter_layers, model_router, named_adapter_layers,
                             owner_name)
 from .methods.rows import layer_stack
-from .methods.targets import LinearFromConv1D, replace_module
+from .methods.targets import LinearFromConv1D, module_sharing_weight, replace_module
 
 _REGISTRY_ATTR = "leantune_adapters"
 
@@ -49,26 +49,13 @@ def attach(model: nn.Module, config: MethodConfig | list[MethodConfig], adapter_
     refreeze(model)
     _install_row_routing(model)
     writers = [layer for layer in adapter_layers(model, adapter_name) if layer.cleans_base_in_place]
-    holder = next(filter(None, (_shared_weight_holder(model, layer) for layer in writers)), None)
+    holder = next(filter(None, (module_sharing_weight(model, layer.base_module()) for layer in writers)), None)
     if holder is not None:  # checked once the layers exist; detach is attach's exact inverse
         detach(model, adapter_name)
         raise LeantuneError(f"{config.method_name} writes its columns into the weight of a layer that '{holder}' "
                             "shares (tied input and output embeddings): it would change that module too; leave "
                             "the output head out of the targets")
     return model
-
-
-def _shared_weight_holder(model: nn.Module, layer: AdapterLayer) -> str | None:
-    """The name of another module that holds the weight under `layer` (tied embeddings), if any."""
-    base = layer.base_module()
-    weight = getattr(base, "weight", None)
-    if weight is None:
-        return None
-    for name, module in model.named_modules():
-        if module is not base and not isinstance(module, AdapterLayer) and any(
-                p is weight for p in module.parameters(recurse=False)):
-            return name
-    return None
 
 
 def _refuse_stacking_with_full(registry: dict[str, MethodConfig], config: MethodConfig) -> None:
@@ -207,7 +194,7 @@ def check_mergeable(model: nn.Module, names: list[str]) -> None:
             raise LeantuneError(f"adapter '{name}' ({config.method_name}) cannot be merged into the base weights: "
                                 "its update is not a change of weights, so it stays an adapter (lt.save_adapter, lt.load_adapter)")
     for layer in _layers_of(model, names):
-        holder = None if layer.merged else _shared_weight_holder(model, layer)
+        holder = None if layer.merged else module_sharing_weight(model, layer.base_module())
         if holder is not None:
             raise LeantuneError(f"adapter '{owner_name(layer.adapter_name)}' sits on a weight that '{holder}' shares "
                                 "(tied input and output embeddings): merging would change that module too; keep the "

@@ -187,3 +187,16 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def module_sharing_weight(model: nn.Module, base: nn.Module) -> str | None:
+    """The name of another module of `model` that holds `base`'s weight (tied input and output
+    embeddings), if any; the adapter layers that wrap `base` do not count."""
+    weight = getattr(base, "weight", None)
+    if weight is None:
+        return None
+    for name, module in model.named_modules():
+        if module is not base and not isinstance(module, AdapterLayer) and any(
+                p is weight for p in module.parameters(recurse=False)):
+            return name
+    return None
