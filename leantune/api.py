@@ -48,13 +48,6 @@ def attach(model: nn.Module, config: MethodConfig | list[MethodConfig], adapter_
         router(model).select([*chosen, adapter_name])
     refreeze(model)
     _install_row_routing(model)
-    writers = [layer for layer in adapter_layers(model, adapter_name) if layer.cleans_base_in_place]
-    holder = next(filter(None, (module_sharing_weight(model, layer.base_module()) for layer in writers)), None)
-    if holder is not None:  # checked once the layers exist; detach is attach's exact inverse
-        detach(model, adapter_name)
-        raise LeantuneError(f"{config.method_name} writes its columns into the weight of a layer that '{holder}' "
-                            "shares (tied input and output embeddings): it would change that module too; leave "
-                            "the output head out of the targets")
     return model
 
 
@@ -148,6 +141,14 @@ def _generate_per_row(model: nn.Module, *args: Any, adapter_names: Any = None, *
     finally:
         first_step_done.remove()
         routes.rows, routes.trust_versions = previous, trusted
+
+
+def virtual_tokens(model: nn.Module) -> int:
+    """Positions the running prompt and prefix adapters put before a plain forward's input."""
+    def count(config: MethodConfig) -> int:
+        parts = getattr(config, "parts", None)
+        return sum(map(count, parts)) if parts else int(getattr(config, "num_virtual_tokens", 0) or 0)
+    return sum(count(config) for name, config in attached(model).items() if router(model).runs(name))
 
 
 def router(model: nn.Module) -> Router:
@@ -337,8 +338,12 @@ def use(model: nn.Module, adapter_names: str | list[str] | None) -> nn.Module:
 
 
 def summary(model: nn.Module, print_table: bool = False) -> dict[str, Any]:
-    """Trainable and total parameter counts, per adapter and overall."""
-    total = sum(p.numel() for p in model.parameters())
+    """Trainable and total parameter counts, per adapter and overall. A 4-bit (NF4) or sketched base
+    weight counts as the dense weight it stands for, as PEFT counts 4-bit weights (its codes are
+    buffers); adapter tensors count on top of the base, SketchTune's tables too."""
+    total = sum(p.numel() for p in model.parameters()) + sum(
+        _dense_numel(module) - sum(p.numel() for p in module.parameters(recurse=False))
+        for module in model.modules() if callable(getattr(module, "dense_numel", None)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     per_adapter = {}
     for name, config in attached(model).items():

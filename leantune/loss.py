@@ -45,7 +45,7 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
         raise LeantuneError(f"labels have shape {tuple(labels.shape)}, input_ids {tuple(input_ids.shape)}")
     if not _bidirectional(model):
         attention_mask = decoder_attention_mask(attention_mask, labels)
-    decoder, head = _decoder_and_head(model)
+    decoder, head = _decoder_and_head(model) if chunked is not False else (None, None)
     if chunked is None:
         chunked = head is not None and head.out_features >= CHUNKED_MIN_VOCAB
     elif chunked and head is None:
@@ -78,7 +78,7 @@ def decoder_attention_mask(attention_mask: torch.Tensor | None, labels: torch.Te
     Any other mask (left or inner padding, labels on masked tokens, 4-D masks) is passed on as given.
     With position_ids that restart within a row and no mask, transformers reads the row as packed
     documents, each attending only to itself: what packed rows (data/batching.py) rely on, their
-    padding counting from 0 as a document of its own."""
+    padding at position 0 (each padding token a document of its own)."""
     if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape != labels.shape:
         return attention_mask
     real = attention_mask != 0
@@ -169,11 +169,15 @@ def check_packed_rows_stay_apart(model: nn.Module) -> None:
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 16)
     device = next(model.parameters()).device
     first, second = _probe_ids(vocab, 6, device, offset=1), _probe_ids(vocab, 5, device, offset=7)
-    positions = torch.cat([torch.arange(6), torch.arange(5)]).to(device)[None]
+    # two rows, as training batches have (transformers' flash-attention path reads packing in one-row batches only)
+    rows = torch.cat([torch.cat([first, second], 1), torch.cat([second, first], 1)])
+    positions = torch.stack([torch.cat([torch.arange(6), torch.arange(5)]),
+                             torch.cat([torch.arange(5), torch.arange(6)])]).to(device)
     with _quiet_forward(model):
-        packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions, use_cache=False).logits
-        alone = model(input_ids=second, use_cache=False).logits
-    packed, alone = packed[:, 6:].float(), alone.float()
+        packed = model(input_ids=rows, position_ids=positions, use_cache=False).logits
+        alone = [model(input_ids=ids, use_cache=False).logits for ids in (second, first)]
+    packed = torch.cat([packed[0, 6:], packed[1, 5:]]).float()
+    alone = torch.cat([logits[0] for logits in alone]).float()
     scale = float(alone.abs().max()) or 1.0
     if not torch.allclose(packed, alone, rtol=0.0, atol=1e-4 * scale):
         name = getattr(getattr(model, "config", None), "model_type", type(model).__name__)

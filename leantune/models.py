@@ -189,9 +189,12 @@ def position_limit(model: nn.Module) -> int | None:
     return None
 
 
-def check_fits_positions(model: nn.Module, length: int, what: str, remedy: str) -> None:
-    """Refuse, before any work, a sequence longer than the model's learned positions (an IndexError deep
-    in the forward otherwise, after `--overwrite` may already have cleared the previous run)."""
+def check_fits_positions(model: nn.Module, length: int, what: str, remedy: str, virtual: int = 0) -> None:
+    """Refuse, before any work, a sequence that with `virtual` tokens in front of it (prompt and prefix
+    tuning's) outgrows the model's learned positions: an IndexError deep in the forward otherwise,
+    after `--overwrite` may already have cleared the previous run."""
     limit = position_limit(model)
-    if limit is not None and length > limit:
-        raise LeantuneError(f"{what} is {length} tokens, but this model has learned positions for {limit} only; {remedy}")
+    if limit is not None and length + virtual > limit:
+        extra = f" plus the adapter's {virtual} virtual tokens" if virtual else ""
+        raise LeantuneError(f"{what} is {length} tokens{extra}, but this model has learned positions for {limit} only; "
+                            f"{remedy}")

@@ -128,13 +128,19 @@ def test_an_adapter_on_a_tied_output_head_trains_unmerged_and_refuses_to_merge(t
         torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
 
 
-def test_paca_on_a_tied_output_head_is_refused_and_leaves_the_model_as_it_was():
-    """PaCA writes its columns into the weight it adapts: into the embedding too when tied (two identical
-    forwards differed by 30). Refused at attach, with nothing left attached."""
+@pytest.mark.parametrize("config", [lt.PaCA(r=4, targets=["q_proj", "lm_head"]),
+                                    lt.LoRA(r=4, init="pissa", targets=["q_proj", "lm_head"]),
+                                    [lt.PrefixTuning(num_virtual_tokens=2), lt.PaCA(r=4, targets=["lm_head"])]],
+                         ids=["paca", "pissa", "hybrid"])
+def test_methods_that_write_into_a_tied_output_head_are_refused_and_leave_the_model_as_it_was(config):
+    """PaCA keeps its columns in the weight it adapts and PiSSA leaves the residual there: on a tied head
+    that is the input embedding too (two identical PaCA forwards differed by 30; PiSSA moved the
+    embedding by 0.044). Refused before any module is touched."""
     model = lt.load_model("tiny-llama")
     reference = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(lt.LeantuneError, match="paca writes its columns .* 'model.embed_tokens' shares"):
-        lt.attach(model, lt.PaCA(r=4, targets=["q_proj", "lm_head"]))
+    with pytest.raises(lt.LeantuneError, match=r"(paca|lora) writes into the weight of 'lm_head', which "
+                                               r"'model.embed_tokens' shares"):
+        lt.attach(model, config)
     assert lt.attached(model) == {} and isinstance(model.lm_head, torch.nn.Linear)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, reference[key], rtol=0, atol=0)

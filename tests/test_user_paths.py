@@ -178,10 +178,30 @@ def test_sequences_past_learned_positions_are_refused_before_any_work_and_the_la
     capsys.readouterr()
     assert main([*run, "--overwrite", "--set", f"data.train={long}", "--set", "max_length=64"]) == 2
     assert_one_line_user_error(capsys.readouterr().err, "train", r"the longest example is \d+ tokens, but this model "
-                               r"has learned positions for 24 only; lower max_length \(longer ones are cut or dropped\)")
+                               r"has learned positions for 24 only; lower max_length")
     assert _files(tmp_path / "out" / "adapter") == kept
     assert main(["eval", "--model", str(gpt2_folder), "--data", str(long), "--max-length", "64"]) == 2
     assert "learned positions for 24 only" in capsys.readouterr().err
     assert main(["generate", "--model", str(gpt2_folder), "--prompt", "hi", "--max-new-tokens", "30"]) == 2
-    assert_one_line_user_error(capsys.readouterr().err, "generate", r"a prompt with max_new_tokens is \d+ tokens, but "
+    assert_one_line_user_error(capsys.readouterr().err, "generate", r"the longest prompt with max_new_tokens is \d+ tokens, but "
                                r"this model has learned positions for 24 only; shorten the prompt or lower max_new_tokens")
+
+
+def test_virtual_tokens_count_against_learned_positions_and_packed_rows_by_their_examples(gpt2_folder, tmp_path):
+    """Prompt tuning's virtual tokens take positions too (an IndexError with examples that fit alone);
+    a packed row needs the positions of its longest example, not its own length."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": "ab", "completion": "cdefgh"}) + "\n" for _ in range(6)))
+    base = {"model": str(gpt2_folder), "max_steps": 1, "unit_test_table": False, "progress": False,
+            "data": {"train": str(pairs), "eval": None}, "max_length": 24}
+    prompt = dict(base, method={"name": "prompt", "num_virtual_tokens": 20}, out_dir=str(tmp_path / "prompt"))
+    with pytest.raises(lt.LeantuneError, match=r"the longest example is \d+ tokens plus the adapter's 20 virtual "
+                                               r"tokens, but this model has learned positions for 24 only"):
+        lt.train(prompt)
+    model = lt.load_model(str(gpt2_folder))
+    lt.attach(model, lt.PromptTuning(num_virtual_tokens=20))
+    with pytest.raises(lt.LeantuneError, match="plus the adapter's 20 virtual tokens"):
+        generate(model, lt.load_tokenizer(str(gpt2_folder)), ["ab"], max_new_tokens=4)
+    packed = dict(base, method={"name": "lora", "r": 2, "targets": ["c_attn"]}, packing=True, max_length=48,
+                  out_dir=str(tmp_path / "packed"))
+    assert lt.train(packed).steps == 1  # rows of up to 48 tokens whose examples need about 10 positions each

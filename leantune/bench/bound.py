@@ -22,12 +22,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import kernels
+from ..loss import plain_output_head
 
 
 def counted_flops(run: Callable[[], None], model: nn.Module, lengths: Iterable[int]) -> float:
     """FLOPs of `run` (one forward and backward over sequences of these lengths) as the counter
     sees them, with attention added when the counter saw no attention kernel. Products run through
     torch's own ops here: the counter does not see oneDNN's (`kernels`), which compute the same."""
+    plain_output_head(model)  # the loss's one-off check of the head runs now, outside the count
     with kernels.torch_products(), FlopCounterMode(display=False) as counter:
         run()
     total = float(counter.get_total_flops())

@@ -76,7 +76,7 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids`, `labels` (-100 on padding) and `attention_mask`; with packed rows
-    also `position_ids`, where a row's padding counts from 0 as a document of its own."""
+    also `position_ids`, 0 on padding (each padding token reads as a document of its own)."""
     width = max(len(e) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -90,7 +90,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         attention_mask[row, :n] = 1
         if position_ids is not None:
             own = example.position_ids if example.position_ids is not None else list(range(n))
-            position_ids[row] = torch.tensor(own + list(range(width - n)), dtype=torch.long)
+            position_ids[row, :n] = torch.tensor(own, dtype=torch.long)  # padding stays at 0: no position to outgrow
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
     if position_ids is not None:
         batch["position_ids"] = position_ids

@@ -38,6 +38,10 @@ class Example:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def positions(self) -> int:
+        """Positions the sequence needs: its length, or on a packed row its longest example's."""
+        return max(self.position_ids) + 1 if self.position_ids else len(self.input_ids)
+
     def loss_tokens(self) -> int:
         """Tokens that carry loss once labels are shifted (the first position never does)."""
         return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, StoppingCriteriaList
 
+from ..api import virtual_tokens
 from ..errors import LeantuneError
 from ..models import check_fits_positions
 from .progress import progress_bar
@@ -152,6 +153,11 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
     texts: list[str] = [""] * len(prompts)
     budget_hits = [False] * len(prompts)
     counts = {"prompt_tokens": 0, "new_tokens": 0}
+    batches = [(rows, _encode_batch(tokenizer, [prompts[i] for i in rows], max_prompt_tokens))
+               for rows in (order[first:first + batch_size] for first in range(0, len(order), batch_size))]
+    widest = max(batch["input_ids"].shape[1] for _, batch in batches)  # checked before any batch runs
+    check_fits_positions(model, widest + max_new_tokens, "the longest prompt with max_new_tokens",
+                         "shorten the prompt or lower max_new_tokens", virtual_tokens(model))
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -159,11 +165,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            for first in range(0, len(order), batch_size):
-                rows = order[first:first + batch_size]
-                batch = _encode_batch(tokenizer, [prompts[i] for i in rows], max_prompt_tokens)
-                check_fits_positions(model, batch["input_ids"].shape[1] + max_new_tokens,
-                                     "a prompt with max_new_tokens", "shorten the prompt or lower max_new_tokens")
+            for rows, batch in batches:
                 results = _generate_batch(model, tokenizer, batch, config, stop, end_ids, device, counts, bar.update)
                 for row, (text, hit_budget) in zip(rows, results):
                     texts[row] = text

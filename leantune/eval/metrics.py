@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..api import virtual_tokens
 from ..data import collate
 from ..errors import LeantuneError
 from ..loss import causal_lm_loss, count_loss_tokens
@@ -33,8 +34,8 @@ def loss_and_perplexity(model: nn.Module, examples: Sequence[Any], pad_id: int, 
         raise LeantuneError("cannot evaluate on an empty dataset")
     if batch_size < 1:
         raise LeantuneError(f"batch_size must be at least 1, got {batch_size}")
-    check_fits_positions(model, max(len(e.input_ids) for e in examples), "the longest example",
-                         "lower max_length (over-long examples are then cut or dropped)")
+    check_fits_positions(model, max(e.positions() for e in examples), "the longest example", "lower max_length",
+                         virtual_tokens(model))
     rank, processes = share
     device = next(model.parameters()).device
     # Similar lengths share a batch: less padding, same result (the loss is a token-weighted sum).

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import LeantuneError
 from ..quant import quantize_base
 from .layer import AdapterLayer, adapter_layers, bare_module_name, model_router, named_adapter_layers
-from .targets import linear_view, replace_module, resolve_targets
+from .targets import linear_view, module_sharing_weight, replace_module, resolve_targets
 
 METHODS: dict[str, type["MethodConfig"]] = {}
 
@@ -179,11 +179,21 @@ class ModuleMethod(MethodConfig):
     def check_target(self, name: str, module: nn.Module) -> None:
         """Refuse a target this config cannot adapt (sizes beyond the layer's), naming it; before any wrap."""
 
+    @property
+    def writes_base_weight(self) -> bool:
+        """Whether attaching or training writes into a target's own weight (PaCA's columns, PiSSA's residual)."""
+        return False
+
     def attach_to_model(self, model: nn.Module, adapter_name: str) -> list[str]:
         """Replace every targeted module with its adapter layer; return the names touched."""
         chosen = [(name, linear_view(module)) for name, module in self.chosen_targets(model)]  # Conv1D as Linear
         for name, module in chosen:  # check every target before touching any
             self.check_target(name, module)
+            holder = module_sharing_weight(model, module) if self.writes_base_weight else None
+            if holder is not None:
+                raise LeantuneError(f"{self.method_name} writes into the weight of '{name}', which '{holder}' shares "
+                                    "(tied input and output embeddings): it would change that module too; leave "
+                                    f"'{name}' out of the targets")
         for name, module in chosen:
             module = quantize_base(name, module, getattr(self, "quantize", None))  # QLoRA, QDoRA, QPaCA
             replace_module(model, name, self.wrap(name, module, adapter_name))

@@ -56,6 +56,10 @@ class LoRA(ModuleMethod):
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
+    @property
+    def writes_base_weight(self) -> bool:
+        return self.init == "pissa"  # the base keeps the residual W - scale·B A
+
     def check_target(self, name: str, module: nn.Module) -> None:
         if self.init == "pissa" and isinstance(module, AdapterLayer):
             # PiSSA rewrites the base weight; under it, another adapter's output is not that weight's

@@ -32,6 +32,7 @@ from .paca_columns import ColumnLedger
 @dataclass
 class PaCA(ModuleMethod):
     method_name: ClassVar[str] = "paca"
+    writes_base_weight: ClassVar[bool] = True  # its columns live in the base weight
 
     r: int = 16
     alpha: float = 32

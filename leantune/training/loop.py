@@ -100,9 +100,9 @@ class Trainer(CtrlCStops):
             self.model = load_model(cfg.model)
         self.model.to(self.device)
         self.env.seed(cfg.seed)  # adapter initialisation depends on it
-        longest = max(len(e) for e in [*train_examples, *(self.eval_examples or [])])
-        check_fits_positions(self.model, longest, "the longest example", "lower max_length (longer ones are cut or dropped)")
         api.attach(self.model, method)
+        check_fits_positions(self.model, max(e.positions() for e in [*train_examples, *(self.eval_examples or [])]),
+                             "the longest example", "lower max_length", api.virtual_tokens(self.model))
         apply_model_options(self.model, cfg)
         self.total_steps = self._total_steps()
         self.resume_point = self._resume_point()
