@@ -191,12 +191,13 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def module_sharing_weight(model: nn.Module, base: nn.Module) -> str | None:
     """The name of another module of `model` that holds `base`'s weight (tied input and output
-    embeddings), if any; the adapter layers that wrap `base` do not count."""
+    embeddings), if any; the adapter layers around `base` and the modules inside it do not count."""
     weight = getattr(base, "weight", None)
     if weight is None:
         return None
+    inside = {id(module) for module in base.modules()}  # an adapter layer's own base_layer is not another module
     for name, module in model.named_modules():
-        if module is not base and not isinstance(module, AdapterLayer) and any(
+        if id(module) not in inside and not isinstance(module, AdapterLayer) and any(
                 p is weight for p in module.parameters(recurse=False)):
             return name
     return None
