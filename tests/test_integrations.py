@@ -149,3 +149,27 @@ def test_trl_sft_trainer_with_a_completion_only_loss(tmp_path):
     assert (tmp_path / "checkpoint-3" / ADAPTER_DIR / "adapter.safetensors").is_file()
     batch = next(iter(trainer.get_train_dataloader()))
     assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # prompts carry no loss
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_trl_packing_is_checked_to_keep_examples_apart(tmp_path, method):
+    """TRL packs with restarting position ids and no mask. LoRA trains that way; prompt tuning would
+    put its virtual tokens before a packed row's first example only: refused in one sentence."""
+    from trl import SFTConfig  # TRL is a test dependency here
+
+    tokenizer = lt.load_tokenizer("tiny-llama")
+    data = Dataset.from_dict({"prompt": [f"# add {i}\n" for i in range(8)],
+                              "completion": [f"def add(a):\n    return a + {i}\n" for i in range(8)]})
+    config = lt.LoRA(r=4, alpha=8) if method == "lora" else lt.PromptTuning(num_virtual_tokens=3)
+    model = lt.attach(lt.load_model("tiny-llama"), config)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                     report_to=[], use_cpu=True, packing=True, max_length=64, disable_tqdm=True, save_strategy="no")
+    if method == "prompt":
+        with pytest.raises(lt.LeantuneError, match="config key 'packing'.*a packed example does not compute as it "
+                                                   "does alone"):
+            LeantuneSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        return
+    trainer = LeantuneSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "position_ids" in batch and (batch["position_ids"][:, 1:] == 0).any()  # packed: positions restart
+    trainer.train()

@@ -30,7 +30,7 @@ from ..files import save_tensors
 ADAPTER_DIR = "adapter"
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
+def unwrapped_model(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and not api.attached(model):  # DDP / accelerate wrappers
         model = model.module
     return model
@@ -63,12 +63,12 @@ class LeantuneCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is not None and state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            save_adapter(_unwrapped(model), folder / ADAPTER_DIR)
-            save_training_state(_unwrapped(model), folder)
+            save_adapter(unwrapped_model(model), folder / ADAPTER_DIR)
+            save_training_state(unwrapped_model(model), folder)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         if model is not None and state.is_world_process_zero:
-            save_adapter(_unwrapped(model), Path(args.output_dir) / ADAPTER_DIR)
+            save_adapter(unwrapped_model(model), Path(args.output_dir) / ADAPTER_DIR)
 
 
 class AdapterSaving:
@@ -79,18 +79,18 @@ class AdapterSaving:
         if not self.args.should_save:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        save_adapter(_unwrapped(self.model), folder / ADAPTER_DIR)
-        save_training_state(_unwrapped(self.model), folder)  # a checkpoint resumes exactly from it
+        save_adapter(unwrapped_model(self.model), folder / ADAPTER_DIR)
+        save_training_state(unwrapped_model(self.model), folder)  # a checkpoint resumes exactly from it
         if self.processing_class is not None:
             self.processing_class.save_pretrained(str(folder))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        load_trainer_adapter(_unwrapped(model if model is not None else self.model), resume_from_checkpoint)
+        load_trainer_adapter(unwrapped_model(model if model is not None else self.model), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
         if best:
-            load_trainer_adapter(_unwrapped(self.model), best)
+            load_trainer_adapter(unwrapped_model(self.model), best)
 
 
 class LeantuneTrainer(AdapterSaving, Trainer):
