@@ -429,3 +429,17 @@ def test_epochs_end_where_the_data_ends_when_grad_accum_does_not_divide_them(tmp
     tokens = sum(len(e.input_ids) for e in lt.data.prepare_dataset(str(tmp_path / "twenty.jsonl"),
                                                                     lt.load_tokenizer("tiny-llama"), 64)[0])
     assert result.summary["tokens"] == 2 * tokens
+
+
+def test_a_fractional_epoch_ends_at_its_last_micro_batch():
+    """1.5 epochs of 5 micro-batches with grad_accum 2 is 8 micro-batches (round(7.5)): 3 steps in the
+    first epoch (2, 2, 1), then 2 steps (2, 1); the run stops there, not a whole step later."""
+    from leantune.data import BatchStream, Example
+
+    stream = BatchStream([Example([i, i + 1], [i, i + 1]) for i in range(20)], batch_size=4, seed=0, pad_id=0)
+    position, sizes = 0, []
+    for _ in range(stream.steps_for(1.5, 2)):
+        batches = stream.step_batches(position, 2, epochs=1.5)
+        sizes.append(len(batches))
+        position += len(batches)
+    assert sizes == [2, 2, 1, 2, 1] and position == 8

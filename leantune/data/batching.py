@@ -143,11 +143,14 @@ class BatchStream:
         indices = self.epoch_order(epoch)[index]
         return collate([self.examples[i] for i in indices], self.pad_id)
 
-    def step_batches(self, position: int, accumulate: int) -> list[dict[str, torch.Tensor]]:
+    def step_batches(self, position: int, accumulate: int, epochs: float | None = None) -> list[dict[str, torch.Tensor]]:
         """The micro-batches of one optimizer step from `position`: up to `accumulate` of them, never
-        reaching into the next epoch (an epoch's last step may be shorter, as in transformers.Trainer)."""
-        count = min(accumulate, self.batches_per_epoch - position % self.batches_per_epoch)
-        return [self.batch_at(position + i) for i in range(count)]
+        reaching into the next epoch (an epoch's last step may be shorter, as in transformers.Trainer)
+        nor, in a run of `epochs` epochs, past its last micro-batch (a fractional last epoch too)."""
+        left = self.batches_per_epoch - position % self.batches_per_epoch
+        if epochs is not None:
+            left = min(left, max(1, round(epochs * self.batches_per_epoch) - position))
+        return [self.batch_at(position + i) for i in range(min(accumulate, left))]
 
     def steps_for(self, epochs: float, accumulate: int) -> int:
         """Optimizer steps in `epochs` epochs of steps as `step_batches` makes them."""

@@ -75,7 +75,7 @@ class TrainConfig:
     schedule: str = _doc("cosine", "learning-rate schedule after warmup: constant, linear or cosine (to 0)")
     warmup: float = _doc(0.05, "warmup: a number of steps (>= 1) or a fraction of all steps (< 1)")
     epochs: float | None = _doc(1, "passes over the training data (ignored when max_steps is set); an epoch's last step "
-                                   "takes what is left of it, a fractional last epoch ends with a whole step")
+                                   "takes what is left of it, fractional ones too")
     max_steps: int | None = _doc(None, "optimizer steps to run; null: derived from epochs")
     eval_every: int = _doc(0, "eval loss every N steps (0: only before and after training)")
     save_every: int = _doc(50, "checkpoint every N steps (0: only on Ctrl-C)")

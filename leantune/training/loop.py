@@ -270,7 +270,7 @@ class Trainer(CtrlCStops):
         cfg = self.config
         lr = cfg.lr * lr_factor(state["step"], self.total_steps, self.warmup, cfg.schedule)
         set_lr(self.optimizer, lr)
-        batches = self.train_stream.step_batches(state["position"], cfg.grad_accum)
+        batches = self.train_stream.step_batches(state["position"], cfg.grad_accum, cfg.epochs if cfg.max_steps is None else None)
         loss_tokens = sum(count_loss_tokens(b["labels"]) for b in batches)  # of the global batch
         self.env.seed_step(cfg.seed, state["step"])
         total = 0.0
