@@ -189,8 +189,8 @@ def render_markdown(document: dict[str, Any]) -> str:
                      "max seq len", "note"], measurement_rows(rows))
     rates = [e["gemm_flops_per_s"] for e in rows if e.get("gemm_flops_per_s")]
     if rates:
-        lines += ["", f"Of matmul bound: the step's matmul work counted from the model's shapes (forward, input "
-                      f"gradients, attention, the head on loss positions, the adapter's own products: "
+        lines += ["", f"Of matmul bound: the step's matmul work as PyTorch's FLOP counter sees it run (forward, "
+                      f"input gradients, attention, the head on loss positions, the adapter's own products: "
                       f"`leantune/bench/bound.py`) over its median time, as a share of this machine's rate on "
                       f"one GEMM of the model's largest linear shape, measured in each row's process "
                       f"({min(rates) / 1e9:.0f}–{max(rates) / 1e9:.0f} GFLOP/s)."]
