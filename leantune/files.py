@@ -53,9 +53,14 @@ def check_output_path(path: str | os.PathLike, directory: bool) -> None:
         raise LeantuneError(f"cannot write directory '{path}': a file with that name exists")
     if not directory and path.is_dir():
         raise LeantuneError(f"cannot write file '{path}': it is a directory; name a file in it instead")
-    blocker = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    blocker = file_above(path)
     if blocker is not None:
         raise LeantuneError(f"cannot write '{path}': '{blocker}' is a file, not a directory")
+
+
+def file_above(path: Path) -> Path | None:
+    """The first folder on the way to `path` that exists as a file (nothing can be written under it)."""
+    return next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
 
 
 def _current_umask() -> int:

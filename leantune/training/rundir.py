@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LeantuneError
+from ..files import file_above
 from ..methods import config_from_dict
 from .config import (MAPPING_KEYS, RESUMABLE_KEYS, RUN_LENGTH_KEYS, TIME_PLACEHOLDER, TrainConfig, expand_out_dir,
                      load_yaml, resolved_dict)
@@ -39,7 +40,7 @@ def resolve_out_dir(pattern: str, resume: bool) -> Path:
 def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise LeantuneError(f"out_dir '{out_dir}' is a file")
-    blocking = next((parent for parent in out_dir.parents if parent.exists() and not parent.is_dir()), None)
+    blocking = file_above(out_dir)
     if blocking is not None:
         raise LeantuneError(f"out_dir '{out_dir}' lies under '{blocking}', which is a file")
     if resume and overwrite:
