@@ -102,6 +102,13 @@ def test_presets_pair_paca_r16_with_lora_r8_and_overrides_apply():
         parse_overrides(["dora.r=4"], ["paca", "lora"])
 
 
+@pytest.mark.parametrize("item, message", [("lora.r=abc", "row 'lora': lora: 'r' must be an integer"),
+                                           ("paca.rr=4", "row 'paca': paca: unknown key 'rr'")])
+def test_a_bad_set_value_is_refused_up_front_naming_the_row(item, message):
+    with pytest.raises(LeantuneError, match=message):
+        parse_overrides([item], ["paca", "lora"])
+
+
 # -- the worker, in this process ---------------------------------------------------------------
 
 def _spec(row, kind, settings, **changes):

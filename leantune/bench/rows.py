@@ -127,7 +127,21 @@ def parse_overrides(items: list[str] | None, rows: list[str]) -> dict[str, dict[
         except json.JSONDecodeError:
             value = raw
         overrides.setdefault(row, {})[key] = value
+    _check_leantune_settings(overrides)
     return overrides
+
+
+def _check_leantune_settings(overrides: dict[str, dict[str, Any]]) -> None:
+    """A bad `--set` value fails here, naming the row, rather than as one error per worker process."""
+    from ..methods import config_from_dict  # loads torch: `leantune bench --help` imports this module
+
+    for row in overrides:
+        if row_kind(row) != "leantune":
+            continue
+        try:
+            config_from_dict(row_settings(row, overrides))
+        except (LeantuneError, TypeError) as err:  # TypeError: a value the method's dataclass cannot take
+            raise LeantuneError(f"--set for row '{row}': {err}") from None
 
 
 def needs_preparation(settings: dict[str, Any] | None) -> bool:
