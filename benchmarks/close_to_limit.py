@@ -33,7 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import leantune as lt
-from leantune.bench.bound import attention_flops, counted_flops, gemm_rate
+from leantune.bench.bound import attention_flops, attention_gemm_rate, counted_flops, gemm_rate
 from leantune.bench.profile import summarize_events
 from leantune.data import prepare_dataset
 from leantune.data.batching import BatchStream
@@ -100,12 +100,17 @@ def where_time_goes(config, model, stream, count: int, rate: float) -> dict:
         lengths = batch["attention_mask"].sum(-1).tolist()
         flops += counted_flops(lambda: forward_backward(config, model, batch), model, lengths)
         attention += attention_flops(model, lengths)
-    total_s = sum(groups.values()) / 1e3
+    total_s, linear_s = sum(groups.values()) / 1e3, groups["matmul"] / 1e3
+    attention_rate = attention_gemm_rate(model, config.max_length)
     return {"batches": positions, "groups_ms": groups, "flops": flops, "attention_flops": attention,
-            "linear_flops_per_s": (flops - attention) / (groups["matmul"] / 1e3),
+            "linear_flops_per_s": (flops - attention) / linear_s,
             "attention_flops_per_s": attention / (groups["attention"] / 1e3),
+            "attention_gemm_flops_per_s": attention_rate,
             "share_of_bound": flops / total_s / rate,
-            "share_if_only_linear_products": flops / (groups["matmul"] / 1e3) / rate}
+            "share_if_only_linear_products": flops / linear_s / rate,
+            # the most any kernel could make of these batches: linear products as they ran, attention
+            # at the rate of its bare GEMMs, nothing else taking time
+            "share_ceiling": flops / (linear_s + attention / attention_rate) / rate}
 
 
 def main() -> None:
@@ -168,7 +173,11 @@ def profile_report(p: dict) -> list[str]:
               f"attention (SDPA's kernel) at {p['attention_flops_per_s'] / 1e9:.0f} GFLOP/s "
               f"({p['attention_flops'] / p['flops']:.0%} of the FLOPs). Share of the bound over these batches: "
               f"{p['share_of_bound']:.0%}; if nothing but the linear products took time, "
-              f"{p['share_if_only_linear_products']:.0%}.", ""]
+              f"{p['share_if_only_linear_products']:.0%}. Attention's own products, as bare GEMMs of its shapes "
+              f"(all heads, max_length tokens, into buffers allocated once), run at "
+              f"{p['attention_gemm_flops_per_s'] / 1e9:.0f} GFLOP/s here: with attention at that rate and nothing "
+              f"but these products taking time (no softmax, norms, activations or glue), the share would be "
+              f"{p['share_ceiling']:.0%}, the most any attention kernel could reach on this machine.", ""]
     return lines
 
 

@@ -153,6 +153,22 @@ def test_a_frozen_steps_matmul_work_is_forward_and_input_gradients_head_on_loss_
     assert counted == by_hand
 
 
+def test_the_attention_ceiling_times_every_query_block_of_both_products():
+    from leantune.bench import bound
+
+    model = lt.load_model("tiny-llama")
+    timed = []
+    real = bound._median_seconds
+    bound._median_seconds = lambda run, repeats, device: timed.append(run) or 1.0
+    try:
+        rate = bound.attention_gemm_rate(model, 96)
+    finally:
+        bound._median_seconds = real
+    heads, head_dim = model.config.num_attention_heads, model.config.head_dim
+    assert len(timed) == 2 * 2  # blocks of 64 and of all 96 queries; scores and weighted sum
+    assert rate == 2.0 * heads * 96 * 96 * head_dim  # the largest block's FLOPs in the stubbed second
+
+
 def test_lora_fa_rows_keep_x_times_a_only_like_peft_lora_fa():
     results = {}
     for row in ("lora", "lora-fa", "peft-lora-fa", "adapter"):

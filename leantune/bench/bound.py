@@ -82,6 +82,28 @@ def gemm_rate(model: nn.Module, tokens: int, repeats: int = 10) -> float:
     return max(2.0 * tokens * in_features * out_features / _median_seconds(run, repeats, like.device) for run in runs)
 
 
+def attention_gemm_rate(model: nn.Module, seq: int, repeats: int = 10) -> float:
+    """FLOP/s of the products attention is made of, at `seq` keys for every head at once: scores
+    (queries x head_dim by head_dim x seq) and weighted sum (queries x seq by seq x head_dim), for
+    blocks of 64 queries up to all `seq` (a fused kernel tiles its queries), into buffers allocated
+    once; the fastest of them. No attention kernel runs its products faster than the GEMMs they are,
+    so this caps what any kernel could make of attention's FLOPs."""
+    like = model.get_input_embeddings().weight
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    options = dict(dtype=like.dtype, device=like.device)
+    keys, values = torch.randn(heads, head_dim, seq, **options), torch.randn(heads, seq, head_dim, **options)
+    rates = []
+    for block in sorted({min(size, seq) for size in (64, 128, 256, seq)}):
+        queries = torch.randn(heads, block, head_dim, **options)
+        scores, summed = torch.empty(heads, block, seq, **options), torch.empty(heads, block, head_dim, **options)
+        flops = 2.0 * heads * block * seq * head_dim
+        for run in (lambda: torch.bmm(queries, keys, out=scores), lambda: torch.bmm(scores, values, out=summed)):
+            rates.append(flops / _median_seconds(run, repeats, like.device))
+    return max(rates)
+
+
 def _median_seconds(run: Callable[[], object], repeats: int, device: torch.device) -> float:
     times = []
     for attempt in range(repeats + 2):
