@@ -142,6 +142,27 @@ TINY = {"functions": 3, "max_steps": 2, "max_length": 320, "max_new_tokens": 16,
         "models": ["tiny-llama"], "methods": ["base", "lora"]}
 
 
+@pytest.mark.parametrize("change, sentence", [
+    ({"methods_settings": {"lora": {"lrr": 1}}}, "study: the lora row's training config: unknown config key 'lrr'"),
+    ({"methods_settings": {"lora": {"method": {"r": "x"}}}}, "study: the lora row's training config: .*'r' must be"),
+    ({"max_length": 8}, "no example is left after fitting to max_length=8"),
+])
+def test_what_would_fail_a_row_fails_before_any_row_runs_and_an_earlier_study_stays(tmp_path, change, sentence):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "study.json").write_text(json.dumps({"config": study_config(TINY).to_dict()}))
+    (out / "tiny-llama").mkdir()
+    (out / "tiny-llama" / "kept").write_text("an earlier row")
+
+    def no_row(spec):
+        raise AssertionError(f"a row ran: {spec['method']}")
+
+    with pytest.raises(LeantuneError, match=sentence):
+        run_study(study_config({**TINY, **change}), out, overwrite=True, runner=no_row, progress=False)
+    if "max_length" not in change:  # a config is checked before --overwrite clears OUT
+        assert (out / "tiny-llama" / "kept").read_text() == "an earlier row"
+
+
 def test_a_tiny_study_resumes_after_an_interruption_and_reports_every_row(tmp_path):
     out, calls = tmp_path / "study", []
 

@@ -21,11 +21,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from ..data import prepare_dataset
 from ..errors import LeantuneError
 from ..files import atomic_write_text
+from ..models import load_tokenizer
+from ..training.config import build_config
 from ..methods.sketch.pack import SKETCH_CONFIG_FILE
 from .method_run import EXIT_INTERRUPTED, RESULT_FILE
-from .study_config import RESULT_KEYS, StudyConfig, model_folder_name
+from .study_config import BASE, RESULT_KEYS, StudyConfig, model_folder_name
 from .study_data import prepare_data
 from .study_report import write_report
 
@@ -45,12 +48,14 @@ def run_study(config: StudyConfig, out: Path, resume: bool = False, overwrite: b
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     runner = runner or run_in_subprocess
     out = Path(out).absolute()  # the rows' processes get absolute paths
+    fits = check_row_configs(config, out)
     previous = _prepare_out(config, out, resume, overwrite)
     data = prepare_data(config.data, out, config.functions, config.split_seed, config.test_fraction, config.workers)
     digest = hashlib.sha256(json.dumps(data.held_out, sort_keys=True).encode()).hexdigest()
     if previous.get("held_out_digest") not in (None, digest):
         raise LeantuneError(f"--resume: the held-out functions differ from those of the study in '{out}' (was the "
                             "data file changed?); finished rows would not be comparable. Use a new --out")
+    check_training_data(fits, data.train)
     atomic_write_text(out / STUDY_FILE, json.dumps({"config": config.to_dict(), "held_out_digest": digest},
                                                    indent=1) + "\n")
     held_out = out / "data" / "held_out.json"
@@ -78,6 +83,33 @@ def run_study(config: StudyConfig, out: Path, resume: bool = False, overwrite: b
     results["failed"] = failed
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
     return results
+
+
+def check_row_configs(config: StudyConfig, out: Path) -> dict[str, set[tuple[int, str]]]:
+    """Each trained row's training config (methods_settings, training) is checked before anything in
+    OUT is touched, rather than when its row starts, hours in; returns the (max_length, overlong)
+    pairs each model's rows fit their data to."""
+    fits: dict[str, set[tuple[int, str]]] = {}
+    for model in config.models:
+        fits[model] = set()
+        for method in config.methods:
+            if method == BASE:
+                continue
+            document = {**config.train_document(model, method, out), "data": {"train": config.data}}
+            try:
+                settings = build_config(document)
+            except LeantuneError as err:
+                raise LeantuneError(f"study: the {method} row's training config: {err}") from None
+            fits[model].add((settings.max_length, settings.overlong))
+    return fits
+
+
+def check_training_data(fits: dict[str, set[tuple[int, str]]], train_source: str) -> None:
+    """Training data that leaves no example at a row's max_length fails before the first row."""
+    for model, pairs in fits.items():
+        tokenizer = load_tokenizer(model) if pairs else None
+        for max_length, overlong in sorted(pairs):
+            prepare_dataset(train_source, tokenizer, max_length, overlong)
 
 
 def _run_job(runner: Runner, spec: dict[str, Any]) -> int:
