@@ -13,7 +13,7 @@ from .methods.hybrid import Hybrid
 from .methods.layer import (PART_SEPARATOR, AdapterLayer, Router, adapter_layers, model_router, named_adapter_layers,
                             owner_name)
 from .methods.rows import layer_stack
-from .methods.targets import LinearFromConv1D, module_sharing_weight, replace_module
+from .methods.targets import LinearFromConv1D, module_sharing_weight, replace_module, weight_holders
 
 _REGISTRY_ATTR = "leantune_adapters"
 
@@ -194,8 +194,9 @@ def check_mergeable(model: nn.Module, names: list[str]) -> None:
         if not config.mergeable:
             raise LeantuneError(f"adapter '{name}' ({config.method_name}) cannot be merged into the base weights: "
                                 "its update is not a change of weights, so it stays an adapter (lt.save_adapter, lt.load_adapter)")
+    holders = weight_holders(model)
     for layer in _layers_of(model, names):
-        holder = None if layer.merged else module_sharing_weight(model, layer.base_module())
+        holder = None if layer.merged else module_sharing_weight(model, layer.base_module(), holders)
         if holder is not None:
             raise LeantuneError(f"adapter '{owner_name(layer.adapter_name)}' sits on a weight that '{holder}' shares "
                                 "(tied input and output embeddings): merging would change that module too; keep the "

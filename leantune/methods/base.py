@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import LeantuneError
 from ..quant import quantize_base
 from .layer import AdapterLayer, adapter_layers, bare_module_name, model_router, named_adapter_layers
-from .targets import linear_view, module_sharing_weight, replace_module, resolve_targets
+from .targets import linear_view, module_sharing_weight, replace_module, resolve_targets, weight_holders
 
 METHODS: dict[str, type["MethodConfig"]] = {}
 
@@ -187,9 +187,10 @@ class ModuleMethod(MethodConfig):
     def attach_to_model(self, model: nn.Module, adapter_name: str) -> list[str]:
         """Replace every targeted module with its adapter layer; return the names touched."""
         chosen = [(name, linear_view(module)) for name, module in self.chosen_targets(model)]  # Conv1D as Linear
+        holders = weight_holders(model) if self.writes_base_weight else None
         for name, module in chosen:  # check every target before touching any
             self.check_target(name, module)
-            holder = module_sharing_weight(model, module) if self.writes_base_weight else None
+            holder = module_sharing_weight(model, module, holders) if holders is not None else None
             if holder is not None:
                 raise LeantuneError(f"{self.method_name} writes into the weight of '{name}', which '{holder}' shares "
                                     "(tied input and output embeddings): it would change that module too; leave "

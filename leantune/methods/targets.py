@@ -189,15 +189,27 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def module_sharing_weight(model: nn.Module, base: nn.Module) -> str | None:
+def weight_holders(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """id of each parameter -> the (name, module) pairs that hold it directly, adapter layers left
+    out: one walk over the model, for `module_sharing_weight` asked about many targets."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, AdapterLayer):
+            for parameter in module.parameters(recurse=False):
+                holders.setdefault(id(parameter), []).append((name, module))
+    return holders
+
+
+def module_sharing_weight(model: nn.Module, base: nn.Module,
+                          holders: dict[int, list[tuple[str, nn.Module]]] | None = None) -> str | None:
     """The name of another module of `model` that holds `base`'s weight (tied input and output
-    embeddings), if any; the adapter layers around `base` and the modules inside it do not count."""
+    embeddings), if any; the adapter layers around `base` and the modules inside it do not count.
+    `holders` (from `weight_holders`) saves the walk over the model when asking about many."""
     weight = getattr(base, "weight", None)
     if weight is None:
         return None
     inside = {id(module) for module in base.modules()}  # an adapter layer's own base_layer is not another module
-    for name, module in model.named_modules():
-        if id(module) not in inside and not isinstance(module, AdapterLayer) and any(
-                p is weight for p in module.parameters(recurse=False)):
+    for name, module in (holders if holders is not None else weight_holders(model)).get(id(weight), []):
+        if id(module) not in inside:
             return name
     return None
