@@ -162,6 +162,46 @@ def test_every_change_of_delta_reaches_the_next_forward(write):
     assert layer.paca_delta.abs().sum() > 0
 
 
+def _write_base(model, weights, how):
+    """Write new base weights after attaching, the ways users and loaders do."""
+    up = model.up.base_module()
+    if how == "load_state_dict":
+        up.load_state_dict({"weight": weights, "bias": up.bias.detach()})
+    elif how == "copy":
+        with torch.no_grad():
+            up.weight.copy_(weights)
+    elif how == "data":
+        up.weight.data = weights.clone()
+    elif how == "new_parameter":
+        up.weight = torch.nn.Parameter(weights.clone(), requires_grad=False)
+    else:  # a few elements, through .data, which no version counter sees
+        up.weight.data[:, :3] = weights[:, :3]
+        weights = torch.cat([weights[:, :3], up.weight.detach()[:, 3:]], 1)
+    return weights
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "copy", "data", "new_parameter", "some_elements"])
+def test_a_base_weight_written_after_attaching_is_the_base_from_then_on(how):
+    """Weights loaded after attaching (a model built from its config, attached, then loaded): the
+    adapted forward is the new weight plus s Δ in its columns, disabled and detach give the new weight."""
+    torch.manual_seed(0)
+    model = TwoLayer().double()
+    lt.attach(model, lt.PaCA(r=3, alpha=6, targets=["up"]))
+    layer = model.up
+    x = torch.randn(6, 16, dtype=torch.float64)
+    model(x).pow(2).sum().backward()
+    with torch.no_grad():
+        layer.paca_delta -= 0.5 * layer.paca_delta.grad  # trained a little: Δ is not zero
+    bias = layer.base_module().bias.detach()
+    new = _write_base(model, torch.randn(24, 16, dtype=torch.float64), how)
+    expected, _ = dense_reference(x, new, bias, [(layer.paca_index, layer.paca_delta.detach(), 2.0)])
+    torch.testing.assert_close(model.up(x), expected)
+    with torch.no_grad(), lt.disabled(model):
+        torch.testing.assert_close(model.up(x), F.linear(x, new, bias))
+    lt.detach(model)
+    torch.testing.assert_close(model.up.weight, new, rtol=0, atol=0)
+
+
 def test_backward_restores_columns_replaced_by_a_disabled_forward():
     torch.manual_seed(0)
     model = TwoLayer().double()

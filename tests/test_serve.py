@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 import leantune as lt
@@ -38,6 +39,7 @@ def free_port() -> int:
 
 def trained_adapter(folder: Path, config, seed: int) -> Path:
     model = lt.load_model("tiny-llama")
+    torch.manual_seed(seed)  # LoRA's A starts from the global generator: the same adapter in any test order
     lt.attach(model, config)
     randomize_adapter(model, scale=0.15, seed=seed)
     lt.save_adapter(model, folder)

@@ -68,6 +68,7 @@ class ColumnLedger:
         self.orig = torch.empty(0)
         self.placed_key: tuple | None = ()  # () = the base columns hold no contribution
         self.placed_values: tuple[torch.Tensor, ...] = ()  # copies of the live deltas as placed
+        self.written: torch.Tensor | None = None  # dense base: what the ledger last wrote into its columns
         self.columns: torch.Tensor | None = None  # NF4 base: the placed columns
         self.base_key: tuple = ()  # NF4 base: the merged contributions requantized into the packed weight
         self.pristine: torch.Tensor | None = None  # NF4 base: packed weight before any merge
@@ -101,6 +102,7 @@ class ColumnLedger:
         with torch.no_grad():
             dense = self._pristine_dense()
             self.orig = dense.index_select(1, self.index).clone()
+        self.written = None if self.quantized else self.orig.clone()  # what the base's columns hold now
         self.placed_key, self.columns = (), None
         self.sync_base()
 
@@ -114,6 +116,7 @@ class ColumnLedger:
 
     def _restore_base(self) -> None:
         """Remove every contribution, merged ones included: the base is exactly W0 again."""
+        self.adopt_outside_writes()
         with torch.no_grad():
             if self.quantized:
                 if self.pristine is not None:
@@ -122,11 +125,12 @@ class ColumnLedger:
                 self.base_key = ()
             elif self.index.numel():
                 self._match_device()
-                self.base.weight.index_copy_(1, self.index, self.orig.to(self.base.weight.dtype))
+                self._write(self.orig)
         self.placed_key, self.columns = (), None
 
     def _bake(self, layer: PaCALayer) -> None:
         """Make `layer`'s merged contribution part of the original columns (detach keep_merged)."""
+        self.adopt_outside_writes()
         with torch.no_grad():
             positions = self.positions(layer)
             self.orig = self.orig.clone()
@@ -137,7 +141,7 @@ class ColumnLedger:
                 self.pristine = None
                 self.base.quantize_(dense)
             else:
-                self.base.weight.index_copy_(1, self.index, self.orig.to(self.base.weight.dtype))
+                self._write(self.orig)
         self.placed_key, self.base_key, self.columns = (), (), None
 
     def positions(self, layer: PaCALayer) -> torch.Tensor:
@@ -156,6 +160,7 @@ class ColumnLedger:
         Δ's values are compared with the placed copy at every forward (O(out × r), next to the
         matmul's O(tokens × in × out)): writes through `.data`, `copy_` under no_grad or a whole
         new tensor all bypass what a version counter or an optimizer hook would see."""
+        self.adopt_outside_writes()
         live, merged = self.running(layer)
         key = self.state_key(live, merged)
         if self.placed_key != key or not _same_values(self.placed_values, live):
@@ -164,6 +169,7 @@ class ColumnLedger:
 
     def sync_base(self) -> None:
         """Make the base module itself hold exactly W0 plus the merged contributions."""
+        self.adopt_outside_writes()
         merged = [m for m in self.members if m.merged]
         if self.quantized:
             key = tuple(m._merge_generation for m in merged)
@@ -196,8 +202,31 @@ class ColumnLedger:
             if self.quantized:
                 self.columns = columns.to(self.base.dtype)
             else:
-                self.base.weight.index_copy_(1, self.index, columns.to(self.base.weight.dtype))
+                self._write(columns)
         self.placed_key, self.placed_values = key, values
+
+    def _write(self, columns: torch.Tensor) -> None:
+        """Write `columns` into a dense base's weight at `index`, and remember what was written."""
+        self.written = columns.to(self.base.weight.dtype, copy=True)
+        self.base.weight.index_copy_(1, self.index, self.written)
+
+    def adopt_outside_writes(self) -> None:
+        """Take in what was written into a dense base's columns from outside since the ledger last
+        wrote them (load_state_dict, copy_, a `.data` write, a new Parameter, a checkpoint loaded
+        after attaching): such a value is the new original of its element, so the adapted, disabled
+        and detached weights all build on it instead of on the columns read at attach time. Found
+        by value, as `plan` finds changes of Δ: no version counter sees a `.data` write."""
+        if self.quantized or self.written is None or not self.index.numel():
+            return
+        self._match_device()
+        with torch.no_grad():
+            current = self.base.weight.detach().index_select(1, self.index)
+            if torch.equal(current, self.written):
+                return
+            outside = current != self.written
+            self.orig = torch.where(outside, current.to(self.orig.dtype), self.orig)
+            self.written = current
+        self.placed_key, self.placed_values = None, ()  # what the columns hold is no longer the ledger's
 
     def _requantize(self, merged: list[PaCALayer]) -> None:
         """NF4 base: merged contributions are requantized into the packed weight; none merged: the exact original."""
@@ -220,6 +249,8 @@ class ColumnLedger:
         if self.orig.device != weight.device or self.orig.dtype != dtype:
             self.orig = self.orig.to(device=weight.device, dtype=dtype)
             self.index = self.index.to(weight.device)
+        if self.written is not None and (self.written.device != weight.device or self.written.dtype != weight.dtype):
+            self.written = self.written.to(device=weight.device, dtype=weight.dtype)  # the cast the weight took too
 
     def running(self, layer: PaCALayer) -> tuple[list[PaCALayer], list[PaCALayer]]:
         """What `layer`'s forward runs: the live (not merged, not disabled) members at or below it,
@@ -230,6 +261,7 @@ class ColumnLedger:
     def weight_for(self, layer: PaCALayer) -> torch.Tensor:
         """A copy of the dense weight `layer` runs with as things stand: the merged members, and the
         running members at or below it, over the original columns."""
+        self.adopt_outside_writes()
         live, merged = self.running(layer)
         with torch.no_grad():
             dense = self._pristine_dense().clone() if self.quantized else self.base.weight.detach().clone()
