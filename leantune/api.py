@@ -63,6 +63,7 @@ def _refuse_stacking_with_full(registry: dict[str, MethodConfig], config: Method
 
 
 _ROUTING_HOOKS_ATTR = "leantune_routing_hooks"
+_ROUTING_STACK_ATTR = "leantune_routing_stack"  # per forward, outermost first: whether it set the rows
 BASE_ROW = "__base__"  # PEFT's name for "no adapter" in adapter_names; None and "base" mean the same
 ROUTABLE_METHODS = ("lora", "dora", "ia3", "paca", "prompt")
 
@@ -72,25 +73,28 @@ def _install_row_routing(model: nn.Module) -> None:
     row its own adapter (methods/rows.py); adapter_names=None is the plain forward, as in PEFT."""
     if _ROUTING_HOOKS_ATTR in model.__dict__:
         return
-    entered: list[bool] = []
-
-    def before(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        names = kwargs.pop("adapter_names", None)
-        entered.append(names is not None)
-        if names is not None:
-            router(model).rows = row_names(model, names)
-        return args, kwargs
-
-    def after(_module: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> Any:
-        if entered.pop() if entered else False:
-            router(model).rows = None
-        return output
-
-    hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
-             model.register_forward_hook(after, with_kwargs=True, always_call=True)]
+    hooks = [model.register_forward_pre_hook(_route_rows, with_kwargs=True),
+             model.register_forward_hook(_end_row_routing, with_kwargs=True, always_call=True)]
     if callable(getattr(model, "generate", None)):
         model.generate = functools.partial(_generate_per_row, model)
     model.__dict__[_ROUTING_HOOKS_ATTR] = hooks
+
+
+# Module-level hooks that act on the model they are called with and keep their state on it: a
+# deepcopy of the model then routes its own rows (closures would route the original's), and it pickles.
+def _route_rows(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    names = kwargs.pop("adapter_names", None)
+    model.__dict__.setdefault(_ROUTING_STACK_ATTR, []).append(names is not None)
+    if names is not None:
+        router(model).rows = row_names(model, names)
+    return args, kwargs
+
+
+def _end_row_routing(model: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> Any:
+    entered = model.__dict__.get(_ROUTING_STACK_ATTR)
+    if entered and entered.pop():
+        router(model).rows = None
+    return output
 
 
 def row_names(model: nn.Module, names: Any) -> tuple[str | None, ...]:

@@ -55,6 +55,24 @@ def test_each_row_equals_its_adapter_alone(mixed):
     torch.testing.assert_close(mixed(tokens).logits, alone(mixed, None, tokens), **TOL)  # routing ends with the call
 
 
+@pytest.mark.parametrize("duplicate", ["deepcopy", "pickle"])
+def test_a_copy_of_the_model_routes_its_own_rows(mixed, duplicate):
+    """A deepcopy (a reference model, EMA) or a pickled model gets per-row routing of its own."""
+    import copy, io  # noqa: E401  (only this test copies models)
+
+    tokens = torch.randint(0, 256, (len(ROWS), 10), generator=torch.Generator().manual_seed(1))
+    expected = torch.cat([alone(mixed, name, tokens[i:i + 1]) for i, name in enumerate(ROWS)])
+    if duplicate == "deepcopy":
+        twin = copy.deepcopy(mixed)
+    else:
+        buffer = io.BytesIO()
+        torch.save(mixed, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    lt.detach(mixed)  # the original changing does not reach the copy
+    torch.testing.assert_close(twin(tokens, adapter_names=ROWS).logits, expected, **TOL)
+
+
 def test_greedy_generation_per_row_equals_each_adapter_alone(mixed):
     tokens = torch.randint(0, 256, (4, 7), generator=torch.Generator().manual_seed(2))
     lt.use(mixed, None)
