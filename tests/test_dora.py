@@ -360,3 +360,27 @@ def test_over_an_output_scaling_ia3_on_a_biased_linear_merged_equals_unmerged():
     unmerged = model(x)
     lt.merge(model)
     torch.testing.assert_close(model(x), unmerged)
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_bf16_autocast_trains_and_evaluates_within_bf16_rounding_of_float32(tokens, quantize):
+    """Under autocast the fused path (float32 products) steps aside: the loss and the adapter
+    gradients are float32's up to bf16 rounding, and an eval forward runs (QDoRA too)."""
+    models = []
+    for _ in range(2):
+        model = lt.load_model("tiny-llama")
+        torch.manual_seed(0)
+        lt.attach(model, lt.DoRA(r=4, quantize=quantize))
+        randomize_adapter(model)
+        models.append(model)
+    mixed, full = models
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = mixed(tokens, labels=tokens).loss
+    expected = full(tokens, labels=tokens).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=0)
+    loss.backward()
+    expected.backward()
+    pairs = [(p.grad, q.grad) for p, q in zip(mixed.parameters(), full.parameters()) if p.requires_grad]
+    assert pairs and all(torch.linalg.norm(a - b) < 5e-2 * torch.linalg.norm(b) for a, b in pairs)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(mixed.eval()(tokens).logits).all()

@@ -29,7 +29,7 @@ from torch import nn
 from .. import kernels
 from ..errors import LeantuneError
 from .base import register
-from .layer import AdapterLayer, dense_weight
+from .layer import AdapterLayer, autocast_active, dense_weight
 from .rows import RowForm, clean_stack_weight, layer_stack, version_of
 from .lora import LoRA, LoRALayer
 
@@ -179,7 +179,8 @@ class DoRALayer(LoRALayer):
         base = self.base_layer
         return (not isinstance(base, AdapterLayer) and not weight.requires_grad
                 and (base.bias is None or not base.bias.requires_grad)
-                and x.dtype == self.lora_A.dtype == weight.dtype)
+                and x.dtype == self.lora_A.dtype == weight.dtype
+                and not autocast_active(x))  # the fused products would leave autocast's dtype mixed
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         dropping = self.training and self.dropout > 0

@@ -213,6 +213,7 @@ class AdapterLayer(nn.Module):
         }
         with torch.no_grad():
             self.merge_into_base()
+        library_wrote_weight(base)
         self.merged = True
         self.router.layout += 1
 
@@ -223,9 +224,22 @@ class AdapterLayer(nn.Module):
         with torch.no_grad():
             for name, saved in self._merge_backup.items():
                 getattr(base, name).copy_(saved)
+        library_wrote_weight(base)
         self._merge_backup = {}
         self.merged = False
         self.router.layout += 1
+
+
+# A base linear whose weight PaCA's column ledger keeps account of carries it under this name, so
+# that a merge or unmerge of an adapter stacked above (a write of the library's, not the user's) is
+# taken as a change of the weight below PaCA's columns (paca_columns.ColumnLedger.library_wrote).
+WEIGHT_WATCHER_ATTR = "leantune_weight_watcher"
+
+
+def library_wrote_weight(module: nn.Module) -> None:
+    watcher = module.__dict__.get(WEIGHT_WATCHER_ATTR)
+    if watcher is not None:
+        watcher.library_wrote()
 
 
 def adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .layer import one_cpu_thread
+from .layer import WEIGHT_WATCHER_ATTR, one_cpu_thread
 
 if TYPE_CHECKING:  # the layers own a ledger; the ledger only reads their fields
     from .paca import PaCALayer
@@ -72,6 +72,7 @@ class ColumnLedger:
         self.columns: torch.Tensor | None = None  # NF4 base: the placed columns
         self.base_key: tuple = ()  # NF4 base: the merged contributions requantized into the packed weight
         self.pristine: torch.Tensor | None = None  # NF4 base: packed weight before any merge
+        base.__dict__[WEIGHT_WATCHER_ATTR] = self
 
     # -- membership -----------------------------------------------------------------------
     def join(self, layer: PaCALayer) -> None:
@@ -85,6 +86,8 @@ class ColumnLedger:
             self._bake(layer)
         self._restore_base()
         self.members.remove(layer)
+        if not self.members:
+            self.base.__dict__.pop(WEIGHT_WATCHER_ATTR, None)
         self._capture()
 
     def reindex(self) -> None:
@@ -209,6 +212,17 @@ class ColumnLedger:
         """Write `columns` into a dense base's weight at `index`, and remember what was written."""
         self.written = columns.to(self.base.weight.dtype, copy=True)
         self.base.weight.index_copy_(1, self.index, self.written)
+
+    def library_wrote(self) -> None:
+        """An adapter stacked above merged into (or unmerged from) the base weight: the change it made
+        to the columns is a change of what lies below PaCA's contributions, which stay as they are."""
+        if self.quantized or self.written is None or not self.index.numel():
+            return
+        self._match_device()
+        with torch.no_grad():
+            current = self.base.weight.detach().index_select(1, self.index)
+            self.orig = self.orig + (current - self.written).to(self.orig.dtype)
+            self.written = current
 
     def adopt_outside_writes(self) -> None:
         """Take in what was written into a dense base's columns from outside since the ledger last
