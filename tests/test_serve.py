@@ -25,7 +25,7 @@ from conftest import randomize_adapter
 from leantune.eval.generation import generate
 from leantune.serving.app import create_app
 from leantune.serving.engine import Engine, Request
-from leantune.serving.registry import AdapterRegistry, attach_adapter
+from leantune.serving.registry import AdapterRegistry, ServeError, attach_adapter
 
 KEY = "secret"
 PROMPTS = ["def add(a, b):", "The capital of", "import numpy as", "for i in range(", "# a test\n", "x = [1, 2"]
@@ -352,3 +352,56 @@ def test_an_unexpected_failure_answers_without_its_internals_and_the_server_goes
     assert any("secret/path.bin" in str(record.exc_info[1]) for record in caplog.records if record.exc_info)
     answer = client(server).completions.create(model="a", prompt="hello", max_tokens=3, temperature=0)
     assert answer.choices[0].finish_reason in ("length", "stop")
+
+
+# -- prompts as the registry encodes them ---------------------------------------------------------
+
+def registry_with(tokenizer) -> AdapterRegistry:
+    return AdapterRegistry(Engine(lt.load_model("tiny-llama"), tokenizer, max_batch=1, max_queue=1), "tiny-llama")
+
+
+def test_a_chat_prompt_is_the_templates_tokens_with_no_second_bos():
+    """A tokenizer that adds BOS under a template that writes it too (Llama, Mistral, Gemma): once."""
+    from tokenizers import processors
+
+    tokenizer = lt.load_tokenizer("tiny-llama")
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    registry = registry_with(tokenizer)
+    messages = [{"role": "user", "content": "Write a test."}]
+    request = registry.request("tiny-llama", registry.chat_prompt(messages), 4, 0.0, 1.0, (), None, chat=True)
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert request.prompt_ids == list(expected) and request.prompt_ids.count(bos) == 1
+    completion = registry.request("tiny-llama", "hi", 4, 0.0, 1.0, (), None)
+    assert completion.prompt_ids[0] == bos  # a completion prompt is text: the tokenizer's own BOS stays
+
+
+def test_a_template_that_refuses_the_messages_is_a_400_with_its_sentence():
+    tokenizer = lt.load_tokenizer("tiny-llama")
+    tokenizer.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                               "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                               "{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ServeError, match="chat template refuses them: Conversation roles must alternate") as caught:
+        registry_with(tokenizer).chat_prompt([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert caught.value.status == 400
+
+
+def test_a_prompt_far_beyond_the_context_is_refused_without_tokenizing_it(monkeypatch):
+    registry = registry_with(lt.load_tokenizer("tiny-llama"))
+    registry.request("tiny-llama", "warm", 4, 0.0, 1.0, (), None)  # reads the vocabulary's longest token
+    monkeypatch.setattr(registry.engine, "tokenizer", None)  # tokenizing now would fail loudly
+    with pytest.raises(ServeError, match=r"the prompt \(.* characters\) exceeds the model's context of 512 tokens"):
+        registry.request("tiny-llama", "word " * 1_000_000, 4, 0.0, 1.0, (), None)
+
+
+def test_usage_counts_the_end_token_as_a_completion_token():
+    from leantune.serving.app import _usage
+
+    request = Request([1, 2, 3], None, 8)
+    request.generated = [5, 6]
+    assert _usage(request)["completion_tokens"] == 2
+    request.ended_on_eos = True
+    assert _usage(request) == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}

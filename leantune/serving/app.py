@@ -175,7 +175,7 @@ def create_app(engine: Engine, adapters: AdapterRegistry, api_key: str | None = 
                               f"{_NOT_IMPLEMENTED[refused][1]!r})", param=refused, code="unsupported_parameter")
         try:
             request = adapters.request(body.model, prompt, body.max_tokens, body.temperature, body.top_p,
-                                       _stops(body.stop), body.seed, fill_context)
+                                       _stops(body.stop), body.seed, fill_context, chat=kind == "chat.completion")
             request.ignore_eos = body.ignore_eos
             events = listen(request)
             engine.submit(request)
@@ -255,7 +255,7 @@ async def _collect(events: "asyncio.Queue[tuple[str, Any]]", request: Request,
 
 
 def _usage(request: Request) -> dict[str, int]:
-    prompt, completion = len(request.prompt_ids), len(request.generated)
+    prompt, completion = len(request.prompt_ids), len(request.generated) + request.ended_on_eos
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

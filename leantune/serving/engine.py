@@ -60,6 +60,7 @@ class Request:
     notify: Callable[[tuple[str, Any]], None] | None = None
     cancelled: bool = False
     generated: list[int] = field(default_factory=list)
+    ended_on_eos: bool = False  # the end token was generated: counted in usage (as vLLM does), not in the text
     text: str = ""
     sent: int = 0  # characters of text already sent
     finish_reason: str | None = None
@@ -162,8 +163,9 @@ class Engine:
         try:
             logits = self.batch.prefill([r.prompt_ids for r in newcomers], [r.adapter for r in newcomers])
         except Exception as err:  # e.g. an adapter unloaded while its request waited
+            message = client_message(err)
             for request in newcomers:
-                request.emit("error", str(err))
+                request.emit("error", message)
             return
         self.running.extend(newcomers)
         self._advance(newcomers, logits)
@@ -199,6 +201,7 @@ class Engine:
 
     def _append(self, request: Request, token: int) -> None:
         if token in self.end_ids and not request.ignore_eos:
+            request.ended_on_eos = True
             self._finish(request, "stop")
             return
         request.generated.append(token)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+import jinja2  # chat templates are jinja; torch requires it, so it is always there
 from torch import nn
 
 from .. import api
@@ -61,17 +62,21 @@ class AdapterRegistry:
         self.paths: dict[str, str] = dict(paths or {})
         config = getattr(engine.model, "config", None)
         self.context = getattr(config, "max_position_embeddings", None)
+        self._longest_token: int | None = None  # characters of the vocabulary's longest token, read on first use
 
     # -- requests ---------------------------------------------------------------------------
     def request(self, model: str, prompt: str, max_tokens: int | None, temperature: float, top_p: float,
-                stop: tuple[str, ...], seed: int | None, fill_context: bool = False) -> Request:
-        """`max_tokens` None: 16 (OpenAI's completions default), or with `fill_context` the rest of the context."""
+                stop: tuple[str, ...], seed: int | None, fill_context: bool = False, chat: bool = False) -> Request:
+        """`max_tokens` None: 16 (OpenAI's completions default), or with `fill_context` the rest of the context.
+        A chat prompt is the template's rendering, which writes the special tokens it wants itself (a
+        tokenizer that adds BOS would add a second one), so it is encoded without adding any."""
         if model != self.base_name and model not in self.paths:
             raise ServeError(404, f"model '{model}' does not exist; served: {', '.join(self.names())}",
                              param="model", code="model_not_found")
         if not prompt:
             raise ServeError(400, "prompt: the prompt is empty; give some text to continue", param="prompt")
-        ids = self.engine.tokenizer(prompt)["input_ids"]
+        self._check_not_far_beyond_context(prompt)
+        ids = self.engine.tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
         if max_tokens is None:
             max_tokens = (self.context - len(ids) if fill_context and self.context else 16)
             if max_tokens < 1:
@@ -85,12 +90,27 @@ class AdapterRegistry:
                              code="context_length_exceeded")
         return Request(ids, None if model == self.base_name else model, max_tokens, temperature, top_p, stop, seed)
 
+    def _check_not_far_beyond_context(self, prompt: str) -> None:
+        """A prompt with more characters than the context holds tokens of the longest token in the
+        vocabulary is too long whatever it tokenizes to: refused before tokenizing, which for megabytes
+        takes seconds on the event loop that every other client shares."""
+        if self.context is None:
+            return
+        if self._longest_token is None:
+            self._longest_token = max((len(token) for token in self.engine.tokenizer.get_vocab()), default=1)
+        if len(prompt) > self.context * max(self._longest_token, 1):
+            raise ServeError(400, f"the prompt ({len(prompt):,} characters) exceeds the model's context of "
+                             f"{self.context} tokens", param="prompt", code="context_length_exceeded")
+
     def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
         tokenizer = self.engine.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise ServeError(400, "this model's tokenizer has no chat template; use /v1/completions",
                              param="messages")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as err:  # e.g. the template's raise_exception: roles must alternate
+            raise ServeError(400, f"messages: the model's chat template refuses them: {err}", param="messages") from None
 
     # -- adapters -----------------------------------------------------------------------------
     def names(self) -> list[str]:
