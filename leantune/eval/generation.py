@@ -114,9 +114,10 @@ def _check_prompts(prompts: list[str]) -> None:
             raise LeantuneError(f"prompt {number} of {len(prompts)} is empty; every prompt needs some text to continue")
 
 
-def _encode_batch(tokenizer: Any, texts: list[str], max_prompt_tokens: int | None) -> dict[str, torch.Tensor]:
+def _encode_batch(tokenizer: Any, texts: list[str], max_prompt_tokens: int | None,
+                  special_tokens: bool = True) -> dict[str, torch.Tensor]:
     """Left-padded ids and mask; prompts longer than `max_prompt_tokens` keep their end."""
-    encoded = [tokenizer(text)["input_ids"] for text in texts]
+    encoded = [tokenizer(text, add_special_tokens=special_tokens)["input_ids"] for text in texts]
     if max_prompt_tokens is not None:
         encoded = [ids[-max_prompt_tokens:] for ids in encoded]
     width = max(len(ids) for ids in encoded)
@@ -134,8 +135,10 @@ def _encode_batch(tokenizer: Any, texts: list[str], max_prompt_tokens: int | Non
 def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), batch_size: int = 8,
              seed: int = 0, max_prompt_tokens: int | None = None,
-             stats: dict[str, Any] | None = None, progress: bool = False, desc: str = "generate") -> list[str]:
-    """Generate a continuation for each prompt; greedy when temperature == 0.
+             stats: dict[str, Any] | None = None, progress: bool = False, desc: str = "generate",
+             special_tokens: bool = True) -> list[str]:
+    """Generate a continuation for each prompt; greedy when temperature == 0. `special_tokens`
+    False: the prompts are rendered chat templates, which write BOS themselves where they want it.
 
     Returns the generated texts (prompt excluded, special tokens skipped), each cut before its
     first stop string, in the order of `prompts`. If `stats` is a dict it receives prompt_tokens,
@@ -153,7 +156,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_t
     texts: list[str] = [""] * len(prompts)
     budget_hits = [False] * len(prompts)
     counts = {"prompt_tokens": 0, "new_tokens": 0}
-    batches = [(rows, _encode_batch(tokenizer, [prompts[i] for i in rows], max_prompt_tokens))
+    batches = [(rows, _encode_batch(tokenizer, [prompts[i] for i in rows], max_prompt_tokens, special_tokens))
                for rows in (order[first:first + batch_size] for first in range(0, len(order), batch_size))]
     widest = max(batch["input_ids"].shape[1] for _, batch in batches)  # checked before any batch runs
     check_fits_positions(model, widest + max_new_tokens, "the longest prompt with max_new_tokens",

@@ -118,7 +118,8 @@ def write_tests(model: Any, tokenizer: Any, records: list[dict[str, Any]], study
         # a chat reply opens with a sentence or a fence before the code: a larger budget, no stop strings
         variants["chat"] = generate_and_judge(
             model, tokenizer, records, "base, chat template", **{**options, "max_new_tokens": study.max_new_tokens + 64},
-            prompts=chat_prompts(tokenizer, records, study.chat_instruction), extract=extract_chat_test, stop=())
+            prompts=chat_prompts(tokenizer, records, study.chat_instruction), extract=extract_chat_test, stop=(),
+            special_tokens=False)
     for name, variant in variants.items():
         started = time.perf_counter()
         variant["rows"] = metrics.evaluate(records, variant["rows"], cap=study.mutants, workers=study.workers,

@@ -110,19 +110,21 @@ def generate_and_judge(model: nn.Module, tokenizer: Any, records: Sequence[dict[
                        limits: Limits | None, workers: int, progress: bool,
                        prompts: Sequence[str] | None = None,
                        extract: Callable[[dict[str, Any], str, bool], str] | None = None,
-                       stop: Sequence[str] = END_OF_FUNCTION) -> dict[str, Any]:
+                       stop: Sequence[str] = END_OF_FUNCTION, special_tokens: bool = True) -> dict[str, Any]:
     """Generate one test per record with `model` as it is, judge them, and summarize.
 
     By default each record's training prompt is continued and the body cut where the function
     ends (`extract_test`); `prompts`, `extract(record, generated, hit_budget)` and `stop` ask
-    differently (the study's chat-template base row).
+    differently (the study's chat-template base row, whose rendered prompts take `special_tokens`
+    False: the template writes them).
     """
     _log(f"[{label}] generating tests for {len(records)} functions...", progress)
     stats: dict[str, Any] = {}
     prompts = [r["prompt"] for r in records] if prompts is None else list(prompts)
     generations = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, stop=stop,
-                           batch_size=batch_size, stats=stats, progress=progress, desc=f"[{label}] generating")
+                           batch_size=batch_size, stats=stats, progress=progress, desc=f"[{label}] generating",
+                           special_tokens=special_tokens)
     _log(f"[{label}] read {stats['prompt_tokens']} prompt tokens and generated {stats['new_tokens']} tokens "
          f"in {stats['seconds']:.1f} s; running the tests in the sandbox...", progress)
     start = time.perf_counter()
