@@ -297,3 +297,18 @@ def test_dropout_in_training_matches_dense_autograd_with_the_same_mask(fused, fr
         assert layer.lora_A.grad is None
     else:
         torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_pissa_switched_off_after_a_cast_runs_the_cast_original_weight(tokens, dtype):
+    model = lt.load_model("tiny-llama")
+    lt.attach(model, lt.LoRA(r=4, init="pissa"))
+    model.eval().to(dtype)
+    base = lt.load_model("tiny-llama").eval().to(dtype)
+    with torch.no_grad():
+        expected = base(tokens).logits
+        with lt.disabled(model):
+            torch.testing.assert_close(model(tokens).logits, expected, rtol=0, atol=0)
+    lt.detach(model)
+    torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight,
+                               rtol=0, atol=0)

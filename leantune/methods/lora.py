@@ -129,7 +129,9 @@ class LoRALayer(AdapterLayer):
         kind = {"dtype": adapter_dtype(weight), "device": weight.device}
         self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, **kind), requires_grad=not config.freeze_a)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, **kind))
-        self._original_weight: torch.Tensor | None = None
+        # PiSSA's W0, for disabled forwards and detach: a buffer, so that .to() / .cuda() move and cast it
+        # with the model; not persistent: a saved adapter rebuilds it from the base and pissa_A0 / B0
+        self.register_buffer("_original_weight", None, persistent=False)
         if config.init == "pissa":
             self._init_pissa(config.r)
         elif config.init == "gaussian":
