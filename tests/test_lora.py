@@ -212,6 +212,16 @@ def test_regex_exclude_and_layers(tiny_llama):
     assert adapted == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
 
 
+@pytest.mark.parametrize("layers, sentence", [
+    ([0, 5], r"lora: 'layers' names block\(s\) \[5\] where the targets match no module \(they match blocks 0-1\)"),
+    ([-1], r"lora: 'layers' counts blocks from 0 \(the first\), got \[-1\]"),
+])
+def test_layers_the_model_does_not_have_are_an_error_and_touch_nothing(tiny_llama, layers, sentence):
+    with pytest.raises(lt.LeantuneError, match=sentence):
+        lt.attach(tiny_llama, lt.LoRA(layers=layers))
+    assert not lt.attached(tiny_llama)
+
+
 def test_attaching_twice_under_one_name_is_an_error(tiny_llama):
     lt.attach(tiny_llama, lt.LoRA())
     with pytest.raises(lt.LeantuneError, match="already attached"):

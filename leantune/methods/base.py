@@ -167,6 +167,8 @@ class ModuleMethod(MethodConfig):
             not isinstance(self.layers, (list, tuple)) or not all(isinstance(i, int) for i in self.layers)
         ):
             raise LeantuneError(f"{self.method_name}: 'layers' must be a list of layer indices, got {self.layers!r}")
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise LeantuneError(f"{self.method_name}: 'layers' counts blocks from 0 (the first), got {self.layers!r}")
 
     def wrap(self, name: str, module: nn.Module, adapter_name: str) -> AdapterLayer:
         """Return the adapter layer that replaces `module` (named `name` in the model)."""

@@ -139,6 +139,14 @@ def resolve_targets(model: nn.Module, config: TargetSelection) -> list[tuple[str
     chosen = [(n, m) for n, m in chosen if not any(_matches_suffix(n, e) or re.fullmatch(e, n) for e in config.exclude)]
     if config.layers is not None:
         wanted = set(config.layers)
+        present = {layer_index(n) for n, _ in chosen}
+        missing = sorted(wanted - present)
+        if missing and chosen:  # a layer beyond the model, or without a target, is a mistake, not a no-op
+            blocks = sorted(i for i in present if i is not None)
+            raise LeantuneError(f"{config.method_name}: 'layers' names block(s) {missing} where the targets match no "
+                                f"module (they match blocks {blocks[0]}-{blocks[-1]})" if blocks else
+                                f"{config.method_name}: 'layers' names block(s) {missing}, but the targets match no "
+                                "module inside a numbered block")
         chosen = [(n, m) for n, m in chosen if layer_index(n) in wanted]
     if not chosen:
         raise LeantuneError(f"{config.method_name}: targets {targets!r} with exclude/layers filters leave no module to adapt")
