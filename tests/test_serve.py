@@ -405,3 +405,18 @@ def test_usage_counts_the_end_token_as_a_completion_token():
     assert _usage(request)["completion_tokens"] == 2
     request.ended_on_eos = True
     assert _usage(request) == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+
+
+def test_a_busy_port_and_a_missing_adapter_root_are_one_sentence_before_loading(capsys):
+    from helpers import assert_one_line_user_error
+    from leantune import cli
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        assert cli.main(["serve", "--model", "tiny-llama", "--port", str(busy)]) == 2
+        assert_one_line_user_error(capsys.readouterr().err, "serve",
+                                   rf"cannot listen on 127.0.0.1:{busy} \(.*\); choose another --port or --host")
+    assert cli.main(["serve", "--model", "tiny-llama", "--adapter-root", "no-such-root"]) == 2
+    assert_one_line_user_error(capsys.readouterr().err, "serve", r"--adapter-root 'no-such-root' is not a directory")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
+from pathlib import Path
 
 from ..errors import LeantuneError
 
@@ -45,6 +47,18 @@ def parse_adapters(specs: list[str]) -> dict[str, str]:
     return adapters
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """A port another process holds (or a host this machine does not have) is the user's to change."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as err:
+        raise LeantuneError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --port or "
+                            "--host") from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         # imported here, not at module level: `leantune --help` must not load torch nor need the serve extra
@@ -62,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         if value < 1:
             raise LeantuneError(f"{flag} must be at least 1, got {value}")
     adapters = parse_adapters(args.adapter)
+    if args.adapter_root is not None and not Path(args.adapter_root).is_dir():
+        raise LeantuneError(f"--adapter-root '{args.adapter_root}' is not a directory")
+    check_can_listen(args.host, args.port)  # before minutes of loading, not after
     for name in adapters:
         if name == args.model or name in RESERVED_NAMES:
             raise LeantuneError(f"--adapter name '{name}' names the base model; choose another")
