@@ -102,6 +102,17 @@ def test_load_adapter_into_wrong_model_is_clear_and_leaves_model_clean(tmp_path,
     assert lt.attached(tiny_llama) == {}
 
 
+def test_an_adapter_from_another_architecture_of_the_same_shapes_is_refused(tmp_path, tiny_llama):
+    qwen = lt.load_model("tiny-qwen2")
+    lt.attach(qwen, lt.LoRA(r=2))
+    lt.save_adapter(qwen, tmp_path / "a")
+    with pytest.raises(lt.LeantuneError, match=r"was trained on a qwen2 model \('tiny-qwen2'\), and this model is "
+                                               r"llama \('tiny-llama'\): its weights mean nothing here"):
+        lt.load_adapter(tiny_llama, tmp_path / "a")
+    assert lt.attached(tiny_llama) == {}
+    lt.load_adapter(lt.load_model("tiny-qwen2"), tmp_path / "a")  # onto its own architecture, as ever
+
+
 def test_corrupt_tensor_file_is_a_clear_error(tmp_path, plain_module):
     lt.attach(plain_module, lt.LoRA(r=2))
     lt.save_adapter(plain_module, tmp_path / "a")

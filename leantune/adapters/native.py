@@ -86,6 +86,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
         "adapter_name": name,
         "method": config.to_dict(),
         "base_model": _model_name(model),
+        "base_model_type": _model_type(model),
         **(extra or {}),
     }
     with atomic_directory(path) as tmp:
@@ -101,6 +102,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | None = None) -> nn.Module:
     """Attach the adapter saved in `path` to `model` (a fresh base model) and load its tensors."""
     document = read_adapter_config(path)
+    _check_model_type(document, model, path)
     config: MethodConfig = config_from_dict(document["method"])
     name = adapter_name or document.get("adapter_name", "default")
     tensors = load_tensors(Path(path) / TENSOR_FILE)
@@ -119,6 +121,21 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str | 
 
 def _model_name(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "_name_or_path", None)
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _check_model_type(document: dict[str, Any], model: nn.Module, path: str | os.PathLike) -> None:
+    """An adapter trained on another architecture can fit this one's shapes (a Llama adapter on a
+    Qwen2 model of the same sizes) and would load without a word; the architecture is recorded
+    (adapters saved before it was have none, and load as before)."""
+    saved, this = document.get("base_model_type"), _model_type(model)
+    if saved and this and saved != this:
+        raise LeantuneError(f"adapter '{path}' was trained on a {saved} model ('{document.get('base_model')}'), and "
+                            f"this model is {this} ('{_model_name(model)}'): its weights mean nothing here; load it "
+                            f"onto the {saved} model it was trained on")
 
 
 def attach_with_state(model: nn.Module, config: MethodConfig, adapter_name: str,
