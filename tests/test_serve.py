@@ -176,6 +176,9 @@ def test_openai_parameters_at_their_defaults_are_accepted_and_others_refused_by_
              "logit_bias": {}, "suffix": None, "user": "someone", "stream_options": None}
     reply = client(server).completions.create(model="a", prompt="ok", max_tokens=2, temperature=0, **plain)
     assert reply.choices
+    nulls = {"top_p": None, "stream": None, "ignore_eos": None}  # null is the default, as in OpenAI's API
+    again = client(server).completions.create(model="a", prompt="ok", max_tokens=2, temperature=0, extra_body=nulls)
+    assert again.choices[0].text == reply.choices[0].text
     chat = dict(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=2, temperature=0)
     assert client(server).chat.completions.create(**chat, logprobs=False, response_format={"type": "text"}).choices
     with pytest.raises(openai.BadRequestError) as refused:

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Literal
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, QueueFull, Request, client_message
@@ -46,6 +46,15 @@ class _Body(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=2 ** 63 - 1)
     stream: bool = False
     ignore_eos: bool = False  # vLLM's extension (benchmarks: every request generates max_tokens)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI's API takes null for these: it means the default, as leaving the key out does."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in ("temperature", "top_p", "stream",
+                                                                                "ignore_eos"))}
+        return data
 
     def not_implemented(self) -> str | None:
         """The first parameter set to something this server does not do, or None."""
