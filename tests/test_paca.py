@@ -493,3 +493,25 @@ def test_bf16_autocast_model_matches_its_dense_twin(tiny_llama, tokens):
     lt.attach(tiny_llama, lt.PaCA(r=4, alpha=8))
     randomize_adapter(tiny_llama)
     check_bf16_autocast_against_dense_twin(tiny_llama, tokens)
+
+
+def test_a_state_dict_holds_the_base_weight_without_the_live_columns_and_round_trips(tokens):
+    """A Trainer checkpoint, accelerate's save_state or a hand-written one: model.state_dict() loaded
+    into a freshly attached model gives the trained model's logits (a live Δ would be added twice)."""
+    model = lt.attach(lt.load_model("tiny-llama"), lt.PaCA(r=4, alpha=8))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    expected = model(tokens).logits  # the columns are placed now
+    state = model.state_dict()
+    pristine = lt.load_model("tiny-llama").state_dict()
+    for name, value in state.items():
+        if name.endswith("base_layer.weight"):
+            torch.testing.assert_close(value, pristine[name.replace(".base_layer", "")], rtol=0, atol=0)
+    fresh = lt.attach(lt.load_model("tiny-llama"), lt.PaCA(r=4, alpha=8)).eval()
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(tokens).logits, expected, rtol=0, atol=0)
+    torch.testing.assert_close(model(tokens).logits, expected, rtol=0, atol=0)  # the model itself goes on as before

@@ -73,6 +73,10 @@ class ColumnLedger:
         self.base_key: tuple = ()  # NF4 base: the merged contributions requantized into the packed weight
         self.pristine: torch.Tensor | None = None  # NF4 base: packed weight before any merge
         base.__dict__[WEIGHT_WATCHER_ATTR] = self
+        # A state_dict (a Trainer's checkpoint, accelerate's save_state, torch.save of the model) takes
+        # the base weight as W0 plus merged contributions, as LoRA's holds W0: a live Δ placed in the
+        # columns would be added twice by a model that loads the dict and then places its own Δ.
+        self._state_hook = base.register_state_dict_pre_hook(self._clean_before_state_dict)
 
     # -- membership -----------------------------------------------------------------------
     def join(self, layer: PaCALayer) -> None:
@@ -88,6 +92,7 @@ class ColumnLedger:
         self.members.remove(layer)
         if not self.members:
             self.base.__dict__.pop(WEIGHT_WATCHER_ATTR, None)
+            self._state_hook.remove()
         self._capture()
 
     def reindex(self) -> None:
@@ -212,6 +217,9 @@ class ColumnLedger:
         """Write `columns` into a dense base's weight at `index`, and remember what was written."""
         self.written = columns.to(self.base.weight.dtype, copy=True)
         self.base.weight.index_copy_(1, self.index, self.written)
+
+    def _clean_before_state_dict(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
+        self.sync_base()  # the next adapted forward places the live columns again (O(out x r))
 
     def library_wrote(self) -> None:
         """An adapter stacked above merged into (or unmerged from) the base weight: the change it made
