@@ -515,3 +515,40 @@ def test_a_state_dict_holds_the_base_weight_without_the_live_columns_and_round_t
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh(tokens).logits, expected, rtol=0, atol=0)
     torch.testing.assert_close(model(tokens).logits, expected, rtol=0, atol=0)  # the model itself goes on as before
+
+
+def test_a_cast_and_back_is_not_an_outside_write():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    w0 = model.up.weight.detach().clone()
+    lt.attach(model, lt.PaCA(r=4, alpha=8, targets=["up"]))
+    randomize_adapter(model, scale=0.5)
+    x = torch.randn(5, 16)
+    model(x)  # the columns are placed
+    model.to(torch.bfloat16).to(torch.float32)
+    layer = model.up
+    expected, _ = dense_reference(x, w0, layer.base_module().bias.detach(), [(layer.paca_index, layer.paca_delta.detach(), 2.0)])
+    torch.testing.assert_close(model.up(x), expected, rtol=2e-2, atol=2e-2)  # bf16 rounding of W0, nothing more
+    lt.detach(model)
+    torch.testing.assert_close(model.up.weight, w0.bfloat16().float(), rtol=0, atol=0)
+
+
+def test_a_base_written_while_paca_is_merged_then_a_merge_above_keeps_all_three():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24)).double()
+    lt.attach(model, lt.PaCA(r=4, alpha=8, targets=["0"]), adapter_name="p")
+    lt.attach(model, lt.LoRA(r=2, alpha=4, targets=["0"]), adapter_name="l")
+    randomize_adapter(model, scale=0.5)
+    lora, paca = model[0], model[0].base_layer
+    x = torch.randn(5, 16, dtype=torch.float64)
+    lt.merge(model, "p")
+    new = torch.randn(24, 16, dtype=torch.float64)
+    with torch.no_grad():
+        paca.base_module().weight.copy_(new)  # new base weights while PaCA is merged
+    lt.merge(model, "l")
+    weight = new.clone()
+    weight[:, paca.paca_index] += paca.scale * paca.paca_delta.detach()
+    weight += lora.delta_weight().detach()
+    torch.testing.assert_close(model(x), F.linear(x, weight, paca.base_module().bias.detach()))
+    lt.detach(model)
+    torch.testing.assert_close(model[0].weight, new, rtol=0, atol=0)

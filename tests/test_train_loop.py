@@ -210,6 +210,14 @@ def test_resume_of_a_finished_run_does_nothing(tmp_path, capsys):
     assert all(torch.equal(before[k], v) for k, v in adapter_tensors(tmp_path / "out").items())
 
 
+def test_resume_of_a_run_that_finished_short_without_a_checkpoint_is_refused_and_keeps_it(tmp_path):
+    lt.train(tiny_config(tmp_path, max_steps=2, save_every=0, data_eval=None))
+    before = adapter_tensors(tmp_path / "out")
+    with pytest.raises(LeantuneError, match=r"--resume: the run in '.*out' finished at step 2 and kept no checkpoint"):
+        lt.train(tiny_config(tmp_path, max_steps=4, save_every=0, data_eval=None), resume=True)
+    assert all(torch.equal(before[k], v) for k, v in adapter_tensors(tmp_path / "out").items())
+
+
 def test_resume_with_more_steps_continues_from_the_end(tmp_path, capsys):
     lt.train(tiny_config(tmp_path, max_steps=3, save_every=2, data_eval=None))
     result = lt.train(tiny_config(tmp_path, max_steps=5, save_every=2, data_eval=None), resume=True)

@@ -211,6 +211,7 @@ class AdapterLayer(nn.Module):
             name: getattr(base, name).detach().clone() for name in self.merged_base_tensors
             if getattr(base, name, None) is not None
         }
+        library_writes_weight(base)
         with torch.no_grad():
             self.merge_into_base()
         library_wrote_weight(base)
@@ -221,6 +222,7 @@ class AdapterLayer(nn.Module):
         if not self.merged:
             return
         base = self.base_module()
+        library_writes_weight(base)
         with torch.no_grad():
             for name, saved in self._merge_backup.items():
                 getattr(base, name).copy_(saved)
@@ -231,12 +233,21 @@ class AdapterLayer(nn.Module):
 
 
 # A base linear whose weight PaCA's column ledger keeps account of carries it under this name, so
-# that a merge or unmerge of an adapter stacked above (a write of the library's, not the user's) is
-# taken as a change of the weight below PaCA's columns (paca_columns.ColumnLedger.library_wrote).
+# that a merge or unmerge of an adapter stacked above (a write of the library's, not the user's)
+# is not taken for an outside write (paca_columns.ColumnLedger.adopt_outside_writes).
 WEIGHT_WATCHER_ATTR = "leantune_weight_watcher"
 
 
+def library_writes_weight(module: nn.Module) -> None:
+    """Before the library writes `module`'s weight: what was written from outside until now is taken
+    in, and the weight holds its originals plus merged contributions, as a merge above expects."""
+    watcher = module.__dict__.get(WEIGHT_WATCHER_ATTR)
+    if watcher is not None:
+        watcher.sync_base()
+
+
 def library_wrote_weight(module: nn.Module) -> None:
+    """After it: the weight as it stands is the library's."""
     watcher = module.__dict__.get(WEIGHT_WATCHER_ATTR)
     if watcher is not None:
         watcher.library_wrote()

@@ -154,6 +154,16 @@ class PaCALayer(AdapterLayer):
         autocast_dtype = torch.get_autocast_dtype(x.device.type) if autocast_active(x) else None
         return _PaCAMatmul.apply(x, bias, plan, autocast_dtype, *plan.deltas)
 
+    def _apply(self, fn, recurse: bool = True):
+        """model.to(dtype / device): the base is cast holding its originals and merged contributions
+        only, and the ledger follows, so a cast (and back) is not taken for an outside write."""
+        if self._ledger is not None:
+            self._ledger.sync_base()
+        result = super()._apply(fn, recurse)
+        if self._ledger is not None:
+            self._ledger.follow_cast()
+        return result
+
     # -- merge / unmerge / detach -------------------------------------------------------------
     def merge(self) -> None:
         if self._ledger is None:

@@ -221,16 +221,19 @@ class ColumnLedger:
     def _clean_before_state_dict(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
         self.sync_base()  # the next adapted forward places the live columns again (O(out x r))
 
+    def follow_cast(self) -> None:
+        """After the base was cast or moved (holding originals and merged contributions only)."""
+        self._match_device()
+        if self.written is not None and self.index.numel():
+            self.written = self.base.weight.detach().index_select(1, self.index)
+
     def library_wrote(self) -> None:
-        """An adapter stacked above merged into (or unmerged from) the base weight: the change it made
-        to the columns is a change of what lies below PaCA's contributions, which stay as they are."""
+        """An adapter stacked above merged into (or unmerged from) the base weight: its backup and its
+        unmerge keep the originals exact, so the ledger only notes that the columns are the library's."""
         if self.quantized or self.written is None or not self.index.numel():
             return
         self._match_device()
-        with torch.no_grad():
-            current = self.base.weight.detach().index_select(1, self.index)
-            self.orig = self.orig + (current - self.written).to(self.orig.dtype)
-            self.written = current
+        self.written = self.base.weight.detach().index_select(1, self.index)
 
     def adopt_outside_writes(self) -> None:
         """Take in what was written into a dense base's columns from outside since the ledger last
@@ -271,8 +274,8 @@ class ColumnLedger:
         if self.orig.device != weight.device or self.orig.dtype != dtype:
             self.orig = self.orig.to(device=weight.device, dtype=dtype)
             self.index = self.index.to(weight.device)
-        if self.written is not None and (self.written.device != weight.device or self.written.dtype != weight.dtype):
-            self.written = self.written.to(device=weight.device, dtype=weight.dtype)  # the cast the weight took too
+            if self.written is not None:  # a cast or a move, not an outside write: the columns are the ledger's, rounded
+                self.written = weight.detach().index_select(1, self.index)
 
     def running(self, layer: PaCALayer) -> tuple[list[PaCALayer], list[PaCALayer]]:
         """What `layer`'s forward runs: the live (not merged, not disabled) members at or below it,

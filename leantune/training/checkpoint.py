@@ -181,6 +181,23 @@ def read_latest_name(root: Path) -> str | None:
     return pointer.read_text().strip() or None
 
 
+def finished_run(out_dir: Path, total_steps: int) -> dict[str, Any] | None:
+    """--resume of a run that finished: its summary when it reached `total_steps` (nothing to do);
+    refused when it finished short of them and kept no checkpoint to continue from (save_every: 0),
+    where starting over would replace its adapter without a word."""
+    summary = out_dir / "summary.json"
+    if not summary.is_file():
+        return None
+    done = json.loads(summary.read_text())
+    if done.get("steps", -1) >= total_steps:
+        return {**done, "step": done["steps"], "finished": True}
+    if latest_checkpoint(out_dir) is None:
+        raise LeantuneError(f"--resume: the run in '{out_dir}' finished at step {done.get('steps')} and kept no "
+                            "checkpoint to continue from (save_every: 0); train it anew with --overwrite, or into "
+                            "another out_dir")
+    return None
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The checkpoint `latest` names; a dangling pointer falls back to the newest complete step directory."""
     root = checkpoint_root(out_dir)

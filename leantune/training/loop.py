@@ -162,11 +162,9 @@ class Trainer(CtrlCStops):
         before any sharding, the optimizer state later), or None."""
         if not self.resume:
             return None
-        summary = self.out_dir / "summary.json"
-        if summary.is_file():
-            done = json.loads(summary.read_text())
-            if done.get("steps", -1) >= self.total_steps:
-                return {**done, "step": done["steps"], "finished": True}
+        done = ckpt.finished_run(self.out_dir, self.total_steps)
+        if done is not None:
+            return done
         if self.env.is_writer:
             ckpt.remove_stale_temporaries(ckpt.checkpoint_root(self.out_dir))
         path = ckpt.latest_checkpoint(self.out_dir)
