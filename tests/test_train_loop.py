@@ -451,3 +451,26 @@ def test_a_fractional_epoch_ends_at_its_last_micro_batch():
         sizes.append(len(batches))
         position += len(batches)
     assert sizes == [2, 2, 1, 2, 1] and position == 8
+
+
+@pytest.mark.parametrize("method", [{"name": "prefix", "num_virtual_tokens": 2},
+                                    {"name": "hybrid", "parts": [{"name": "prefix", "num_virtual_tokens": 2},
+                                                                 {"name": "adapter", "placement": "parallel"}]}])
+def test_prefix_tuning_with_gradient_checkpointing_is_refused_before_an_earlier_run_is_cleared(tmp_path, method):
+    lt.train(tiny_config(tmp_path, max_steps=1, data_eval=None))
+    kept = adapter_tensors(tmp_path / "out")
+    with pytest.raises(LeantuneError, match="^config key 'gradient_checkpointing': prefix tuning cannot train"):
+        lt.train(tiny_config(tmp_path, max_steps=1, data_eval=None, method=method, gradient_checkpointing=True),
+                 overwrite=True)
+    assert all(torch.equal(kept[k], v) for k, v in adapter_tensors(tmp_path / "out").items())
+
+
+def test_resume_on_rewritten_training_data_is_refused(tmp_path):
+    lt.train(tiny_config(tmp_path, max_steps=2, save_every=1, data_eval=None))
+    longer = tiny_config(tmp_path, max_steps=4, save_every=1, data_eval=None)
+    data = tmp_path / "train.jsonl"
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[: len(lines) // 2]) + "\n")  # the same path, other examples
+    with pytest.raises(LeantuneError, match=r"--resume: the training examples differ from those the run in"):
+        lt.train(longer, resume=True)
+    lt.train(tiny_config(tmp_path, max_steps=4, save_every=1, data_eval=None), resume=True)  # the same data again

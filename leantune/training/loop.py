@@ -30,7 +30,8 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, resolved_dict, to_yaml
 from .optim import build_optimizer, lr_factor, set_lr, warmup_steps
 from .reporting import MetricsLog, NoMetrics, Progress, format_summary, peak_memory_bytes
-from .rundir import check_out_dir, check_resume_identity, describe_resume_changes, remove_run_artifacts, resolve_out_dir
+from .rundir import (check_out_dir, check_resume_identity, check_same_data, describe_resume_changes, examples_digest,
+                     remove_run_artifacts, resolve_out_dir)
 from .distributed import held_bytes, sharded_grad_norm
 from .interrupts import CtrlCStops
 from .runtime import RunEnvironment, apply_model_options, compile_clock, compile_summary, without_model_options
@@ -89,6 +90,7 @@ class Trainer(CtrlCStops):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         train_examples, self.train_fit = prepare_dataset(cfg.data.train, tokenizer, cfg.max_length,
                                                          cfg.overlong, cfg.packing)
+        self.data_digest = examples_digest(train_examples)
         self.train_stream = BatchStream(train_examples, cfg.batch_size, cfg.seed, self.pad_id,
                                         group_by_length=cfg.group_by_length)
         self.eval_examples = None
@@ -173,7 +175,7 @@ class Trainer(CtrlCStops):
         return path
 
     def _start_state(self) -> dict[str, Any]:
-        fresh = {"step": 0, "position": 0, "tokens": 0, "loss_tokens": 0, "elapsed_s": 0.0}
+        fresh = dict(step=0, position=0, tokens=0, loss_tokens=0, elapsed_s=0.0, data_digest=self.data_digest)
         point = self.resume_point
         if not self.resume:
             return fresh
@@ -183,6 +185,7 @@ class Trainer(CtrlCStops):
             self.say(f"no checkpoint in {self.out_dir}; starting from step 0")
             return fresh
         state = ckpt.load_checkpoint(point, self.optimizer, place=self.parallel.place if self.parallel.active else None)
+        state = check_same_data(state, self.data_digest, self.out_dir)
         if state["step"] > self.total_steps:
             raise LeantuneError(f"--resume: the run in '{self.out_dir}' is at step {state['step']}, past the "
                                 f"{self.total_steps} steps this config asks for; raise max_steps or epochs to "

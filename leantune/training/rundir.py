@@ -6,11 +6,14 @@ everything is checked before anything is written.
 """
 from __future__ import annotations
 
+import hashlib
 import shlex
 import shutil
+from array import array
 from pathlib import Path
 from typing import Any
 
+from ..data import Example
 from ..errors import LeantuneError
 from ..files import file_above
 from ..methods import config_from_dict
@@ -80,6 +83,28 @@ def describe_resume_changes(changes: list[tuple[str, Any, Any]], total_steps: in
     schedule = (f"; the learning-rate schedule now spans {total_steps} steps"
                 if any(key in RUN_LENGTH_KEYS for key, _, _ in changes) else "")
     return f"--resume with changed keys: {listed}{schedule}"
+
+
+def examples_digest(examples: list[Example]) -> str:
+    """A fingerprint of the tokenized training examples, kept in every checkpoint: a resume counts its
+    position in examples, so it must find the same ones (a rewritten data file, another tokenizer)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for values in (example.input_ids, example.labels, example.position_ids or ()):
+            digest.update(array("q", values).tobytes())
+            digest.update(b"|")
+    return digest.hexdigest()
+
+
+def check_same_data(state: dict[str, Any], digest: str, out_dir: Path) -> dict[str, Any]:
+    """The checkpoint's state, refused if it trained on other examples; its later checkpoints carry the digest."""
+    saved = state.get("data_digest")  # checkpoints written before the fingerprint have none
+    if saved is not None and saved != digest:
+        raise LeantuneError(f"--resume: the training examples differ from those the run in '{out_dir}' trained on "
+                            "(the data file or the tokenizer changed), so its position would point into other "
+                            "examples; resume with the same data, or start a new run with another out_dir or "
+                            "--overwrite")
+    return {**state, "data_digest": digest}
 
 
 def remove_run_artifacts(out_dir: Path) -> None:
