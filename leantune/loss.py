@@ -162,7 +162,8 @@ def _head_gives_the_logits(model: nn.Module, decoder: nn.Module, head: nn.Linear
     return _PLAIN_HEAD[model]
 
 
-def check_packed_rows_stay_apart(model: nn.Module) -> None:
+def check_packed_rows_stay_apart(model: nn.Module, setting: str = "config key 'packing'",
+                                 remedy: str = "set packing: false") -> None:
     """Refuse packing for a model (and its adapter) under which a packed example does not compute
     as it does alone: transformers before packed-document masks, a model that builds its own mask,
     prompt or prefix tuning (their virtual tokens stand before a row's first example only)."""
@@ -182,8 +183,8 @@ def check_packed_rows_stay_apart(model: nn.Module) -> None:
     if not torch.allclose(packed, alone, rtol=0.0, atol=1e-4 * scale):
         name = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise LeantuneError(
-            f"config key 'packing': with this model ({name}) and method a packed example does not compute as it "
-            f"does alone (its logits differ by {float((packed - alone).abs().max()):.3g}); set packing: false")
+            f"{setting}: with this model ({name}) and method a packed example does not compute as it "
+            f"does alone (its logits differ by {float((packed - alone).abs().max()):.3g}); {remedy}")
 
 
 def _probe_ids(vocab: int, count: int, device: torch.device, offset: int = 0) -> torch.Tensor:

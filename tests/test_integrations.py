@@ -165,8 +165,8 @@ def test_trl_packing_is_checked_to_keep_examples_apart(tmp_path, method):
     args = SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                      report_to=[], use_cpu=True, packing=True, max_length=64, disable_tqdm=True, save_strategy="no")
     if method == "prompt":
-        with pytest.raises(lt.LeantuneError, match="config key 'packing'.*a packed example does not compute as it "
-                                                   "does alone"):
+        with pytest.raises(lt.LeantuneError, match="SFTConfig's packing / padding_free: .*a packed example does not "
+                                                   "compute as it does alone.*pass packing=False"):
             LeantuneSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
         return
     trainer = LeantuneSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)

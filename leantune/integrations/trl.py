@@ -20,4 +20,5 @@ class LeantuneSFTTrainer(AdapterSaving, SFTTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if getattr(self.args, "packing", False) or getattr(self.args, "padding_free", False):
-            check_packed_rows_stay_apart(unwrapped_model(self.model))
+            check_packed_rows_stay_apart(unwrapped_model(self.model), "SFTConfig's packing / padding_free",
+                                         "pass packing=False and padding_free=False")
