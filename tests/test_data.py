@@ -148,6 +148,12 @@ def test_everything_dropped_is_an_error(tmp_path, tokenizer):
         prepare_dataset(source, tokenizer, 16, overlong="drop")
 
 
+def test_data_with_nothing_to_learn_at_any_length_says_so_rather_than_raise_max_length(tmp_path, tokenizer):
+    source = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "", "completion": ""}])
+    with pytest.raises(LeantuneError, match="no example has a token to learn from at any length"):
+        prepare_dataset(source, tokenizer, 16)
+
+
 def test_packing_keeps_loss_tokens_and_masks_boundaries():
     # the second example is labelled from its first token on: packed, that token must not be
     # predicted from the end of the first example

@@ -31,4 +31,6 @@ def _what_would_fit(examples: list[Example], max_length: int, overlong: str) -> 
     """The advice for a source with nothing left: suggest truncation only when it would keep something."""
     if overlong == "drop" and fit_to_length(examples, max_length, "truncate")[1].kept:
         return "raise max_length or use overlong: truncate"
+    if not fit_to_length(examples, max(map(len, examples), default=1), overlong)[1].kept:
+        return "no example has a token to learn from at any length (empty completions or assistant turns?)"
     return "raise max_length (cut to max_length, no example keeps a token to learn from)"
