@@ -552,3 +552,26 @@ def test_a_base_written_while_paca_is_merged_then_a_merge_above_keeps_all_three(
     torch.testing.assert_close(model(x), F.linear(x, weight, paca.base_module().bias.detach()))
     lt.detach(model)
     torch.testing.assert_close(model[0].weight, new, rtol=0, atol=0)
+
+
+def test_a_functional_call_with_another_base_weight_leaves_the_model_as_it_was():
+    """torch.func.functional_call swaps the base weight for one call and back: the model's own
+    weight keeps its accounts (its columns were not written from outside)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24)).double()
+    w0, bias = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    lt.attach(model, lt.PaCA(r=4, alpha=8, targets=["0"]))
+    randomize_adapter(model, scale=0.5)
+    layer = model[0]
+    x = torch.randn(5, 16, dtype=torch.float64)
+    model(x)
+    other = w0 + 0.01
+    with torch.no_grad():
+        swapped = functional_call(model, {"0.base_layer.weight": other.clone()}, (x,))
+    contributions = [(layer.paca_index, layer.paca_delta.detach(), 2.0)]
+    torch.testing.assert_close(swapped, dense_reference(x, other, bias, contributions)[0])
+    torch.testing.assert_close(model(x), dense_reference(x, w0, bias, contributions)[0])
+    lt.detach(model)
+    torch.testing.assert_close(model[0].weight, w0, rtol=0, atol=0)

@@ -69,6 +69,8 @@ class ColumnLedger:
         self.placed_key: tuple | None = ()  # () = the base columns hold no contribution
         self.placed_values: tuple[torch.Tensor, ...] = ()  # copies of the live deltas as placed
         self.written: torch.Tensor | None = None  # dense base: what the ledger last wrote into its columns
+        self.written_ptr = 0  # ... and into which tensor (a swap, as torch.func.functional_call makes, is seen)
+        self.swapped_out: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (ptr, orig, written) of the last
         self.columns: torch.Tensor | None = None  # NF4 base: the placed columns
         self.base_key: tuple = ()  # NF4 base: the merged contributions requantized into the packed weight
         self.pristine: torch.Tensor | None = None  # NF4 base: packed weight before any merge
@@ -110,7 +112,8 @@ class ColumnLedger:
         with torch.no_grad():
             dense = self._pristine_dense()
             self.orig = dense.index_select(1, self.index).clone()
-        self.written = None if self.quantized else self.orig.clone()  # what the base's columns hold now
+        if not self.quantized:
+            self._note_written(self.orig.clone())  # what the base's columns hold now
         self.placed_key, self.columns = (), None
         self.sync_base()
 
@@ -215,8 +218,11 @@ class ColumnLedger:
 
     def _write(self, columns: torch.Tensor) -> None:
         """Write `columns` into a dense base's weight at `index`, and remember what was written."""
-        self.written = columns.to(self.base.weight.dtype, copy=True)
+        self._note_written(columns.to(self.base.weight.dtype, copy=True))
         self.base.weight.index_copy_(1, self.index, self.written)
+
+    def _note_written(self, columns: torch.Tensor) -> None:
+        self.written, self.written_ptr = columns, self.base.weight.data_ptr()
 
     def _clean_before_state_dict(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
         self.sync_base()  # the next adapted forward places the live columns again (O(out x r))
@@ -225,7 +231,7 @@ class ColumnLedger:
         """After the base was cast or moved (holding originals and merged contributions only)."""
         self._match_device()
         if self.written is not None and self.index.numel():
-            self.written = self.base.weight.detach().index_select(1, self.index)
+            self._note_written(self.base.weight.detach().index_select(1, self.index))
 
     def library_wrote(self) -> None:
         """An adapter stacked above merged into (or unmerged from) the base weight: its backup and its
@@ -233,7 +239,7 @@ class ColumnLedger:
         if self.quantized or self.written is None or not self.index.numel():
             return
         self._match_device()
-        self.written = self.base.weight.detach().index_select(1, self.index)
+        self._note_written(self.base.weight.detach().index_select(1, self.index))
 
     def adopt_outside_writes(self) -> None:
         """Take in what was written into a dense base's columns from outside since the ledger last
@@ -244,14 +250,27 @@ class ColumnLedger:
         if self.quantized or self.written is None or not self.index.numel():
             return
         self._match_device()
+        weight = self.base.weight
         with torch.no_grad():
-            current = self.base.weight.detach().index_select(1, self.index)
+            current = weight.detach().index_select(1, self.index)
+            if weight.data_ptr() != self.written_ptr:
+                self._swap_tensors(weight.data_ptr())
             if torch.equal(current, self.written):
                 return
             outside = current != self.written
             self.orig = torch.where(outside, current.to(self.orig.dtype), self.orig)
-            self.written = current
+            self._note_written(current)
         self.placed_key, self.placed_values = None, ()  # what the columns hold is no longer the ledger's
+
+    def _swap_tensors(self, ptr: int) -> None:
+        """The base weight is another tensor than the one last written. Back to the one before (the end
+        of a functional_call): its accounts come back. Otherwise (a copy by deepcopy or pickle, a new
+        Parameter, `.data = ...`) its columns are compared with what was written, as for any write."""
+        kept, self.swapped_out = self.swapped_out, (self.written_ptr, self.orig, self.written)
+        if kept is not None and kept[0] == ptr:
+            _, self.orig, self.written = kept
+        self.written_ptr = ptr
+        self.placed_key, self.placed_values = None, ()
 
     def _requantize(self, merged: list[PaCALayer]) -> None:
         """NF4 base: merged contributions are requantized into the packed weight; none merged: the exact original."""
@@ -275,7 +294,7 @@ class ColumnLedger:
             self.orig = self.orig.to(device=weight.device, dtype=dtype)
             self.index = self.index.to(weight.device)
             if self.written is not None:  # a cast or a move, not an outside write: the columns are the ledger's, rounded
-                self.written = weight.detach().index_select(1, self.index)
+                self._note_written(weight.detach().index_select(1, self.index))
 
     def running(self, layer: PaCALayer) -> tuple[list[PaCALayer], list[PaCALayer]]:
         """What `layer`'s forward runs: the live (not merged, not disabled) members at or below it,
