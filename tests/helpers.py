@@ -180,3 +180,15 @@ def sharp_model():
             if param.dim() == 2:
                 param.normal_(0, 0.3, generator=generator)
     return model
+
+
+def bos_adding_tokenizer():
+    """tiny-llama's tokenizer made to add a BOS token '<s>' to every text, as Llama's does; and its id."""
+    from tokenizers import processors
+
+    tokenizer = lt.load_tokenizer("tiny-llama")
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    return tokenizer, bos

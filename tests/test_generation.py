@@ -187,15 +187,10 @@ def test_before_after_uses_the_base_then_the_tuned_model(model, tokenizer):
 
 def test_rendered_chat_prompts_are_encoded_without_a_second_bos():
     """special_tokens=False (the study's chat-template base row): the template wrote BOS already."""
-    from tokenizers import processors
-
+    from helpers import bos_adding_tokenizer
     from leantune.eval.generation import _encode_batch
 
-    tokenizer = lt.load_tokenizer("tiny-llama")
-    tokenizer.add_special_tokens({"bos_token": "<s>"})
-    bos = tokenizer.convert_tokens_to_ids("<s>")
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tokenizer, bos = bos_adding_tokenizer()
     rendered = "<s>" + "hello"
     assert _encode_batch(tokenizer, [rendered], None)["input_ids"][0].tolist().count(bos) == 2
     ids = _encode_batch(tokenizer, [rendered], None, special_tokens=False)["input_ids"][0].tolist()

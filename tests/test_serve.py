@@ -365,13 +365,9 @@ def registry_with(tokenizer) -> AdapterRegistry:
 
 def test_a_chat_prompt_is_the_templates_tokens_with_no_second_bos():
     """A tokenizer that adds BOS under a template that writes it too (Llama, Mistral, Gemma): once."""
-    from tokenizers import processors
+    from helpers import bos_adding_tokenizer
 
-    tokenizer = lt.load_tokenizer("tiny-llama")
-    tokenizer.add_special_tokens({"bos_token": "<s>"})
-    bos = tokenizer.convert_tokens_to_ids("<s>")
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tokenizer, bos = bos_adding_tokenizer()
     tokenizer.chat_template = "{{ bos_token }}" + tokenizer.chat_template
     registry = registry_with(tokenizer)
     messages = [{"role": "user", "content": "Write a test."}]
