@@ -161,7 +161,7 @@ class PaCALayer(AdapterLayer):
             self._ledger.sync_base()
         result = super()._apply(fn, recurse)
         if self._ledger is not None:
-            self._ledger.follow_cast()
+            self._ledger.library_wrote()
         return result
 
     # -- merge / unmerge / detach -------------------------------------------------------------

@@ -227,15 +227,10 @@ class ColumnLedger:
     def _clean_before_state_dict(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
         self.sync_base()  # the next adapted forward places the live columns again (O(out x r))
 
-    def follow_cast(self) -> None:
-        """After the base was cast or moved (holding originals and merged contributions only)."""
-        self._match_device()
-        if self.written is not None and self.index.numel():
-            self._note_written(self.base.weight.detach().index_select(1, self.index))
-
     def library_wrote(self) -> None:
-        """An adapter stacked above merged into (or unmerged from) the base weight: its backup and its
-        unmerge keep the originals exact, so the ledger only notes that the columns are the library's."""
+        """The library wrote the base weight: an adapter stacked above merged or unmerged (its backup
+        keeps the originals exact), or the model was cast or moved. The ledger only notes that the
+        columns as they stand are its own."""
         if self.quantized or self.written is None or not self.index.numel():
             return
         self._match_device()
