@@ -149,10 +149,8 @@ def _generate_per_row(model: nn.Module, *args: Any, adapter_names: Any = None, *
 
 def virtual_tokens(model: nn.Module) -> int:
     """Positions the running prompt and prefix adapters put before a plain forward's input."""
-    def count(config: MethodConfig) -> int:
-        parts = getattr(config, "parts", None)
-        return sum(map(count, parts)) if parts else int(getattr(config, "num_virtual_tokens", 0) or 0)
-    return sum(count(config) for name, config in attached(model).items() if router(model).runs(name))
+    return sum(int(getattr(part, "num_virtual_tokens", 0) or 0) for name, config in attached(model).items()
+               if router(model).runs(name) for part in config.components())
 
 
 def router(model: nn.Module) -> Router:

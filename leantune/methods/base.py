@@ -88,6 +88,10 @@ class MethodConfig:
         if not isinstance(getattr(self, key), bool):
             raise LeantuneError(f"{self.method_name}: '{key}' must be true or false, got {getattr(self, key)!r}")
 
+    def components(self) -> list["MethodConfig"]:
+        """The single methods this config runs: itself (a hybrid: its parts)."""
+        return [self]
+
     # -- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.method_name, **dataclasses.asdict(self)}

@@ -41,6 +41,9 @@ class Hybrid(ModelMethod):
     def for_saved_tensors(self) -> MethodConfig:
         return replace(self, parts=[part.for_saved_tensors() for part in self.parts])
 
+    def components(self) -> list[MethodConfig]:
+        return list(self.parts)
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.method_name, "parts": [part.to_dict() for part in self.parts]}
 

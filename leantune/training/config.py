@@ -346,8 +346,7 @@ def validate(config: TrainConfig) -> None:
     if not isinstance(config.out_dir, str) or not config.out_dir.strip():
         _fail("out_dir", "a directory path", config.out_dir)
     config._method = build_method(config)
-    methods = getattr(config._method, "parts", None) or [config._method]  # a hybrid's parts, or the method
-    if config.gradient_checkpointing and any(m.method_name == "prefix" for m in methods):
+    if config.gradient_checkpointing and any(m.method_name == "prefix" for m in config._method.components()):
         raise LeantuneError("config key 'gradient_checkpointing': prefix tuning cannot train with it (checkpointed "
                             "layers drop the attention cache that carries the prefixes); set it to false")
 
